@@ -1,0 +1,280 @@
+"""The one typed configuration of the model.
+
+`ModelConfig` is frozen and validated at construction; presets in `configs/*.json` hold only its
+field values. Quantities that follow from the fields (head sizes, KV-cache bytes, parameter counts,
+the softmax scale) are properties, never stored twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Literal
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+ScoreFunc = Literal["sigmoid", "softmax"]
+GroupScore = Literal["top2_sum", "max"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # Sizes.
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 768  # dense FFN of the first `first_k_dense` layers
+    moe_intermediate_size: int = 128  # one routed or shared expert
+    num_layers: int = 4
+    first_k_dense: int = 1
+    # Multi-head latent attention (V2 report s.2.1). q_lora_rank = 0: plain query projection.
+    num_heads: int = 8
+    q_lora_rank: int = 128
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # DeepSeekMoE.
+    n_routed_experts: int = 16
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 4
+    n_group: int = 1
+    topk_group: int = 1
+    score_func: ScoreFunc = "sigmoid"
+    # How a group is scored for group-limited routing: V3 sums each group's top-2 biased scores,
+    # V2's `group_limited_greedy` takes the group maximum.
+    group_score: GroupScore = "top2_sum"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    # Whether the router carries V3's selection-only bias (`e_score_correction_bias`).
+    router_bias: bool = True
+    # Norms and positions.
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    # YaRN (rope_factor 1.0 = off). mscale_all_dim = 0 means no softmax-temperature correction.
+    rope_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    # Multi-token prediction (V3 report s.2.2).
+    mtp_depth: int = 1
+    mtp_loss_weight: float = 0.3
+    # Training-time balancing (V3 report s.2.1.2); used by the training loop.
+    aux_loss_alpha: float = 0.0001
+    bias_update_speed: float = 0.001
+    init_std: float = 0.006
+    tie_word_embeddings: bool = False
+    # Numerics and implementation choices (do not change the function computed).
+    dtype: str = "float32"  # activation dtype; parameters are float32 masters
+    attention_impl: Literal["naive", "absorbed"] = "naive"
+    moe_impl: Literal["auto", "dense", "ragged"] = "auto"
+    name: str = "custom"
+
+    def __post_init__(self):
+        _validate(self)
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Values cached per layer and token by MLA: the normalised latent plus the rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return self.kv_cache_dim * bytes_per_value * self.num_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.n_routed_experts // self.n_group
+
+    @property
+    def yarn_active(self) -> bool:
+        return self.rope_factor > 1.0
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """YaRN's scale on cos/sin; 1.0 for DeepSeek's configs, where mscale == mscale_all_dim."""
+        if not self.yarn_active:
+            return 1.0
+        return yarn_mscale(self.rope_factor, self.mscale) / yarn_mscale(self.rope_factor, self.mscale_all_dim)
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim ** -0.5
+        if self.yarn_active:
+            m = yarn_mscale(self.rope_factor, self.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    # ---- parameter counts ----------------------------------------------------------------
+    @property
+    def attention_params(self) -> int:
+        d, h = self.hidden_size, self.num_heads
+        if self.q_lora_rank:
+            q = d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim
+        else:
+            q = d * h * self.qk_head_dim
+        kv = d * self.kv_cache_dim + self.kv_lora_rank
+        kv += self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + h * self.v_head_dim * d
+
+    def _block_params(self, moe: bool, active: bool) -> int:
+        d = self.hidden_size
+        norms = 2 * d
+        if not moe:
+            return norms + self.attention_params + 3 * d * self.intermediate_size
+        expert = 3 * d * self.moe_intermediate_size
+        routed = self.num_experts_per_tok if active else self.n_routed_experts
+        router = d * self.n_routed_experts + (self.n_routed_experts if self.router_bias else 0)
+        return norms + self.attention_params + router + (routed + self.n_shared_experts) * expert
+
+    def _count(self, active: bool, with_mtp: bool) -> int:
+        d = self.hidden_size
+        n = self.first_k_dense * self._block_params(False, active)
+        n += self.num_moe_layers * self._block_params(True, active)
+        n += self.vocab_size * d  # embedding
+        n += d  # final norm
+        if not self.tie_word_embeddings:
+            n += self.vocab_size * d
+        if with_mtp:
+            # enorm, hnorm, eh_proj, the head's own norm, one MoE block (embedding, head shared).
+            n += self.mtp_depth * (3 * d + 2 * d * d + self._block_params(True, active))
+        return n
+
+    @property
+    def total_params(self) -> int:
+        """All parameters of the main model and the MTP modules."""
+        return self._count(active=False, with_mtp=True)
+
+    @property
+    def main_model_params(self) -> int:
+        return self._count(active=False, with_mtp=False)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token touches in the main model (routed experts: only its top-k)."""
+        return self._count(active=True, with_mtp=False)
+
+    # ---- serialisation --------------------------------------------------------------------
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, name_or_path: str) -> "ModelConfig":
+        """A preset name from configs/ (e.g. "tiny") or a path to a JSON file of fields."""
+        path = name_or_path
+        if not os.path.exists(path):
+            path = os.path.join(CONFIGS_DIR, f"{name_or_path}.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"no config file {name_or_path!r} and no preset of that name; presets: {list_presets()}")
+        with open(path) as f:
+            values = json.load(f)
+        values.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        from dsv3_jax.hf_config import config_from_hf
+
+        return config_from_hf(hf)
+
+    def to_hf(self) -> dict:
+        from dsv3_jax.hf_config import config_to_hf
+
+        return config_to_hf(self)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature (0.1 * mscale * ln(s) + 1)."""
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def list_presets() -> list[str]:
+    if not os.path.isdir(CONFIGS_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(CONFIGS_DIR) if f.endswith(".json"))
+
+
+def _fail(field: str, value: Any, rule: str):
+    raise ValueError(f"ModelConfig.{field} = {value!r}: {rule}")
+
+
+def _validate(c: ModelConfig) -> None:
+    positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
+                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+                "n_group", "topk_group", "original_max_position_embeddings"]
+    for name in positive:
+        v = getattr(c, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            _fail(name, v, "must be a positive integer")
+    non_negative = ["intermediate_size", "moe_intermediate_size", "first_k_dense", "q_lora_rank",
+                    "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "mtp_depth"]
+    for name in non_negative:
+        v = getattr(c, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            _fail(name, v, "must be a non-negative integer")
+    if c.first_k_dense > c.num_layers:
+        _fail("first_k_dense", c.first_k_dense, f"must be <= num_layers ({c.num_layers})")
+    if c.first_k_dense > 0 and c.intermediate_size == 0:
+        _fail("intermediate_size", 0, "must be > 0 when there are dense layers (first_k_dense > 0)")
+    if c.qk_rope_head_dim % 2:
+        _fail("qk_rope_head_dim", c.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
+    if c.num_moe_layers > 0 or c.mtp_depth > 0:
+        _validate_moe(c)
+    if c.score_func not in ("sigmoid", "softmax"):
+        _fail("score_func", c.score_func, "must be 'sigmoid' or 'softmax'")
+    if c.group_score not in ("top2_sum", "max"):
+        _fail("group_score", c.group_score, "must be 'top2_sum' or 'max'")
+    if c.rope_factor < 1.0:
+        _fail("rope_factor", c.rope_factor, "must be >= 1.0 (1.0 disables YaRN)")
+    if c.mscale < 0 or c.mscale_all_dim < 0:
+        _fail("mscale", (c.mscale, c.mscale_all_dim), "mscale and mscale_all_dim must be >= 0")
+    if c.rms_norm_eps <= 0:
+        _fail("rms_norm_eps", c.rms_norm_eps, "must be > 0")
+    if c.dtype not in ("float32", "bfloat16", "float16"):
+        _fail("dtype", c.dtype, "must be one of float32, bfloat16, float16")
+    if c.attention_impl not in ("naive", "absorbed"):
+        _fail("attention_impl", c.attention_impl, "must be 'naive' or 'absorbed'")
+    if c.moe_impl not in ("auto", "dense", "ragged"):
+        _fail("moe_impl", c.moe_impl, "must be 'auto', 'dense' or 'ragged'")
+
+
+def _validate_moe(c: ModelConfig) -> None:
+    if c.n_routed_experts <= 0:
+        _fail("n_routed_experts", c.n_routed_experts, "must be > 0 when the model has MoE layers")
+    if c.moe_intermediate_size <= 0:
+        _fail("moe_intermediate_size", c.moe_intermediate_size, "must be > 0 for MoE layers")
+    if not 0 < c.num_experts_per_tok <= c.n_routed_experts:
+        _fail("num_experts_per_tok", c.num_experts_per_tok,
+              f"must be in 1..n_routed_experts ({c.n_routed_experts})")
+    if c.n_routed_experts % c.n_group:
+        _fail("n_group", c.n_group, f"must divide n_routed_experts ({c.n_routed_experts})")
+    if c.topk_group > c.n_group:
+        _fail("topk_group", c.topk_group, f"must be <= n_group ({c.n_group})")
+    if c.num_experts_per_tok > c.topk_group * c.experts_per_group:
+        _fail("num_experts_per_tok", c.num_experts_per_tok,
+              f"must be <= topk_group * experts per group ({c.topk_group * c.experts_per_group})")
+    if c.n_group > 1 and c.group_score == "top2_sum" and c.experts_per_group < 2:
+        _fail("group_score", c.group_score, "'top2_sum' needs at least 2 experts per group")

@@ -1,0 +1,14 @@
+"""Parameter helpers shared by the layers: every weight carries logical axis names."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def weight(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str | None],
+           std: float) -> jnp.ndarray:
+    """A float32 master weight drawn from N(0, std), annotated with logical axes."""
+    init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std), tuple(axes))
+    return module.param(name, init, tuple(shape), jnp.float32)

@@ -1,0 +1,96 @@
+"""Multi-head Latent Attention (DeepSeek-V2 report s.2.1; V3 report s.2.1.1).
+
+Keys and values are rebuilt from a shared latent c_kv [C] (normalised) plus one rope key k_pe [R]
+shared by all heads, so a cache holds only C + R values per token. Two equal ways to attend:
+- `attend_naive`: expand c_kv through wkv_b into per-head keys/values (training, prefill).
+- `attend_absorbed`: fold wkv_b's key half into the query and its value half into the output, and
+  attend over the latent directly (decoding over a cache; DeepSeek's inference code).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.common import weight
+from dsv3_jax.layers.norm import RMSNorm
+from dsv3_jax.layers.rope import apply_rope, rope_angles
+
+NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
+
+
+def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """[B, T, S] True where key position <= query position."""
+    return k_positions[:, None, :] <= q_positions[:, :, None]
+
+
+def _softmax(scores: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    scores = jnp.where(mask[:, None], scores.astype(jnp.float32) * scale, NEG_INF)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attend_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim):
+    """q_nope [B,T,H,N], q_pe [B,T,H,R], c_kv [B,S,C], k_pe [B,S,R], wkv_b [C,H,N+V] -> [B,T,H,V]."""
+    kv = jnp.einsum("bsc,chk->bshk", c_kv, wkv_b.astype(c_kv.dtype))
+    k_nope, v = kv[..., :-v_head_dim], kv[..., -v_head_dim:]
+    scores = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope)
+    scores += jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
+    probs = _softmax(scores, mask, scale).astype(v.dtype)
+    return jnp.einsum("bhts,bshv->bthv", probs, v)
+
+
+def attend_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim):
+    """Same contract as `attend_naive`, without materialising per-head keys or values."""
+    w = wkv_b.astype(c_kv.dtype)
+    w_uk, w_uv = w[..., :-v_head_dim], w[..., -v_head_dim:]
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)  # the query, moved into latent space
+    scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv)
+    scores += jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
+    probs = _softmax(scores, mask, scale).astype(c_kv.dtype)
+    o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv)
+    return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
+
+
+ATTEND = {"naive": attend_naive, "absorbed": attend_absorbed}
+
+
+class MLA(nn.Module):
+    cfg: ModelConfig
+
+    def query(self, x: jax.Array) -> jax.Array:
+        """[B,T,D] -> [B,T,H,N+R]; low-rank with a norm between when q_lora_rank > 0."""
+        c, std = self.cfg, self.cfg.init_std
+        shape = (c.num_heads, c.qk_head_dim)
+        if not c.q_lora_rank:
+            wq = weight(self, "wq", (c.hidden_size, *shape), ("embed", "heads", "qk_dim"), std)
+            return jnp.einsum("btd,dhk->bthk", x, wq.astype(x.dtype))
+        wq_a = weight(self, "wq_a", (c.hidden_size, c.q_lora_rank), ("embed", "q_lora"), std)
+        wq_b = weight(self, "wq_b", (c.q_lora_rank, *shape), ("q_lora", "heads", "qk_dim"), std)
+        cq = RMSNorm(c.rms_norm_eps, "q_lora", name="q_norm")(x @ wq_a.astype(x.dtype))
+        return jnp.einsum("btq,qhk->bthk", cq, wq_b.astype(x.dtype))
+
+    def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B,T,D] -> the cached pair: normalised c_kv [B,T,C] and rotated k_pe [B,T,R]."""
+        c = self.cfg
+        wkv_a = weight(self, "wkv_a", (c.hidden_size, c.kv_cache_dim), ("embed", "kv_latent"), c.init_std)
+        kv = x @ wkv_a.astype(x.dtype)
+        c_kv = RMSNorm(c.rms_norm_eps, "kv_lora", name="kv_norm")(kv[..., : c.kv_lora_rank])
+        return c_kv, apply_rope(kv[..., c.kv_lora_rank:], cos, sin)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        c = self.cfg
+        cos, sin = rope_angles(positions, c)  # [B,T,R/2]
+        q = self.query(x)
+        q_nope = q[..., : c.qk_nope_head_dim]
+        q_pe = apply_rope(q[..., c.qk_nope_head_dim:], cos[:, :, None], sin[:, :, None])
+        c_kv, k_pe = self.latent(x, cos, sin)
+        wkv_b = weight(self, "wkv_b", (c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim),
+                       ("kv_lora", "heads", "kv_dim"), c.init_std)
+        wo = weight(self, "wo", (c.num_heads, c.v_head_dim, c.hidden_size), ("heads", "v_dim", "embed"),
+                    c.init_std)
+        mask = causal_mask(positions, positions)
+        with jax.named_scope(f"mla_{c.attention_impl}"):
+            o = ATTEND[c.attention_impl](q_nope, q_pe, c_kv, k_pe, wkv_b, mask, c.softmax_scale, c.v_head_dim)
+        return jnp.einsum("bthv,hvd->btd", o, wo.astype(x.dtype))

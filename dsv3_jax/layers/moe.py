@@ -1,0 +1,122 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts (V3 report s.2.1.2).
+
+Routing: affinities s = sigmoid(x W) (V3) or softmax (V2). A per-expert bias b, moved by the
+auxiliary-loss-free balancer, is added ONLY to choose experts; the gate weights are the unbiased
+s of the chosen experts, normalised and times the routed scaling factor. Group-limited routing
+first keeps the `topk_group` best of `n_group` expert groups.
+
+Routed experts are stored stacked [E, ...]. Two equal computations:
+- `experts_dense`: every expert on every token, weighted by a [T, E] combine matrix. Wasteful in
+  FLOPs, but one large einsum, which XLA:CPU runs faster than ragged_dot at small sizes.
+- `experts_ragged`: dropless; sort the T*K assignments by expert and run grouped matmuls
+  (`jax.lax.ragged_dot`). The path for accelerators and for many experts.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.common import weight
+from dsv3_jax.layers.mlp import MLP
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # [T, K] float32 gate weights
+    experts: jax.Array  # [T, K] int32 chosen expert ids
+    scores: jax.Array  # [T, E] float32 unbiased affinities (for balance statistics and losses)
+
+
+def _group_mask(choice: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """[T, E] True for experts inside each token's `topk_group` best groups."""
+    t = choice.shape[0]
+    grouped = choice.reshape(t, cfg.n_group, cfg.experts_per_group)
+    if cfg.group_score == "top2_sum":
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    else:
+        group_scores = grouped.max(-1)
+    _, best = jax.lax.top_k(group_scores, cfg.topk_group)
+    keep = jnp.zeros((t, cfg.n_group), bool).at[jnp.arange(t)[:, None], best].set(True)
+    return jnp.repeat(keep, cfg.experts_per_group, axis=1)
+
+
+def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: ModelConfig) -> Routing:
+    """x [T, D], router [D, E], bias [E] -> Routing. Computed in float32, as the report keeps it."""
+    logits = x.astype(jnp.float32) @ router.astype(jnp.float32)
+    if cfg.score_func == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+    else:
+        scores = jax.nn.softmax(logits, axis=-1)
+    choice = scores + bias.astype(jnp.float32)  # the bias steers selection only
+    if cfg.topk_group < cfg.n_group:
+        choice = jnp.where(_group_mask(choice, cfg), choice, -jnp.inf)
+    _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
+
+
+def experts_dense(x, routing: Routing, w1, w3, w2):
+    """x [T, D]; w1, w3 [E, D, F]; w2 [E, F, D] -> [T, D]."""
+    t, e = x.shape[0], w1.shape[0]
+    combine = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], routing.experts].add(routing.weights)
+    dt = x.dtype
+    h = jax.nn.silu(jnp.einsum("td,edf->tef", x, w1.astype(dt))) * jnp.einsum("td,edf->tef", x, w3.astype(dt))
+    h = h * combine.astype(dt)[..., None]
+    return jnp.einsum("tef,efd->td", h, w2.astype(dt))
+
+
+def experts_ragged(x, routing: Routing, w1, w3, w2):
+    """Dropless grouped matmuls over assignments sorted by expert; same contract as experts_dense."""
+    t, k = routing.experts.shape
+    e, dt = w1.shape[0], x.dtype
+    flat = routing.experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k  # which token each sorted assignment came from
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    xs = x[token]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w1.astype(dt), sizes)) * jax.lax.ragged_dot(xs, w3.astype(dt), sizes)
+    y = jax.lax.ragged_dot(h, w2.astype(dt), sizes)
+    y = y * routing.weights.reshape(-1)[order].astype(dt)[:, None]
+    return jnp.zeros_like(x).at[token].add(y)
+
+
+EXPERTS = {"dense": experts_dense, "ragged": experts_ragged}
+
+
+def resolve_moe_impl(cfg: ModelConfig) -> str:
+    """'auto': the dense einsum on CPU with few experts (measured faster there), ragged elsewhere."""
+    if cfg.moe_impl != "auto":
+        return cfg.moe_impl
+    return "dense" if jax.default_backend() == "cpu" and cfg.n_routed_experts <= 64 else "ragged"
+
+
+class MoE(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, std = self.cfg, self.cfg.init_std
+        d, e, f = c.hidden_size, c.n_routed_experts, c.moe_intermediate_size
+        router = weight(self, "router", (d, e), ("embed", "expert"), std)
+        # The balancing bias is state updated outside the optimizer, so it lives in its own
+        # collection ("router"), not in "params".
+        if c.router_bias:
+            bias = self.variable("router", "bias", jnp.zeros, (e,), jnp.float32).value
+        else:
+            bias = jnp.zeros((e,), jnp.float32)
+        flat = x.reshape(-1, d)
+        routing = route(flat, router, bias, c)
+        self.sow("intermediates", "routing", routing)
+        w1 = weight(self, "w1", (e, d, f), ("expert", "embed", "mlp"), std)
+        w3 = weight(self, "w3", (e, d, f), ("expert", "embed", "mlp"), std)
+        w2 = weight(self, "w2", (e, f, d), ("expert", "mlp", "embed"), std)
+        with jax.named_scope("routed_experts"):
+            out = EXPERTS[resolve_moe_impl(c)](flat, routing, w1, w3, w2).reshape(x.shape)
+        if c.n_shared_experts:
+            out = out + MLP(d, f * c.n_shared_experts, std, name="shared")(x)
+        return out

@@ -1,0 +1,126 @@
+"""The DeepSeek-V3 transformer: blocks, the main model and its multi-token-prediction modules.
+
+Contract: `Transformer(cfg).apply(variables, tokens)` with int32 tokens [B, T] returns float32
+logits [B, T, vocab]; with `return_mtp=True` it returns (logits, mtp_logits [depth, B, T, vocab]).
+`variables` holds "params" and, for V3-style routers, "router" (the balancing biases).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.common import weight
+from dsv3_jax.layers.mla import MLA
+from dsv3_jax.layers.mlp import MLP
+from dsv3_jax.layers.moe import MoE
+from dsv3_jax.layers.norm import RMSNorm
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    moe: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        c = self.cfg
+        x = x + MLA(c, name="attn")(RMSNorm(c.rms_norm_eps, name="attn_norm")(x), positions)
+        h = RMSNorm(c.rms_norm_eps, name="ffn_norm")(x)
+        if self.moe:
+            return x + MoE(c, name="ffn")(h)
+        return x + MLP(c.hidden_size, c.intermediate_size, c.init_std, name="ffn")(h)
+
+
+class MTPModule(nn.Module):
+    """One MTP depth (V3 report s.2.2): h'_i = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i)] -> block.
+
+    The concatenation puts the embedding FIRST, as the released checkpoint's eh_proj expects.
+    Returns the block output (input of the next depth) and its head-normed copy for the logits.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h: jax.Array, next_emb: jax.Array, positions: jax.Array):
+        c = self.cfg
+        e = RMSNorm(c.rms_norm_eps, name="enorm")(next_emb)
+        hn = RMSNorm(c.rms_norm_eps, name="hnorm")(h)
+        eh = weight(self, "eh_proj", (2 * c.hidden_size, c.hidden_size), ("mtp_concat", "embed"), c.init_std)
+        x = jnp.concatenate([e, hn], axis=-1) @ eh.astype(h.dtype)
+        out = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions)
+        return out, RMSNorm(c.rms_norm_eps, name="head_norm")(out)
+
+
+def _shift_left(tokens: jax.Array, k: int) -> jax.Array:
+    """tokens[:, i + k], zero-padded at the end; the padded positions carry no MTP target."""
+    return jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        emb_init = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed"))
+        self.embed = self.param("embed", emb_init, (c.vocab_size, c.hidden_size), jnp.float32)
+        self.layers = [Block(c, moe=i >= c.first_k_dense, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.final_norm = RMSNorm(c.rms_norm_eps)
+        if not c.tie_word_embeddings:
+            head_init = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("embed", "vocab"))
+            self.lm_head = self.param("lm_head", head_init, (c.hidden_size, c.vocab_size), jnp.float32)
+        self.mtp = [MTPModule(c, name=f"mtp_{k}") for k in range(c.mtp_depth)]
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """The output head, kept in float32 (report s.3.3: the head stays in high precision)."""
+        head = self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
+        return h.astype(jnp.float32) @ head
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """[B, T] -> the last block's output [B, T, D], before the final norm."""
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, positions)
+        return x
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, return_mtp: bool = False):
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        h = self.hidden(tokens, positions)
+        logits = self.logits(self.final_norm(h))
+        if not return_mtp:
+            if self.is_initializing():  # create the MTP parameters too
+                self.mtp_logits(tokens, h, positions)
+            return logits
+        return logits, self.mtp_logits(tokens, h, positions)
+
+    def mtp_logits(self, tokens: jax.Array, h: jax.Array, positions: jax.Array) -> jax.Array:
+        """[depth, B, T, vocab]: depth k (1-based) at position i predicts token i + k + 1."""
+        out = []
+        for k, module in enumerate(self.mtp, start=1):
+            h, normed = module(h, self.embed_tokens(_shift_left(tokens, k)), positions)
+            out.append(self.logits(normed))
+        if not out:
+            return jnp.zeros((0, *tokens.shape, self.cfg.vocab_size), jnp.float32)
+        return jnp.stack(out)
+
+
+def init_variables(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
+    """Plain (unboxed) variables of a freshly initialised model."""
+    tokens = jnp.zeros((1, min(seq_len, cfg.max_position_embeddings)), jnp.int32)
+    return nn.unbox(Transformer(cfg).init(rng, tokens))
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+    """The same tree as the variables, with a PartitionSpec of logical axis names at each leaf."""
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens))
+    return nn.get_partition_spec(boxed)
+
+
+def variable_shapes(cfg: ModelConfig) -> dict:
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return nn.unbox(jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens)))
