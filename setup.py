@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dsv3-jax",
+    version="0.1.0",
+    description="DeepSeek-V3 (MLA, DeepSeekMoE, MTP, FP8) in JAX/Flax, with Pallas kernels",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dsv3_jax", "dsv3_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "numpy>=1.26",
+        "ml_dtypes>=0.5",
+        "safetensors>=0.4",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.5", "torch", "transformers>=5.0"],
+        "gpu": ["jax[cuda12]>=0.6", "jax-triton>=0.3"],
+    },
+)
