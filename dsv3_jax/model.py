@@ -111,7 +111,7 @@ class Transformer(nn.Module):
 def init_variables(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
     """Plain (unboxed) variables of a freshly initialised model."""
     tokens = jnp.zeros((1, min(seq_len, cfg.max_position_embeddings)), jnp.int32)
-    return nn.unbox(Transformer(cfg).init(rng, tokens))
+    return nn.unbox(jax.jit(Transformer(cfg).init)(rng, tokens))
 
 
 def logical_axes(cfg: ModelConfig) -> dict:

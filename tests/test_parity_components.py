@@ -60,14 +60,10 @@ ROPE = {
     # No mscale keys: attention factor 0.1 ln(s) + 1, no softmax correction.
     "yarn_no_mscale": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                        "original_max_position_embeddings": ORIGINAL_MAX_POS},
-    # mscale_all_dim without mscale.
-    "yarn_only_mscale_all_dim": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                 "original_max_position_embeddings": ORIGINAL_MAX_POS,
-                                 "mscale_all_dim": 1.0},
-    # No factor: transformers infers it as max_position_embeddings / original.
-    "yarn_inferred_factor": {"rope_type": "yarn", "rope_theta": 10000.0,
-                             "original_max_position_embeddings": ORIGINAL_MAX_POS,
-                             "mscale": 1.0, "mscale_all_dim": 1.0},
+    # Lower betas: the ramp between kept and interpolated frequencies spans several rope dims.
+    "yarn_wide_ramp": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                       "original_max_position_embeddings": ORIGINAL_MAX_POS, "beta_fast": 1.0,
+                       "beta_slow": 0.01, "mscale": 1.0, "mscale_all_dim": 1.0},
 }
 
 
@@ -202,7 +198,7 @@ def test_rope_frequencies_and_angles(rope_kind, rope_dim, seed):
     """inv_freq, cos/sin (attention factor included) and the softmax scale, V3 and V2 modules."""
     hf, cfg = configs("v3", rope_kind, qk_rope_head_dim=rope_dim)
     rot = rotary(hf, "v3")
-    assert_close(rope.inv_frequencies(cfg), rot.inv_freq, tol=1e-6, what="inv_freq")
+    np.testing.assert_allclose(rope.inv_frequencies(cfg), to_np(rot.inv_freq), rtol=1e-6, atol=0)
     assert cfg.rope_attention_factor == pytest.approx(rot.attention_scaling, rel=1e-6)
     assert cfg.softmax_scale == pytest.approx(hf_v3.DeepseekV3Attention(hf, 0).scaling, rel=1e-6)
 
@@ -233,6 +229,19 @@ def test_yarn_variants_are_distinct():
     assert not np.allclose(rope.inv_frequencies(yarn), rope.inv_frequencies(plain))
     assert yarn.softmax_scale > plain.softmax_scale
     assert abs(scaled.rope_attention_factor - 1.0) > 0.05
+
+
+@pytest.mark.parametrize("mscale_all_dim", [1.0, 0.707])
+def test_yarn_attention_factor_without_mscale(mscale_all_dim):
+    """A yarn rope dict with mscale_all_dim but no mscale: transformers then ignores
+    mscale_all_dim for cos/sin and scales them by 0.1 ln(factor) + 1."""
+    params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+              "original_max_position_embeddings": ORIGINAL_MAX_POS, "mscale_all_dim": mscale_all_dim}
+    hf = DeepseekV3Config(**{**SIZES, "rope_parameters": params})
+    cfg = ModelConfig.from_hf(hf.to_dict())
+    rot = rotary(hf, "v3")
+    assert cfg.softmax_scale == pytest.approx(hf_v3.DeepseekV3Attention(hf, 0).scaling, rel=1e-6)
+    assert cfg.rope_attention_factor == pytest.approx(rot.attention_scaling, rel=1e-6)
 
 
 @pytest.mark.parametrize("seed", SEEDS[:2])
@@ -346,12 +355,14 @@ def test_router_v3(n_group, topk_group, top_k, norm_topk_prob, seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("method,n_group,topk_group", [("greedy", None, None),
-                                                       ("group_limited_greedy", 4, 2)])
-def test_router_v2(method, n_group, topk_group, seed):
+@pytest.mark.parametrize("method,n_group,topk_group,top_k", [("greedy", None, None, 2),
+                                                             ("greedy", None, None, 3),
+                                                             ("group_limited_greedy", 2, 1, 3)])
+def test_router_v2(method, n_group, topk_group, top_k, seed):
+    # transformers' V2 router never normalises the top-k weights, so norm_topk_prob stays False.
     cfg, (x, w, bias), (ref_w, ref_e) = router_case(
         "v2", seed, topk_method=method, n_group=n_group, topk_group=topk_group,
-        norm_topk_prob=False, routed_scaling_factor=16.0)
+        num_experts_per_tok=top_k, norm_topk_prob=False, routed_scaling_factor=16.0)
     assert (cfg.score_func, cfg.router_bias, cfg.norm_topk_prob) == ("softmax", False, False)
     routing = route(x, w, bias, cfg)
     ours_w, ours_e = sorted_routing(routing.weights, routing.experts)
@@ -362,6 +373,11 @@ def test_router_v2(method, n_group, topk_group, seed):
         assert np.any(sorted_routing(ungrouped.weights, ungrouped.experts)[1] != ref_e)
 
 
+# With a max-scored group limit, K <= topk_group could never change the choice; K = 3 > 1 can.
+V2_GROUPED = {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1,
+              "num_experts_per_tok": 3, "norm_topk_prob": False}
+
+
 # ---- 5. MoE --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", SEEDS[:2])
@@ -369,8 +385,7 @@ def test_router_v2(method, n_group, topk_group, seed):
 @pytest.mark.parametrize("version,overrides", [
     ("v3", {"n_group": 4, "topk_group": 2}),
     ("v3", {"n_group": 1, "topk_group": 1, "n_shared_experts": 2, "num_experts_per_tok": 3}),
-    ("v2", {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
-            "norm_topk_prob": False, "routed_scaling_factor": 2.0}),
+    ("v2", {**V2_GROUPED, "routed_scaling_factor": 2.0}),
 ], ids=["v3-grouped", "v3-2shared", "v2-grouped"])
 def test_moe(version, overrides, moe_impl, seed):
     hf, cfg = configs(version, **overrides)
@@ -394,7 +409,7 @@ def test_moe(version, overrides, moe_impl, seed):
 @pytest.mark.parametrize("version,layer_idx", [("v3", 0), ("v3", 1), ("v2", 1)],
                          ids=["v3-dense", "v3-moe", "v2-moe"])
 def test_block(version, layer_idx, rope_kind, seed):
-    overrides = {"topk_method": "group_limited_greedy", "q_lora_rank": None} if version == "v2" else {}
+    overrides = {**V2_GROUPED, "q_lora_rank": None} if version == "v2" else {}
     hf, cfg = configs(version, rope_kind, **overrides)
     layer_cls = hf_v3.DeepseekV3DecoderLayer if version == "v3" else hf_v2.DeepseekV2DecoderLayer
     layer = randomise(layer_cls(hf, layer_idx=layer_idx), seed)
