@@ -166,14 +166,14 @@ class ModelConfig:
         return self._count(active=True, with_mtp=False)
 
     # ---- serialisation --------------------------------------------------------------------
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -181,7 +181,7 @@ class ModelConfig:
         return cls(**values)
 
     @classmethod
-    def from_json(cls, name_or_path: str) -> "ModelConfig":
+    def from_json(cls, name_or_path: str) -> ModelConfig:
         """A preset name from configs/ (e.g. "tiny") or a path to a JSON file of fields."""
         path = name_or_path
         if not os.path.exists(path):
@@ -195,7 +195,7 @@ class ModelConfig:
         return cls.from_dict(values)
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
+    def from_hf(cls, hf: dict) -> ModelConfig:
         from dsv3_jax.hf_config import config_from_hf
 
         return config_from_hf(hf)

@@ -16,7 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

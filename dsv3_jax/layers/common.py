@@ -1,7 +1,7 @@
 """Parameter helpers shared by the layers: every weight carries logical axis names."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
