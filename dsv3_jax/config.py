@@ -52,7 +52,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
-    # YaRN (rope_factor 1.0 = off). mscale_all_dim = 0 means no softmax-temperature correction.
+    # YaRN (rope_factor 1.0 = off). mscale_all_dim = 0: no softmax-temperature correction;
+    # mscale or mscale_all_dim = 0: cos/sin take YaRN's default temperature (rope_attention_factor).
     rope_factor: float = 1.0
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
@@ -103,10 +104,13 @@ class ModelConfig:
 
     @property
     def rope_attention_factor(self) -> float:
-        """YaRN's scale on cos/sin; 1.0 for DeepSeek's configs, where mscale == mscale_all_dim."""
+        """YaRN's scale on cos/sin: the mscale ratio when both are set (1.0 for DeepSeek's configs,
+        where they are equal), else YaRN's default temperature 0.1 ln(s) + 1 (as transformers)."""
         if not self.yarn_active:
             return 1.0
-        return yarn_mscale(self.rope_factor, self.mscale) / yarn_mscale(self.rope_factor, self.mscale_all_dim)
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.rope_factor, self.mscale) / yarn_mscale(self.rope_factor, self.mscale_all_dim)
+        return yarn_mscale(self.rope_factor)
 
     @property
     def softmax_scale(self) -> float:

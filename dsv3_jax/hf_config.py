@@ -33,9 +33,9 @@ def _rope_fields(hf: dict) -> dict:
             original_max_position_embeddings=int(orig),
             beta_fast=float(rope.get("beta_fast") or 32),
             beta_slow=float(rope.get("beta_slow") or 1),
-            # A missing mscale means 1 and a missing mscale_all_dim means "no softmax correction",
-            # which is how transformers reads such a file.
-            mscale=float(rope.get("mscale") or 1.0),
+            # Missing keys read as 0, which ModelConfig interprets as transformers does
+            # (see ModelConfig.rope_attention_factor and softmax_scale).
+            mscale=float(rope.get("mscale") or 0.0),
             mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
         )
     return out

@@ -18,6 +18,9 @@ from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import apply_rope, rope_angles
 
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
+# The norms on the q and kv latents use a fixed eps in DeepSeek's code and in transformers, not
+# the config's rms_norm_eps (which only the block norms read).
+LATENT_NORM_EPS = 1e-6
 
 
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
@@ -67,7 +70,7 @@ class MLA(nn.Module):
             return jnp.einsum("btd,dhk->bthk", x, wq.astype(x.dtype))
         wq_a = weight(self, "wq_a", (c.hidden_size, c.q_lora_rank), ("embed", "q_lora"), std)
         wq_b = weight(self, "wq_b", (c.q_lora_rank, *shape), ("q_lora", "heads", "qk_dim"), std)
-        cq = RMSNorm(c.rms_norm_eps, "q_lora", name="q_norm")(x @ wq_a.astype(x.dtype))
+        cq = RMSNorm(LATENT_NORM_EPS, "q_lora", name="q_norm")(x @ wq_a.astype(x.dtype))
         return jnp.einsum("btq,qhk->bthk", cq, wq_b.astype(x.dtype))
 
     def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -75,7 +78,7 @@ class MLA(nn.Module):
         c = self.cfg
         wkv_a = weight(self, "wkv_a", (c.hidden_size, c.kv_cache_dim), ("embed", "kv_latent"), c.init_std)
         kv = x @ wkv_a.astype(x.dtype)
-        c_kv = RMSNorm(c.rms_norm_eps, "kv_lora", name="kv_norm")(kv[..., : c.kv_lora_rank])
+        c_kv = RMSNorm(LATENT_NORM_EPS, "kv_lora", name="kv_norm")(kv[..., : c.kv_lora_rank])
         return c_kv, apply_rope(kv[..., c.kv_lora_rank:], cos, sin)
 
     @nn.compact
