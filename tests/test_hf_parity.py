@@ -6,10 +6,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hf_models import YARN, build, logits, rel_err  # noqa: E402
+from hf_models import YARN, build, logits, rel_err
 
-from dsv3_jax.hf import load_hf_checkpoint  # noqa: E402
-from dsv3_jax.model import Transformer  # noqa: E402
+from dsv3_jax.hf import load_hf_checkpoint
+from dsv3_jax.model import Transformer
 
 CASES = {
     "v3_grouped_bias": ("v3", {}),
