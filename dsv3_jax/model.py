@@ -86,22 +86,27 @@ class Transformer(nn.Module):
             x = layer(x, positions)
         return x
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, return_mtp: bool = False):
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, return_mtp: bool = False,
+                 future: jax.Array | None = None):
+        """`future` [B, T + depth] optionally supplies the tokens after the window, so that the MTP
+        depths see real embeddings at the last positions instead of padding (training)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         h = self.hidden(tokens, positions)
         logits = self.logits(self.final_norm(h))
         if not return_mtp:
             if self.is_initializing():  # create the MTP parameters too
-                self.mtp_logits(tokens, h, positions)
+                self.mtp_logits(tokens, h, positions, future)
             return logits
-        return logits, self.mtp_logits(tokens, h, positions)
+        return logits, self.mtp_logits(tokens, h, positions, future)
 
-    def mtp_logits(self, tokens: jax.Array, h: jax.Array, positions: jax.Array) -> jax.Array:
+    def mtp_logits(self, tokens: jax.Array, h: jax.Array, positions: jax.Array,
+                   future: jax.Array | None = None) -> jax.Array:
         """[depth, B, T, vocab]: depth k (1-based) at position i predicts token i + k + 1."""
-        out = []
+        out, t = [], tokens.shape[1]
         for k, module in enumerate(self.mtp, start=1):
-            h, normed = module(h, self.embed_tokens(_shift_left(tokens, k)), positions)
+            nxt = _shift_left(tokens, k) if future is None else future[:, k: k + t]
+            h, normed = module(h, self.embed_tokens(nxt), positions)
             out.append(self.logits(normed))
         if not out:
             return jnp.zeros((0, *tokens.shape, self.cfg.vocab_size), jnp.float32)

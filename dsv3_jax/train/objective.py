@@ -1,0 +1,97 @@
+"""DeepSeek-V3's training objective and its auxiliary-loss-free balancing (V3 report s.2.1.2, s.2.2).
+
+A batch row is a window of T + 1 + D tokens (D = MTP depth): the model reads the first T, the
+main head predicts tokens 1..T, and MTP depth k predicts tokens k+1..T+k.
+
+    loss = CE_main + (lambda / D) * sum_k CE_k + alpha * sum_layers L_bal
+
+L_bal is the complementary sequence-wise balance loss: per sequence, f_i = E/(K T) * (tokens
+routed to expert i) and P_i = mean over tokens of the normalised affinity s_i / sum_j s_j;
+L_bal = sum_i f_i P_i (f carries no gradient). The router bias is not trained by the loss: after
+each step it moves by gamma toward balance (`update_router_bias`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.moe import Routing
+from dsv3_jax.model import Transformer
+
+
+class LossParts(NamedTuple):
+    loss: jax.Array  # the total that is differentiated
+    ce: jax.Array  # main next-token cross-entropy
+    mtp: jax.Array  # mean MTP cross-entropy over depths (0 without MTP)
+    balance: jax.Array  # sum over MoE layers of the sequence-wise balance loss
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def routings(intermediates: dict) -> dict[str, Routing]:
+    """Every MoE layer's sown Routing, keyed by its path ("layers_1", "mtp_0/block")."""
+    found = {}
+
+    def walk(tree, path):
+        for key, value in tree.items():
+            if key == "routing":
+                found["/".join(path[:-1])] = value[0]
+            elif isinstance(value, dict):
+                walk(value, (*path, key))
+
+    walk(intermediates, ())
+    return found
+
+
+def balance_loss(r: Routing, batch: int, cfg: ModelConfig) -> jax.Array:
+    """Sequence-wise balance loss of one layer, averaged over the batch's sequences."""
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    experts = r.experts.reshape(batch, -1, k)
+    t = experts.shape[1]
+    counts = jax.nn.one_hot(experts, e, dtype=jnp.float32).sum(axis=(1, 2))  # [B, E]
+    f = jax.lax.stop_gradient(counts * e / (k * t))
+    s = r.scores.reshape(batch, t, e)
+    p = jnp.mean(s / jnp.sum(s, axis=-1, keepdims=True), axis=1)  # [B, E]
+    return jnp.mean(jnp.sum(f * p, axis=-1))
+
+
+def expert_load(r: Routing, num_experts: int) -> jax.Array:
+    """[E] fraction of this batch's routed assignments that went to each expert."""
+    counts = jnp.zeros((num_experts,), jnp.float32).at[r.experts.reshape(-1)].add(1.0)
+    return counts / counts.sum()
+
+
+def compute_loss(params, router, window: jax.Array, cfg: ModelConfig):
+    """window [B, T + 1 + D] -> (LossParts, {layer: Routing})."""
+    d = cfg.mtp_depth
+    t = window.shape[1] - 1 - d
+    tokens = window[:, :t]
+    variables = {"params": params, **({"router": router} if router else {})}
+    (logits, mtp_logits), state = Transformer(cfg).apply(
+        variables, tokens, return_mtp=True, future=window[:, : t + d], mutable=["intermediates"])
+    ce = cross_entropy(logits, window[:, 1: t + 1])
+    mtp = jnp.zeros(())
+    if d:
+        mtp = jnp.mean(jnp.stack([cross_entropy(mtp_logits[k - 1], window[:, k + 1: t + k + 1])
+                                  for k in range(1, d + 1)]))
+    routes = routings(state.get("intermediates", {}))
+    balance = sum((balance_loss(r, window.shape[0], cfg) for r in routes.values()), jnp.zeros(()))
+    # (lambda / D) * sum_k L_k == lambda * mean_k L_k.
+    total = ce + cfg.mtp_loss_weight * mtp + cfg.aux_loss_alpha * balance
+    return LossParts(total, ce, mtp, balance), routes
+
+
+def update_router_bias(router: dict, loads: dict[str, jax.Array], gamma: float) -> dict:
+    """b_i += gamma * sign(mean load - load_i): overloaded experts become less attractive."""
+    def step(path, bias):
+        layer = "/".join(p.key for p in path[:-2])  # .../<layer>/ffn/bias -> <layer>
+        load = loads[layer]
+        return bias + gamma * jnp.sign(jnp.mean(load) - load)
+
+    return jax.tree_util.tree_map_with_path(step, router)

@@ -1,0 +1,87 @@
+"""Train state, optimizer and the jitted train / eval steps."""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import init_variables
+from dsv3_jax.train.objective import compute_loss, expert_load, update_router_bias
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW as the V3 report trains (s.4.2): betas (0.9, 0.95), weight decay 0.1, clip 1.0,
+    linear warmup then cosine decay to `final_lr_ratio` of the peak."""
+
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    total_steps: int = 300
+    final_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+def lr_schedule(o: OptimConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, max(o.warmup_steps, 1), max(o.total_steps, o.warmup_steps + 1), o.lr * o.final_lr_ratio)
+
+
+def make_optimizer(o: OptimConfig) -> optax.GradientTransformation:
+    # No decay on vectors (norm scales): decaying them toward 0 would shrink the activations.
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(lr_schedule(o), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask),
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    router: dict  # balancing biases: state moved by update_router_bias, never by the optimizer
+
+
+def init_state(cfg: ModelConfig, optim: OptimConfig, seed: int) -> TrainState:
+    variables = init_variables(cfg, jax.random.PRNGKey(seed))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=make_optimizer(optim).init(params), router=variables.get("router", {}))
+
+
+def train_step(state: TrainState, window: jax.Array, cfg: ModelConfig, optim: OptimConfig):
+    """One optimizer step plus the bias update; returns (new state, metrics)."""
+    def loss_fn(params):
+        parts, routes = compute_loss(params, state.router, window, cfg)
+        return parts.loss, (parts, routes)
+
+    (_, (parts, routes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = make_optimizer(optim).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    loads = {name: expert_load(r, cfg.n_routed_experts) for name, r in routes.items()}
+    router = update_router_bias(state.router, loads, cfg.bias_update_speed) if state.router else state.router
+    metrics = {"loss": parts.loss, "ce": parts.ce, "mtp_loss": parts.mtp, "balance_loss": parts.balance,
+               "grad_norm": optax.global_norm(grads), "lr": lr_schedule(optim)(state.step),
+               "expert_load": loads}
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, router=router)
+    return new, metrics
+
+
+def eval_step(state: TrainState, window: jax.Array, cfg: ModelConfig) -> dict:
+    parts, _ = compute_loss(state.params, state.router, window, cfg)
+    return {"eval_loss": parts.ce, "eval_mtp_loss": parts.mtp}
+
+
+def jit_steps(cfg: ModelConfig, optim: OptimConfig):
+    """The two steps, jitted once per (config, optimizer); the state buffers are donated."""
+    train = jax.jit(lambda s, w: train_step(s, w, cfg, optim), donate_argnums=0)
+    evaluate = jax.jit(lambda s, w: eval_step(s, w, cfg))
+    return train, evaluate
