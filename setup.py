@@ -15,9 +15,13 @@ setup(
         "ml_dtypes>=0.5",
         "safetensors>=0.4",
         "absl-py>=2.0",
+        "tokenizers>=0.15",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5", "torch", "transformers>=5.0"],
+        "dev": ["pytest>=8", "ruff>=0.5", "torch", "transformers>=5.0", "tensorboard>=2.16"],
         "gpu": ["jax[cuda12]>=0.6", "jax-triton>=0.3"],
     },
 )

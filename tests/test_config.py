@@ -26,7 +26,9 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "
 def test_small_matches_the_benchmark_yardstick():
     with open(BENCH) as f:
         bench = json.load(f)
-    assert ModelConfig.from_hf(bench).replace(name="small", init_std=0.02) == ModelConfig.from_json("small")
+    ours = ModelConfig.from_json("small")
+    # Only the init and the balancing speed (tuned for short runs) are ours; the shape is the yardstick's.
+    assert ModelConfig.from_hf(bench).replace(name="small", init_std=0.02, bias_update_speed=0.01) == ours
 
 
 def test_v3_derived_figures():

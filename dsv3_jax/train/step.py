@@ -69,8 +69,11 @@ def train_step(state: TrainState, window: jax.Array, cfg: ModelConfig, optim: Op
     loads = {name: expert_load(r, cfg.n_routed_experts) for name, r in routes.items()}
     router = update_router_bias(state.router, loads, cfg.bias_update_speed) if state.router else state.router
     metrics = {"loss": parts.loss, "ce": parts.ce, "mtp_loss": parts.mtp, "balance_loss": parts.balance,
-               "grad_norm": optax.global_norm(grads), "lr": lr_schedule(optim)(state.step),
-               "expert_load": loads}
+               "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(optim)(state.step),
+               "expert_load": loads,
+               # A finite loss can still produce non-finite weights (an lr or update gone bad);
+               # the loop checks this before it may checkpoint the new state.
+               "params_finite": jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree_util.tree_leaves(params)]))}
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, router=router)
     return new, metrics
 

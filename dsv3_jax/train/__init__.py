@@ -1,0 +1,1 @@
+"""Training: the loop, its objective, metrics, plots and progress display."""

@@ -1,0 +1,189 @@
+"""The training loop: data, jitted steps, orbax checkpoints with exact resume, metrics, sample.
+
+Run it from `train.py` (absl flags) or call `run(TrainConfig(...))` directly, as the tests do.
+A checkpoint holds the train state (params, optimizer state, router biases, step) and the data
+iterator's position, so a resumed run sees exactly the batches, and gives exactly the losses, of
+an uninterrupted one. Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a run killed at any moment leaves only whole checkpoints behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.data import (BatchIterator, default_corpus_files, eval_batches, load_tokenizer, read_documents,
+                           resolve_files, split_documents, tokenize_documents)
+from dsv3_jax.train.metrics import MetricsWriter
+from dsv3_jax.train.plots import write_plots
+from dsv3_jax.train.progress import Progress
+from dsv3_jax.train.sample import sample_text
+from dsv3_jax.train.step import OptimConfig, TrainState, init_state, jit_steps
+
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+# Fields that change how, not what, the model computes: a checkpoint may resume under other values.
+RUNTIME_FIELDS = ("dtype", "attention_impl", "moe_impl", "name")
+
+
+class TrainingError(RuntimeError):
+    """A problem with the user's input or run, reported as one message and a non-zero exit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    workdir: str
+    model: str = "tiny"
+    data: tuple[str, ...] = ()
+    tokenizer: str = "byte"
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end
+    eval_every: int = 50
+    log_every: int = 10
+    eval_batches: int = 4
+    keep_checkpoints: int = 3
+    precision: str = "fp32"
+    stop_after: int | None = None  # steps to run in this invocation (time-sliced or preemptible jobs)
+    sample_prompt: str = "def "
+    sample_tokens: int = 160
+    plots: bool = True
+
+
+def model_config(tc: TrainConfig) -> ModelConfig:
+    if tc.precision not in PRECISIONS:
+        raise TrainingError(f"--precision={tc.precision!r}: expected one of {sorted(PRECISIONS)}")
+    try:
+        cfg = ModelConfig.from_json(tc.model)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainingError(f"--config: {e}") from e
+    if tc.seq_len > cfg.max_position_embeddings:
+        raise TrainingError(f"--seq_len={tc.seq_len} is above the config's max_position_embeddings "
+                            f"({cfg.max_position_embeddings})")
+    return cfg.replace(dtype=PRECISIONS[tc.precision])
+
+
+def _data(tc: TrainConfig, cfg: ModelConfig):
+    try:
+        files = resolve_files(list(tc.data)) if tc.data else default_corpus_files()
+        tokenizer = load_tokenizer(tc.tokenizer)
+        train_docs, heldout_docs = split_documents(read_documents(files))
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainingError(str(e)) from e
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise TrainingError(f"--tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is "
+                            f"{cfg.vocab_size}")
+    window = tc.seq_len + 1 + cfg.mtp_depth
+    try:
+        batches = BatchIterator(tokenize_documents(train_docs, tokenizer), tc.batch_size, window, tc.seed,
+                                jax.process_index(), jax.process_count())
+        held = eval_batches(tokenize_documents(heldout_docs, tokenizer), tc.batch_size, window, tc.eval_batches)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    return tokenizer, batches, held
+
+
+def _manager(tc: TrainConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(tc.workdir, "checkpoints")), options=options,
+                                 item_names=("state", "data", "meta"))
+
+
+def _identity(cfg: ModelConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def _restore(mgr, cfg: ModelConfig, fresh: TrainState, batches) -> TrainState:
+    step = mgr.latest_step()
+    if step is None:
+        return fresh
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta["model"] != _identity(cfg):
+        diff = sorted(k for k in _identity(cfg) if meta["model"].get(k) != _identity(cfg)[k])
+        raise TrainingError(f"the workdir holds a checkpoint of another model config (fields differ: {diff}); "
+                            "use a new --workdir or the same --config")
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh)
+    got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                    data=ocp.args.JsonRestore()))
+    batches.restore(got["data"])
+    return got["state"]
+
+
+def _save(mgr, step: int, state: TrainState, batches, cfg: ModelConfig) -> None:
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           data=ocp.args.JsonSave(batches.state()),
+                                           meta=ocp.args.JsonSave({"model": _identity(cfg), "step": step})))
+
+
+def _record(m: dict, tokens_per_s: float) -> dict:
+    loads = {k: np.asarray(v) for k, v in m["expert_load"].items()}
+    rec = {k: float(m[k]) for k in ("loss", "ce", "mtp_loss", "balance_loss", "lr", "grad_norm")}
+    rec["tokens_per_s"] = tokens_per_s
+    rec["expert_max_over_mean"] = {k: float(v.max() / v.mean()) for k, v in loads.items()}
+    rec["expert_load"] = {k: v.tolist() for k, v in loads.items()}
+    return rec
+
+
+def _evaluate(evaluate, state, held) -> float:
+    return float(np.mean([float(evaluate(state, b)["eval_loss"]) for b in held]))
+
+
+def run(tc: TrainConfig) -> dict:
+    cfg = model_config(tc)
+    tokenizer, batches, held = _data(tc, cfg)
+    optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps)
+    os.makedirs(tc.workdir, exist_ok=True)
+    mgr = _manager(tc)
+    state = _restore(mgr, cfg, init_state(cfg, optim, tc.seed), batches)
+    start = int(state.step)
+    train, evaluate = jit_steps(cfg, optim)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    summary = {"start_step": start, "steps": tc.steps, "losses": {}}
+    first_eval = _evaluate(evaluate, state, held) if start == 0 else None
+    with MetricsWriter(tc.workdir, resume_step=start) as log:
+        if first_eval is not None:
+            log.write(0, {"eval_loss": first_eval})
+            summary["first_eval_loss"] = first_eval
+        bar = Progress(tc.steps, start, tokens_per_step)
+        t0 = time.perf_counter()
+        end = tc.steps if tc.stop_after is None else min(tc.steps, start + tc.stop_after)
+        for step in range(start + 1, end + 1):
+            state, m = train(state, batches.next())
+            loss = float(m["loss"])
+            if not (math.isfinite(loss) and bool(m["params_finite"])):  # stop before a checkpoint holds it
+                bar.close()
+                mgr.wait_until_finished()
+                what = f"loss became {loss}" if not math.isfinite(loss) else "the weights became non-finite"
+                raise TrainingError(f"{what} at step {step}; the last good checkpoint is kept "
+                                    f"(lower --lr or check the data)")
+            summary["losses"][step] = loss
+            tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            bar.update(step, loss, tokens_per_s)
+            rec = _record(m, tokens_per_s) if step % tc.log_every == 0 or step == tc.steps else None
+            if step % tc.eval_every == 0 or step == tc.steps:
+                rec = rec or _record(m, tokens_per_s)
+                rec["eval_loss"] = _evaluate(evaluate, state, held)
+                summary["eval_loss"] = rec["eval_loss"]
+            if rec is not None:
+                log.write(step, rec)
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == end:
+                _save(mgr, step, state, batches, cfg)
+        bar.close()
+    mgr.wait_until_finished()
+    mgr.close()
+    if tc.plots:
+        summary["plots"] = write_plots(tc.workdir)
+    if tc.sample_tokens:
+        summary["sample"] = sample_text(cfg, state, tokenizer, tc.sample_prompt, tc.sample_tokens, seed=tc.seed)
+    return summary
