@@ -18,8 +18,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.data import (BatchIterator, default_corpus_files, eval_batches, load_tokenizer, read_documents,
-                           resolve_files, split_documents, tokenize_documents)
+from dsv3_jax.data import (
+    BatchIterator,
+    default_corpus_files,
+    eval_batches,
+    load_tokenizer,
+    read_documents,
+    resolve_files,
+    split_documents,
+    tokenize_documents,
+)
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.plots import write_plots
 from dsv3_jax.train.progress import Progress
