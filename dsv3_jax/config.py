@@ -71,7 +71,7 @@ class ModelConfig:
     # Numerics and implementation choices (do not change the function computed).
     dtype: str = "float32"  # activation dtype; parameters are float32 masters
     attention_impl: Literal["naive", "absorbed"] = "naive"
-    moe_impl: Literal["auto", "dense", "ragged"] = "auto"
+    moe_impl: Literal["auto", "dense", "ragged", "blocked"] = "auto"
     name: str = "custom"
 
     def __post_init__(self):
@@ -261,8 +261,8 @@ def _validate(c: ModelConfig) -> None:
         _fail("dtype", c.dtype, "must be one of float32, bfloat16, float16")
     if c.attention_impl not in ("naive", "absorbed"):
         _fail("attention_impl", c.attention_impl, "must be 'naive' or 'absorbed'")
-    if c.moe_impl not in ("auto", "dense", "ragged"):
-        _fail("moe_impl", c.moe_impl, "must be 'auto', 'dense' or 'ragged'")
+    if c.moe_impl not in ("auto", "dense", "ragged", "blocked"):
+        _fail("moe_impl", c.moe_impl, "must be 'auto', 'dense', 'ragged' or 'blocked'")
 
 
 def _validate_moe(c: ModelConfig) -> None:

@@ -5,11 +5,13 @@ auxiliary-loss-free balancer, is added ONLY to choose experts; the gate weights 
 s of the chosen experts, normalised and times the routed scaling factor. Group-limited routing
 first keeps the `topk_group` best of `n_group` expert groups.
 
-Routed experts are stored stacked [E, ...]. Two equal computations:
+Routed experts are stored stacked [E, ...]. Three equal computations:
 - `experts_dense`: every expert on every token, weighted by a [T, E] combine matrix. Wasteful in
   FLOPs, but one large einsum, which XLA:CPU runs faster than ragged_dot at small sizes.
 - `experts_ragged`: dropless; sort the T*K assignments by expert and run grouped matmuls
   (`jax.lax.ragged_dot`). The path for accelerators and for many experts.
+- `experts_blocked`: dropless; the sorted assignments padded per expert into fixed-size blocks,
+  then one batched matmul over blocks. The CPU path.
 """
 from __future__ import annotations
 
@@ -85,14 +87,46 @@ def experts_ragged(x, routing: Routing, w1, w3, w2):
     return jnp.zeros_like(x).at[token].add(y)
 
 
-EXPERTS = {"dense": experts_dense, "ragged": experts_ragged}
+def _padded_layout(flat: jax.Array, num_experts: int, block: int):
+    """Where each assignment (sorted by expert) lands when every expert's group is padded to a
+    multiple of `block`; and which expert owns each block. Static sizes: at most n/block + E blocks."""
+    n = flat.shape[0]
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=num_experts)
+    padded = -(-sizes // block) * block
+    starts, pstarts = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded) - padded
+    owner = flat[order]
+    dest = pstarts[owner] + jnp.arange(n) - starts[owner]
+    num_blocks = -(-n // block) + num_experts
+    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, side="right")
+    return order, dest, jnp.minimum(block_expert, num_experts - 1), num_blocks
+
+
+def experts_blocked(x, routing: Routing, w1, w3, w2, block: int = 128):
+    """Dropless like `experts_ragged`, but as batched matmuls over fixed-size blocks of assignments,
+    each block owned by one expert (whose weights it gathers). Runs fast where ragged_dot does not
+    (XLA:CPU): the FLOPs are those of the top-k experts plus at most one padded block per expert."""
+    t, k = routing.experts.shape
+    d, dt = x.shape[1], x.dtype
+    order, dest, owner, num_blocks = _padded_layout(routing.experts.reshape(-1), w1.shape[0], block)
+    token = order // k
+    xb = jnp.zeros((num_blocks * block, d), dt).at[dest].set(x[token]).reshape(num_blocks, block, d)
+    g1, g3, g2 = (w.astype(dt)[owner] for w in (w1, w3, w2))
+    h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xb, g1)) * jnp.einsum("nbd,ndf->nbf", xb, g3)
+    y = jnp.einsum("nbf,nfd->nbd", h, g2).reshape(num_blocks * block, d)[dest]
+    y = y * routing.weights.reshape(-1)[order].astype(dt)[:, None]
+    return jnp.zeros_like(x).at[token].add(y)
+
+
+EXPERTS = {"dense": experts_dense, "ragged": experts_ragged, "blocked": experts_blocked}
 
 
 def resolve_moe_impl(cfg: ModelConfig) -> str:
-    """'auto': the dense einsum on CPU with few experts (measured faster there), ragged elsewhere."""
+    """'auto': blocked matmuls on CPU (XLA:CPU's ragged_dot is slow: docs/PERFORMANCE.md), ragged
+    grouped matmuls on accelerators."""
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
-    return "dense" if jax.default_backend() == "cpu" and cfg.n_routed_experts <= 64 else "ragged"
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
 class MoE(nn.Module):
