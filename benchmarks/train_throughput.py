@@ -1,0 +1,182 @@
+"""Training throughput on the `small` preset against transformers' PyTorch DeepseekV3, same run.
+
+Measures, on this machine and in one process (so the ratio is fair on a noisy shared machine):
+  - a float32 matmul peak (GFLOP/s) of this machine, the limit for MFU;
+  - our jitted train step (forward, backward, AdamW, bias update) in tokens/s, both without MTP
+    (the same model the peer trains) and with DeepSeek-V3's full objective (MTP depth 1);
+  - the peer: transformers' DeepseekV3ForCausalLM, eager PyTorch, loss.backward() + AdamW step;
+  - a breakdown of our step into parts (attention, MoE, dense FFN, head + loss, optimizer), each
+    timed alone with its achieved GFLOP/s (XLA's own FLOP count) against the peak, to name the part
+    furthest from its limit.
+
+Usage: python benchmarks/train_throughput.py [--batch 8] [--seq 256] [--repeats 5] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.costmodel import train_flops_per_token
+from dsv3_jax.layers.mla import MLA
+from dsv3_jax.layers.mlp import MLP
+from dsv3_jax.layers.moe import MoE, resolve_moe_impl
+from dsv3_jax.train.objective import cross_entropy
+from dsv3_jax.train.step import OptimConfig, init_state, jit_steps, make_optimizer
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a float32 n x n matmul chain, the densest work this machine does."""
+    a = jnp.asarray(np.random.RandomState(0).randn(n, n), jnp.float32)
+    f = jax.jit(lambda x: (x @ a) @ a)
+    t = median_time(lambda: f(a).block_until_ready(), repeats)
+    return 2 * 2 * n ** 3 / t / 1e9
+
+
+def ours(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float:
+    optim = OptimConfig(total_steps=1000)
+    state = init_state(cfg, optim, 0)
+    train, _ = jit_steps(cfg, optim)
+    window = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (batch, seq + 1 + cfg.mtp_depth)),
+                         jnp.int32)
+    box = [state]
+
+    def step():
+        box[0], m = train(box[0], window)
+        jax.block_until_ready(m["loss"])
+
+    return batch * seq / median_time(step, repeats)
+
+
+def peer(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float | None:
+    try:
+        import torch
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf = {k: v for k, v in cfg.replace(mtp_depth=0).to_hf().items() if k not in ("architectures", "model_type")}
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**hf))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+
+    def step():
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return batch * seq / median_time(step, repeats)
+
+
+def _grad_timer(module: nn.Module, x: jax.Array, variables: dict, loss, repeats: int) -> tuple[float, float]:
+    """(seconds, XLA-counted FLOPs) of value_and_grad through one module."""
+    f = jax.jit(jax.grad(lambda p, x: loss(module.apply({**variables, "params": p}, x)), argnums=(0, 1)))
+    flops = f.lower(variables["params"], x).compile().cost_analysis().get("flops", 0.0)
+    t = median_time(lambda: jax.block_until_ready(f(variables["params"], x)), repeats)
+    return t, flops
+
+
+def breakdown(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> dict:
+    """Each part of the step alone, forward + backward, on the step's shapes."""
+    rng = jax.random.PRNGKey(0)
+    x = jax.random.normal(rng, (batch, seq, cfg.hidden_size), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    parts = {"attention (per layer)": _mla_part(cfg, x, pos, repeats)}
+    moe = MoE(cfg)
+    parts["moe (per layer)"] = _grad_timer(moe, x, nn.unbox(moe.init(rng, x)), jnp.sum, repeats)
+    mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.init_std)
+    parts["dense ffn (per layer)"] = _grad_timer(mlp, x, nn.unbox(mlp.init(rng, x)), jnp.sum, repeats)
+    parts["head + loss"] = _head_part(cfg, x, repeats)
+    parts["optimizer"] = _optimizer_part(cfg, repeats)
+    return parts
+
+
+def _mla_part(cfg, x, pos, repeats):
+    mla = MLA(cfg)
+    v = nn.unbox(mla.init(jax.random.PRNGKey(0), x, pos))
+    f = jax.jit(jax.grad(lambda p, x: jnp.sum(mla.apply({"params": p}, x, pos)), argnums=(0, 1)))
+    flops = f.lower(v["params"], x).compile().cost_analysis().get("flops", 0.0)
+    return median_time(lambda: jax.block_until_ready(f(v["params"], x)), repeats), flops
+
+
+def _head_part(cfg, x, repeats):
+    head = jnp.asarray(np.random.RandomState(0).randn(cfg.hidden_size, cfg.vocab_size) * 0.02, jnp.float32)
+    targets = jnp.zeros(x.shape[:2], jnp.int32)
+    f = jax.jit(jax.grad(lambda h, x: cross_entropy(x @ h, targets), argnums=(0, 1)))
+    flops = f.lower(head, x).compile().cost_analysis().get("flops", 0.0)
+    return median_time(lambda: jax.block_until_ready(f(head, x)), repeats), flops
+
+
+def _optimizer_part(cfg, repeats):
+    state = init_state(cfg, OptimConfig(), 0)
+    opt = make_optimizer(OptimConfig())
+    f = jax.jit(lambda g, s, p: optax.apply_updates(p, opt.update(g, s, p)[0]))
+    args = (state.params, state.opt_state, state.params)
+    flops = f.lower(*args).compile().cost_analysis().get("flops", 0.0)
+    return median_time(lambda: jax.block_until_ready(f(*args)), repeats), flops
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    cfg = ModelConfig.from_json(a.config)
+    peak = matmul_peak()
+    plain = cfg.replace(mtp_depth=0)
+    out = {"config": a.config, "batch": a.batch, "seq": a.seq, "moe_impl": resolve_moe_impl(cfg),
+           "devices": str(jax.devices()), "matmul_peak_gflops": peak}
+    out["ours_tokens_per_s"] = ours(plain, a.batch, a.seq, a.repeats)
+    out["ours_with_mtp_tokens_per_s"] = ours(cfg, a.batch, a.seq, a.repeats)
+    out["peer_tokens_per_s"] = peer(cfg, a.batch, a.seq, a.repeats)
+    flops = train_flops_per_token(plain, a.seq)
+    out["model_gflops_per_token"] = flops / 1e9
+    out["mfu"] = flops * out["ours_tokens_per_s"] / (peak * 1e9)
+    if out["peer_tokens_per_s"]:
+        out["ratio_vs_peer"] = out["ours_tokens_per_s"] / out["peer_tokens_per_s"]
+        out["peer_mfu"] = flops * out["peer_tokens_per_s"] / (peak * 1e9)
+    out["parts"] = {name: {"ms": t * 1e3, "gflops": f / 1e9, "fraction_of_peak": f / t / 1e9 / peak}
+                    for name, (t, f) in breakdown(plain, a.batch, a.seq, a.repeats).items()}
+    print(json.dumps(out) if a.json else _text(out))
+
+
+def _text(out: dict) -> str:
+    lines = [f"{out['config']} preset, batch {out['batch']} x seq {out['seq']}, MoE path {out['moe_impl']}",
+             f"matmul peak (f32, measured now): {out['matmul_peak_gflops']:.1f} GFLOP/s",
+             f"ours (no MTP, as the peer):      {out['ours_tokens_per_s']:8.0f} tokens/s   MFU {out['mfu']:.1%}",
+             f"ours (V3 objective, MTP 1):      {out['ours_with_mtp_tokens_per_s']:8.0f} tokens/s"]
+    if out.get("peer_tokens_per_s"):
+        lines += [f"transformers DeepseekV3 (torch): {out['peer_tokens_per_s']:8.0f} tokens/s   "
+                  f"MFU {out['peer_mfu']:.1%}",
+                  f"ratio ours / peer:               {out['ratio_vs_peer']:.2f}x"]
+    lines.append("parts of our step (forward + backward alone; fraction of the matmul peak):")
+    for name, r in out["parts"].items():
+        lines.append(f"  {name:24s} {r['ms']:8.1f} ms  {r['gflops']:7.2f} GFLOP  {r['fraction_of_peak']:6.1%}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
