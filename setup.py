@@ -5,12 +5,16 @@ setup(
     version="0.1.0",
     description="DeepSeek-V3 (MLA, DeepSeekMoE, MTP, FP8) in JAX/Flax, with Pallas kernels",
     python_requires=">=3.10",
-    packages=find_packages(include=["dsv3_jax", "dsv3_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    packages=find_packages(include=["dsv3_jax", "dsv3_jax.*", "pallas_kernels", "pallas_kernels.*"])
+    + ["dsv3_jax.configs"],
+    # The presets live in the top-level configs/ and ship inside the package as dsv3_jax/configs.
+    package_dir={"dsv3_jax.configs": "configs"},
+    package_data={"dsv3_jax.configs": ["*.json"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
         "optax>=0.2",
-        "orbax-checkpoint>=0.11",
+        "orbax-checkpoint>=0.12",
         "numpy>=1.26",
         "ml_dtypes>=0.5",
         "safetensors>=0.4",
@@ -21,7 +25,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5", "torch", "transformers>=5.0", "tensorboard>=2.16"],
+        "dev": ["pytest>=8", "ruff>=0.5", "torch", "transformers>=5.0", "tensorboard>=2.16", "nbclient>=0.10",
+                "nbformat>=5.9", "ipykernel>=6.29"],
         "gpu": ["jax[cuda12]>=0.6", "jax-triton>=0.3"],
     },
 )

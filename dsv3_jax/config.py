@@ -12,7 +12,17 @@ import math
 import os
 from typing import Any, Literal
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _configs_dir() -> str:
+    """configs/ beside the package in a checkout; dsv3_jax/configs in an installed wheel."""
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    if os.path.isdir(checkout):
+        return checkout
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+CONFIGS_DIR = _configs_dir()
 
 ScoreFunc = Literal["sigmoid", "softmax"]
 GroupScore = Literal["top2_sum", "max"]

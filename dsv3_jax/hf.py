@@ -231,6 +231,15 @@ def _write_shards(tensors: Iterator[tuple[str, np.ndarray]], out: str, max_shard
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+def _readable_by_all(directory: str) -> None:
+    """mkdtemp and the safetensors writer make owner-only files; a checkpoint is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
 def save_hf_checkpoint(cfg: ModelConfig, variables: dict, path: str, *, weights: str = "float32",
                        max_shard_bytes: int = 4 << 30, overwrite: bool = False) -> None:
     """Write config.json + safetensors in DeepSeek's layout. weights: float32 | bfloat16 | fp8.
@@ -254,6 +263,7 @@ def save_hf_checkpoint(cfg: ModelConfig, variables: dict, path: str, *, weights:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         _write_shards(_tensors(cfg, variables, weights == "fp8", dtype), tmp, max_shard_bytes)
+        _readable_by_all(tmp)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -130,7 +130,8 @@ def _restore(mgr, cfg: ModelConfig, fresh: TrainState, batches) -> TrainState:
 def _save(mgr, step: int, state: TrainState, batches, cfg: ModelConfig) -> None:
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            data=ocp.args.JsonSave(batches.state()),
-                                           meta=ocp.args.JsonSave({"model": _identity(cfg), "step": step})))
+                                           meta=ocp.args.JsonSave({"model": _identity(cfg), "config": cfg.to_dict(),
+                                                                   "step": step})))
 
 
 def _record(m: dict, tokens_per_s: float) -> dict:
