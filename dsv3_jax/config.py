@@ -13,7 +13,6 @@ import os
 from typing import Any, Literal
 
 
-
 def _configs_dir() -> str:
     """configs/ beside the package in a checkout; dsv3_jax/configs in an installed wheel."""
     checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -77,7 +77,9 @@ class Transformer(nn.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         """The output head, kept in float32 (report s.3.3: the head stays in high precision)."""
         head = self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
-        return h.astype(jnp.float32) @ head
+        # As one [B*T, D] matmul: XLA:CPU lays out the 3-D form's backward far worse (transposes).
+        flat = h.reshape(-1, h.shape[-1]).astype(jnp.float32)
+        return (flat @ head).reshape(*h.shape[:-1], head.shape[-1])
 
     def hidden(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         """[B, T] -> the last block's output [B, T, D], before the final norm."""

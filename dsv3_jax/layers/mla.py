@@ -35,12 +35,17 @@ def _softmax(scores: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
 
 def attend_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim):
     """q_nope [B,T,H,N], q_pe [B,T,H,R], c_kv [B,S,C], k_pe [B,S,R], wkv_b [C,H,N+V] -> [B,T,H,V]."""
-    kv = jnp.einsum("bsc,chk->bshk", c_kv, wkv_b.astype(c_kv.dtype))
+    b, s, c = c_kv.shape
+    h = wkv_b.shape[1]
+    kv = (c_kv.reshape(b * s, c) @ wkv_b.reshape(c, -1).astype(c_kv.dtype)).reshape(b, s, h, -1)
     k_nope, v = kv[..., :-v_head_dim], kv[..., -v_head_dim:]
-    scores = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope)
-    scores += jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
+    # One score matmul over [nope; rope] dims, heads moved ahead of positions once: [B,H,T,N+R].
+    q = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
+    k_pe_heads = jnp.broadcast_to(k_pe[:, :, None], (b, s, h, k_pe.shape[-1]))
+    k = jnp.concatenate([k_nope, k_pe_heads], axis=-1).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bhtk,bhsk->bhts", q, k)
     probs = _softmax(scores, mask, scale).astype(v.dtype)
-    return jnp.einsum("bhts,bshv->bthv", probs, v)
+    return jnp.einsum("bhts,bhsv->bthv", probs, v.transpose(0, 2, 1, 3))
 
 
 def attend_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim):
@@ -62,38 +67,48 @@ class MLA(nn.Module):
     cfg: ModelConfig
 
     def query(self, x: jax.Array) -> jax.Array:
-        """[B,T,D] -> [B,T,H,N+R]; low-rank with a norm between when q_lora_rank > 0."""
+        """[N,D] -> [N,H,N+R]; low-rank with a norm between when q_lora_rank > 0."""
         c, std = self.cfg, self.cfg.init_std
         shape = (c.num_heads, c.qk_head_dim)
         if not c.q_lora_rank:
             wq = weight(self, "wq", (c.hidden_size, *shape), ("embed", "heads", "qk_dim"), std)
-            return jnp.einsum("btd,dhk->bthk", x, wq.astype(x.dtype))
+            return _matmul(x, wq)
         wq_a = weight(self, "wq_a", (c.hidden_size, c.q_lora_rank), ("embed", "q_lora"), std)
         wq_b = weight(self, "wq_b", (c.q_lora_rank, *shape), ("q_lora", "heads", "qk_dim"), std)
-        cq = RMSNorm(LATENT_NORM_EPS, "q_lora", name="q_norm")(x @ wq_a.astype(x.dtype))
-        return jnp.einsum("btq,qhk->bthk", cq, wq_b.astype(x.dtype))
+        cq = RMSNorm(LATENT_NORM_EPS, "q_lora", name="q_norm")(_matmul(x, wq_a))
+        return _matmul(cq, wq_b)
 
     def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """[B,T,D] -> the cached pair: normalised c_kv [B,T,C] and rotated k_pe [B,T,R]."""
+        """[N,D] -> the cached pair: normalised c_kv [N,C] and rotated k_pe [N,R]."""
         c = self.cfg
         wkv_a = weight(self, "wkv_a", (c.hidden_size, c.kv_cache_dim), ("embed", "kv_latent"), c.init_std)
-        kv = x @ wkv_a.astype(x.dtype)
+        kv = _matmul(x, wkv_a)
         c_kv = RMSNorm(LATENT_NORM_EPS, "kv_lora", name="kv_norm")(kv[..., : c.kv_lora_rank])
         return c_kv, apply_rope(kv[..., c.kv_lora_rank:], cos, sin)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         c = self.cfg
-        cos, sin = rope_angles(positions, c)  # [B,T,R/2]
-        q = self.query(x)
+        b, t, d = x.shape
+        # Projections run on [B*T, D]: plain 2-D matmuls, which XLA:CPU lays out without transposes.
+        flat = x.reshape(b * t, d)
+        cos, sin = rope_angles(positions.reshape(-1), c)  # [N,R/2]
+        q = self.query(flat)
         q_nope = q[..., : c.qk_nope_head_dim]
-        q_pe = apply_rope(q[..., c.qk_nope_head_dim:], cos[:, :, None], sin[:, :, None])
-        c_kv, k_pe = self.latent(x, cos, sin)
+        q_pe = apply_rope(q[..., c.qk_nope_head_dim:], cos[:, None], sin[:, None])
+        c_kv, k_pe = self.latent(flat, cos, sin)
         wkv_b = weight(self, "wkv_b", (c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim),
                        ("kv_lora", "heads", "kv_dim"), c.init_std)
         wo = weight(self, "wo", (c.num_heads, c.v_head_dim, c.hidden_size), ("heads", "v_dim", "embed"),
                     c.init_std)
         mask = causal_mask(positions, positions)
+        unflat = lambda a: a.reshape(b, t, *a.shape[1:])
         with jax.named_scope(f"mla_{c.attention_impl}"):
-            o = ATTEND[c.attention_impl](q_nope, q_pe, c_kv, k_pe, wkv_b, mask, c.softmax_scale, c.v_head_dim)
-        return jnp.einsum("bthv,hvd->btd", o, wo.astype(x.dtype))
+            o = ATTEND[c.attention_impl](unflat(q_nope), unflat(q_pe), unflat(c_kv), unflat(k_pe), wkv_b, mask,
+                                         c.softmax_scale, c.v_head_dim)
+        return (o.reshape(b * t, -1) @ wo.reshape(-1, d).astype(x.dtype)).reshape(b, t, d)
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [N, I] @ w [I, ...] -> [N, ...], as one 2-D matmul in x's dtype."""
+    return (x @ w.reshape(w.shape[0], -1).astype(x.dtype)).reshape(x.shape[0], *w.shape[1:])

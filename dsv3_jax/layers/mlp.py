@@ -9,9 +9,10 @@ from dsv3_jax.layers.common import weight
 
 def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
     """x [..., D]; w1 (gate), w3 (up) [D, F]; w2 (down) [F, D]."""
-    dt = x.dtype
+    dt, shape = x.dtype, x.shape
+    x = x.reshape(-1, shape[-1])  # 2-D matmuls: XLA:CPU's layouts for 3-D ones cost transposes
     h = jax.nn.silu(x @ w1.astype(dt)) * (x @ w3.astype(dt))
-    return h @ w2.astype(dt)
+    return (h @ w2.astype(dt)).reshape(shape)
 
 
 class MLP(nn.Module):

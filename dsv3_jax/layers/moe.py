@@ -111,9 +111,12 @@ def experts_blocked(x, routing: Routing, w1, w3, w2, block: int = 128):
     order, dest, owner, num_blocks = _padded_layout(routing.experts.reshape(-1), w1.shape[0], block)
     token = order // k
     xb = jnp.zeros((num_blocks * block, d), dt).at[dest].set(x[token]).reshape(num_blocks, block, d)
-    g1, g3, g2 = (w.astype(dt)[owner] for w in (w1, w3, w2))
-    h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xb, g1)) * jnp.einsum("nbd,ndf->nbf", xb, g3)
-    y = jnp.einsum("nbf,nfd->nbd", h, g2).reshape(num_blocks * block, d)[dest]
+    # Gate and up projections as one matmul of twice the width: fewer, larger batched matmuls.
+    g13 = jnp.concatenate([w1, w3], axis=-1).astype(dt)[owner]
+    gate_up = jnp.einsum("nbd,ndf->nbf", xb, g13)
+    f = w1.shape[-1]
+    h = jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]
+    y = jnp.einsum("nbf,nfd->nbd", h, w2.astype(dt)[owner]).reshape(num_blocks * block, d)[dest]
     y = y * routing.weights.reshape(-1)[order].astype(dt)[:, None]
     return jnp.zeros_like(x).at[token].add(y)
 

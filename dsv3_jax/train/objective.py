@@ -30,8 +30,10 @@ class LossParts(NamedTuple):
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    # Flattened to [N, vocab]: XLA:CPU handles the 2-D backward without a transposing copy.
+    logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets.reshape(-1, 1), axis=-1))
 
 
 def routings(intermediates: dict) -> dict[str, Routing]:
