@@ -27,7 +27,7 @@ import optax
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.costmodel import train_flops_per_token
-from dsv3_jax.layers.mla import MLA
+from dsv3_jax.layers.mla import MLA, attend_naive, causal_mask
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax.layers.moe import MoE, resolve_moe_impl
 from dsv3_jax.train.objective import cross_entropy
@@ -101,7 +101,8 @@ def breakdown(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> dict:
     rng = jax.random.PRNGKey(0)
     x = jax.random.normal(rng, (batch, seq, cfg.hidden_size), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    parts = {"attention (per layer)": _mla_part(cfg, x, pos, repeats)}
+    parts = {"attention (per layer)": _mla_part(cfg, x, pos, repeats),
+             "  of which the core": _attention_core_part(cfg, batch, seq, repeats)}
     moe = MoE(cfg)
     parts["moe (per layer)"] = _grad_timer(moe, x, nn.unbox(moe.init(rng, x)), jnp.sum, repeats)
     mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.init_std)
@@ -119,9 +120,26 @@ def _mla_part(cfg, x, pos, repeats):
     return median_time(lambda: jax.block_until_ready(f(v["params"], x)), repeats), flops
 
 
+def _attention_core_part(cfg, batch, seq, repeats):
+    """Scores, causal softmax and the value sum alone (attend_naive), without the projections."""
+    rng = np.random.RandomState(0)
+    h = cfg.num_heads
+    shapes = [(batch, seq, h, cfg.qk_nope_head_dim), (batch, seq, h, cfg.qk_rope_head_dim),
+              (batch, seq, cfg.kv_lora_rank), (batch, seq, cfg.qk_rope_head_dim),
+              (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim)]
+    args = [jnp.asarray(rng.randn(*s) * 0.1, jnp.float32) for s in shapes]
+    pos = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    mask = causal_mask(pos, pos)
+    core = lambda *a: jnp.sum(attend_naive(*a, mask, cfg.softmax_scale, cfg.v_head_dim))
+    f = jax.jit(jax.grad(core, argnums=(0, 1, 2, 3, 4)))
+    flops = f.lower(*args).compile().cost_analysis().get("flops", 0.0)
+    return median_time(lambda: jax.block_until_ready(f(*args)), repeats), flops
+
+
 def _head_part(cfg, x, repeats):
     head = jnp.asarray(np.random.RandomState(0).randn(cfg.hidden_size, cfg.vocab_size) * 0.02, jnp.float32)
     targets = jnp.zeros(x.shape[:2], jnp.int32)
+    x = x.reshape(-1, x.shape[-1])  # the model's head runs on [B*T, D]
     f = jax.jit(jax.grad(lambda h, x: cross_entropy(x @ h, targets), argnums=(0, 1)))
     flops = f.lower(head, x).compile().cost_analysis().get("flops", 0.0)
     return median_time(lambda: jax.block_until_ready(f(head, x)), repeats), flops
