@@ -25,8 +25,10 @@ def main(argv, flags) -> None:
         summary = run(config_from_flags(flags))
     except TrainingError as e:
         sys.exit(f"train.py: {e}")
+    if summary["start_step"] >= summary["steps"]:
+        print(f"the workdir is already at step {summary['start_step']}; raise --steps to train further")
     first = summary.get("first_eval_loss")
     print(f"held-out loss: {first:.3f} -> {summary['eval_loss']:.3f}" if first is not None
-          else f"held-out loss: {summary.get('eval_loss', float('nan')):.3f}")
+          else f"held-out loss: {summary['eval_loss']:.3f}")
     if "sample" in summary:
         print(f"sample:\n{summary['sample']}")

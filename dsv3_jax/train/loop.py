@@ -189,6 +189,8 @@ def run(tc: TrainConfig) -> dict:
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == end:
                 _save(mgr, step, state, batches, cfg)
         bar.close()
+    if "eval_loss" not in summary:  # nothing left to train: still report where the model stands
+        summary["eval_loss"] = _evaluate(evaluate, state, held)
     mgr.wait_until_finished()
     mgr.close()
     if tc.plots:
