@@ -89,6 +89,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         mtp_depth=hf.get("num_nextn_predict_layers", 1 if model_type == V3 else 0) or 0,
         aux_loss_alpha=float(hf.get("aux_loss_alpha", 0.0001)),
+        # Not transformers keys: ours, written by config_to_hf so that training settings survive.
+        bias_update_speed=float(hf.get("bias_update_speed", 0.001)),
+        mtp_loss_weight=float(hf.get("mtp_loss_weight", 0.3)),
         init_std=float(hf.get("initializer_range", 0.006)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         name=hf.get("_name_or_path") or model_type,
@@ -135,6 +138,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "rope_parameters": rope,
         "num_nextn_predict_layers": cfg.mtp_depth,
         "aux_loss_alpha": cfg.aux_loss_alpha,
+        "bias_update_speed": cfg.bias_update_speed,
+        "mtp_loss_weight": cfg.mtp_loss_weight,
         "initializer_range": cfg.init_std,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": False,
