@@ -3,6 +3,7 @@ library's source, a few minutes on 2 CPU cores, then a checkpoint, plots and a s
 Running the same command again resumes from the workdir's last checkpoint."""
 from absl import app, flags
 
+from dsv3_jax.parallel.distributed import HEARTBEAT_TIMEOUT_S, INITIALIZATION_TIMEOUT_S
 from dsv3_jax.train import cli
 
 flags.DEFINE_string("config", "tiny", "preset name (configs/*.json) or a path to a ModelConfig JSON file")
@@ -19,6 +20,17 @@ flags.DEFINE_integer("checkpoint_every", 100, "steps between checkpoints (0: onl
 flags.DEFINE_integer("eval_every", 50, "steps between held-out evaluations")
 flags.DEFINE_integer("stop_after", None, "stop after this many steps of this invocation (resume later)")
 flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "activation precision (master weights stay fp32)")
+flags.DEFINE_integer("sample_tokens", 160, "tokens of text to sample at the end (0: none); with several processes "
+                     "the whole model is gathered onto every host for it")
+flags.DEFINE_string("mesh", "", "device mesh, e.g. 'data=2,expert=4' over the axes data, fsdp, expert, tensor "
+                    "(sizes multiply to the device count); empty: one device, or all on data with several processes")
+flags.DEFINE_string("coordinator_address", None, "multi-process runs: host:port of process 0, the same for all")
+flags.DEFINE_integer("num_processes", None, "multi-process runs: how many processes take part")
+flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index, 0 .. num_processes - 1")
+flags.DEFINE_integer("initialization_timeout", INITIALIZATION_TIMEOUT_S,
+                     "multi-process runs: seconds to wait for every process to join")
+flags.DEFINE_integer("heartbeat_timeout", HEARTBEAT_TIMEOUT_S,
+                     "multi-process runs: seconds of silence after which a process is declared dead")
 
 if __name__ == "__main__":
     app.run(lambda argv: cli.main(argv, flags.FLAGS))

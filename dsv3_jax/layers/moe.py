@@ -153,7 +153,16 @@ class MoE(nn.Module):
         w3 = weight(self, "w3", (e, d, f), ("expert", "embed", "mlp"), std)
         w2 = weight(self, "w2", (e, f, d), ("expert", "mlp", "embed"), std)
         with jax.named_scope("routed_experts"):
-            out = EXPERTS[resolve_moe_impl(c)](flat, routing, w1, w3, w2).reshape(x.shape)
+            # Callers turn on expert parallelism by setting a mesh with an "expert" axis
+            # (`with jax.set_mesh(mesh):`); the result is the same function either way.
+            mesh = jax.sharding.get_abstract_mesh()
+            if mesh.shape.get("expert", 1) > 1:
+                from dsv3_jax.parallel.ep import moe_expert_parallel  # ep imports this module
+
+                out = moe_expert_parallel(flat, routing, w1, w3, w2, mesh=mesh, local_impl=resolve_moe_impl(c))
+            else:
+                out = EXPERTS[resolve_moe_impl(c)](flat, routing, w1, w3, w2)
+            out = out.reshape(x.shape)
         if c.n_shared_experts:
             out = out + MLP(d, f * c.n_shared_experts, std, name="shared")(x)
         return out

@@ -1,10 +1,13 @@
 """What `train.py` runs: flags -> TrainConfig -> loop.run, with errors as one message and exit 1."""
 from __future__ import annotations
 
+import os
 import sys
 
+import jax
 from absl import logging
 
+from dsv3_jax.parallel.distributed import maybe_initialize
 from dsv3_jax.train.loop import TrainConfig, TrainingError, run
 
 
@@ -13,7 +16,18 @@ def config_from_flags(f) -> TrainConfig:
                        steps=f.steps, batch_size=f.batch_size, seq_len=f.seq_len, lr=f.lr,
                        warmup_steps=f.warmup_steps, seed=f.seed, checkpoint_every=f.checkpoint_every,
                        eval_every=f.eval_every, precision=f.precision,
-                       stop_after=f.stop_after)
+                       stop_after=f.stop_after, sample_tokens=f.sample_tokens, mesh=f.mesh)
+
+
+def _abandon_run(e: Exception) -> None:
+    """A collective failed, most often because another process died. Exit at once: a normal exit
+    would wait in jax.distributed's shutdown barrier for the dead process until its heartbeat
+    times out, and then abort anyway."""
+    sys.stderr.write(f"train.py: process {jax.process_index()} of {jax.process_count()} stops: {e}\n"
+                     "train.py: another process has probably died; see its log. Resume from the last "
+                     "checkpoint by restarting all processes.\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def main(argv, flags) -> None:
@@ -21,10 +35,22 @@ def main(argv, flags) -> None:
         sys.exit(f"train.py: unexpected arguments {argv[1:]}")
     if not flags["verbosity"].present:  # orbax logs every checkpoint step at INFO
         logging.set_verbosity(logging.WARNING)
+    try:  # before anything touches a device
+        maybe_initialize(flags.coordinator_address, flags.num_processes, flags.process_id,
+                         initialization_timeout=flags.initialization_timeout,
+                         heartbeat_timeout=flags.heartbeat_timeout)
+    except ValueError as e:
+        sys.exit(f"train.py: {e}")
     try:
         summary = run(config_from_flags(flags))
     except TrainingError as e:
         sys.exit(f"train.py: {e}")
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        _abandon_run(e)
+    if jax.process_index() != 0:  # process 0 reports for the run
+        return
     if summary["start_step"] >= summary["steps"]:
         print(f"the workdir is already at step {summary['start_step']}; raise --steps to train further")
     first = summary.get("first_eval_loss")

@@ -5,9 +5,17 @@ A checkpoint holds the train state (params, optimizer state, router biases, step
 iterator's position, so a resumed run sees exactly the batches, and gives exactly the losses, of
 an uninterrupted one. Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a run killed at any moment leaves only whole checkpoints behind.
+
+With `mesh` ("data=2,expert=4"), the state is created directly in its shardings (rules table in
+`dsv3_jax.parallel.rules`), each step runs over the mesh, each process feeds its own rows of every
+batch, and checkpoints are restored into the shardings of the current mesh, whatever mesh wrote
+them. In a multi-process run every process runs this loop; only process 0 writes the metrics,
+TensorBoard events and plots, and shows the progress bar, while all of them save and restore
+checkpoints together (orbax's save and restore are collective).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -16,6 +24,8 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data import (
@@ -28,11 +38,20 @@ from dsv3_jax.data import (
     split_documents,
     tokenize_documents,
 )
+from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
+from dsv3_jax.parallel.rules import batch_sharding, batch_shards
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.plots import write_plots
 from dsv3_jax.train.progress import Progress
 from dsv3_jax.train.sample import sample_text
-from dsv3_jax.train.step import OptimConfig, TrainState, init_state, jit_steps
+from dsv3_jax.train.step import (
+    OptimConfig,
+    TrainState,
+    init_state,
+    init_state_sharded,
+    jit_steps,
+    state_shardings,
+)
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 # Fields that change how, not what, the model computes: a checkpoint may resume under other values.
@@ -65,6 +84,10 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 160
     plots: bool = True
+    # Device mesh "axis=size,..." over data, fsdp, expert, tensor (sizes multiply to the device
+    # count). "": one process trains on one device, as without a mesh; several processes put all
+    # devices on data.
+    mesh: str = ""
 
 
 def model_config(tc: TrainConfig) -> ModelConfig:
@@ -111,20 +134,80 @@ def _identity(cfg: ModelConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
 
 
-def _restore(mgr, cfg: ModelConfig, fresh: TrainState, batches) -> TrainState:
+def _restore(mgr, cfg: ModelConfig, abstract: TrainState, batches) -> TrainState | None:
+    """The latest checkpoint's state, laid out as `abstract` says (shapes, dtypes, shardings), or None."""
     step = mgr.latest_step()
     if step is None:
-        return fresh
+        return None
     meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if meta["model"] != _identity(cfg):
         diff = sorted(k for k in _identity(cfg) if meta["model"].get(k) != _identity(cfg)[k])
         raise TrainingError(f"the workdir holds a checkpoint of another model config (fields differ: {diff}); "
                             "use a new --workdir or the same --config")
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh)
     got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                     data=ocp.args.JsonRestore()))
     batches.restore(got["data"])
     return got["state"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the train state and the batches live: the default device (no mesh), or a mesh."""
+
+    mesh: Mesh | None = None
+    state: TrainState | None = None  # NamedShardings, with a mesh
+    batch: NamedSharding | None = None
+
+    def context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def put(self, local_rows: np.ndarray, batch_size: int):
+        """This process's rows of a global batch -> what the steps take."""
+        if self.mesh is None:
+            return local_rows
+        return jax.make_array_from_process_local_data(self.batch, local_rows, (batch_size, *local_rows.shape[1:]))
+
+
+def make_layout(tc: TrainConfig, cfg: ModelConfig, optim: OptimConfig) -> Layout:
+    if not tc.mesh and jax.process_count() == 1:
+        return Layout()
+    try:
+        mesh = make_mesh(parse_mesh(tc.mesh, jax.device_count()))
+    except ValueError as e:
+        raise TrainingError(f"--mesh: {e}") from e
+    shards = batch_shards(mesh)
+    if tc.batch_size % shards:
+        raise TrainingError(f"--batch_size={tc.batch_size} does not split over the mesh's {shards} batch shards "
+                            f"(data x fsdp x expert); use a multiple of {shards}")
+    batch = batch_sharding(mesh)
+    _check_process_rows(batch, tc)
+    return Layout(mesh, state_shardings(cfg, optim, mesh), batch)
+
+
+def _check_process_rows(batch: NamedSharding, tc: TrainConfig) -> None:
+    """Each process feeds its own consecutive 1/P of the rows (BatchIterator's split), so its devices
+    must hold exactly that many distinct rows: the mesh axes spanning processes must shard the batch."""
+    rows = set()
+    for index in batch.addressable_devices_indices_map((tc.batch_size, 1)).values():
+        rows.update(range(*index[0].indices(tc.batch_size)))
+    share = tc.batch_size // jax.process_count()
+    if len(rows) != share or max(rows) - min(rows) + 1 != share:
+        raise TrainingError(f"--mesh={tc.mesh!r}: the devices of process {jax.process_index()} hold {len(rows)} "
+                            f"of the {tc.batch_size} batch rows, but each of the {jax.process_count()} processes "
+                            f"feeds its own {share}; give the processes different data/fsdp/expert coordinates")
+
+
+def _initial_state(mgr, cfg: ModelConfig, optim: OptimConfig, seed: int, batches, layout: Layout) -> TrainState:
+    """The workdir's latest checkpoint if there is one, else a fresh state; laid out as `layout` says."""
+    if layout.mesh is None:
+        fresh = init_state(cfg, optim, seed)
+        restored = _restore(mgr, cfg, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh), batches)
+        return fresh if restored is None else restored
+    shapes = jax.eval_shape(lambda: init_state(cfg, optim, seed))
+    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      shapes, layout.state)
+    restored = _restore(mgr, cfg, abstract, batches)
+    return init_state_sharded(cfg, optim, seed, layout.state) if restored is None else restored
 
 
 def _save(mgr, step: int, state: TrainState, batches, cfg: ModelConfig) -> None:
@@ -147,27 +230,79 @@ def _evaluate(evaluate, state, held) -> float:
     return float(np.mean([float(evaluate(state, b)["eval_loss"]) for b in held]))
 
 
+class _NoMetrics:
+    """What processes other than the first log to: nothing."""
+
+    def write(self, step: int, record: dict) -> dict:
+        return record
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _local_state(state: TrainState) -> TrainState:
+    """With several processes, the parameters and router biases gathered whole onto this process's
+    first device (the sample runs there); otherwise the state as it is."""
+    if jax.process_count() == 1:
+        return state
+    gathered = multihost_utils.process_allgather((state.params, state.router), tiled=True)
+    params, router = jax.device_put(gathered, jax.local_devices()[0])
+    return state.replace(params=params, router=router)
+
+
+def param_specs(state: TrainState) -> dict[str, object]:
+    """"layers_1/ffn/w1" -> the PartitionSpec each parameter is actually laid out with."""
+    flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    return {"/".join(str(k.key) for k in path): getattr(x.sharding, "spec", None) for path, x in flat}
+
+
 def run(tc: TrainConfig) -> dict:
     cfg = model_config(tc)
     tokenizer, batches, held = _data(tc, cfg)
     optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps)
+    layout = make_layout(tc, cfg, optim)
     os.makedirs(tc.workdir, exist_ok=True)
     mgr = _manager(tc)
-    state = _restore(mgr, cfg, init_state(cfg, optim, tc.seed), batches)
+    with layout.context():
+        state = _initial_state(mgr, cfg, optim, tc.seed, batches, layout)
+        state, summary = _train(tc, cfg, optim, state, batches, held, mgr, layout)
+    mgr.wait_until_finished()
+    mgr.close()
+    if layout.mesh is not None:
+        summary["mesh"] = dict(layout.mesh.shape)
+        summary["param_specs"] = param_specs(state)
+    if tc.plots and jax.process_index() == 0:
+        summary["plots"] = write_plots(tc.workdir)
+    if tc.sample_tokens:
+        summary["sample"] = sample_text(cfg, _local_state(state), tokenizer, tc.sample_prompt, tc.sample_tokens,
+                                        seed=tc.seed)
+    return summary
+
+
+def _train(tc: TrainConfig, cfg: ModelConfig, optim: OptimConfig, state: TrainState, batches, held, mgr,
+           layout: Layout) -> tuple[TrainState, dict]:
+    """Steps from the state's step up to tc.steps (or tc.stop_after of them), checkpointing and logging."""
     start = int(state.step)
-    train, evaluate = jit_steps(cfg, optim)
+    primary = jax.process_index() == 0
+    train, evaluate = jit_steps(cfg, optim, layout.state, layout.batch)
+    share = tc.batch_size // jax.process_count()
+    lo = jax.process_index() * share
+    held = [layout.put(b[lo:lo + share], tc.batch_size) for b in held]
     tokens_per_step = tc.batch_size * tc.seq_len
     summary = {"start_step": start, "steps": tc.steps, "losses": {}}
     first_eval = _evaluate(evaluate, state, held) if start == 0 else None
-    with MetricsWriter(tc.workdir, resume_step=start) as log:
+    with MetricsWriter(tc.workdir, resume_step=start) if primary else _NoMetrics() as log:
         if first_eval is not None:
             log.write(0, {"eval_loss": first_eval})
             summary["first_eval_loss"] = first_eval
-        bar = Progress(tc.steps, start, tokens_per_step)
+        bar = Progress(tc.steps, start, tokens_per_step, disable=None if primary else True)
         t0 = time.perf_counter()
         end = tc.steps if tc.stop_after is None else min(tc.steps, start + tc.stop_after)
         for step in range(start + 1, end + 1):
-            state, m = train(state, batches.next())
+            state, m = train(state, layout.put(batches.next(), tc.batch_size))
             loss = float(m["loss"])
             if not (math.isfinite(loss) and bool(m["params_finite"])):  # stop before a checkpoint holds it
                 bar.close()
@@ -191,10 +326,4 @@ def run(tc: TrainConfig) -> dict:
         bar.close()
     if "eval_loss" not in summary:  # nothing left to train: still report where the model stands
         summary["eval_loss"] = _evaluate(evaluate, state, held)
-    mgr.wait_until_finished()
-    mgr.close()
-    if tc.plots:
-        summary["plots"] = write_plots(tc.workdir)
-    if tc.sample_tokens:
-        summary["sample"] = sample_text(cfg, state, tokenizer, tc.sample_prompt, tc.sample_tokens, seed=tc.seed)
-    return summary
+    return state, summary

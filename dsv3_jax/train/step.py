@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import init_variables
+from dsv3_jax.model import init_variables, variable_shapes
+from dsv3_jax.parallel.rules import param_shardings, replicated
 from dsv3_jax.train.objective import compute_loss, expert_load, update_router_bias
 
 
@@ -57,6 +58,26 @@ def init_state(cfg: ModelConfig, optim: OptimConfig, seed: int) -> TrainState:
                       opt_state=make_optimizer(optim).init(params), router=variables.get("router", {}))
 
 
+def state_shardings(cfg: ModelConfig, optim: OptimConfig, mesh: jax.sharding.Mesh) -> TrainState:
+    """A TrainState of NamedShardings: parameters by the rules table, each optimizer moment like
+    its parameter, scalars (step, Adam's count) replicated, router biases replicated."""
+    variables = param_shardings(cfg, mesh)
+    params = variables["params"]
+    optimizer = make_optimizer(optim)
+    abstract_opt = jax.eval_shape(optimizer.init, variable_shapes(cfg)["params"])
+    opt_state = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract_opt, params,
+        transform_non_params=lambda _: replicated(mesh))
+    return TrainState(step=replicated(mesh), params=params, opt_state=opt_state, router=variables.get("router", {}))
+
+
+def init_state_sharded(cfg: ModelConfig, optim: OptimConfig, seed: int, shardings: TrainState) -> TrainState:
+    """`init_state`, computed under jit straight into `shardings`: no device ever holds a whole copy
+    of a sharded parameter or moment. The values equal `init_state`'s (jax's random numbers do not
+    depend on how the output is sharded)."""
+    return jax.jit(lambda: init_state(cfg, optim, seed), out_shardings=shardings)()
+
+
 def train_step(state: TrainState, window: jax.Array, cfg: ModelConfig, optim: OptimConfig):
     """One optimizer step plus the bias update; returns (new state, metrics)."""
     def loss_fn(params):
@@ -83,8 +104,20 @@ def eval_step(state: TrainState, window: jax.Array, cfg: ModelConfig) -> dict:
     return {"eval_loss": parts.ce, "eval_mtp_loss": parts.mtp}
 
 
-def jit_steps(cfg: ModelConfig, optim: OptimConfig):
-    """The two steps, jitted once per (config, optimizer); the state buffers are donated."""
-    train = jax.jit(lambda s, w: train_step(s, w, cfg, optim), donate_argnums=0)
-    evaluate = jax.jit(lambda s, w: eval_step(s, w, cfg))
+def jit_steps(cfg: ModelConfig, optim: OptimConfig, shardings: TrainState | None = None,
+              batch_sharding: jax.sharding.NamedSharding | None = None):
+    """The two steps, jitted once per (config, optimizer); the state buffers are donated.
+
+    With `shardings` (from `state_shardings`) and `batch_sharding`, the state keeps its layout from
+    step to step and the metrics come back replicated, so every process can read them.
+    """
+    if shardings is None:
+        train = jax.jit(lambda s, w: train_step(s, w, cfg, optim), donate_argnums=0)
+        evaluate = jax.jit(lambda s, w: eval_step(s, w, cfg))
+        return train, evaluate
+    metrics = replicated(batch_sharding.mesh)
+    train = jax.jit(lambda s, w: train_step(s, w, cfg, optim), in_shardings=(shardings, batch_sharding),
+                    out_shardings=(shardings, metrics), donate_argnums=0)
+    evaluate = jax.jit(lambda s, w: eval_step(s, w, cfg), in_shardings=(shardings, batch_sharding),
+                       out_shardings=metrics)
     return train, evaluate

@@ -1,0 +1,1 @@
+"""Parallelism over device meshes."""

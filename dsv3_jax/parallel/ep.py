@@ -1,0 +1,166 @@
+"""Expert parallelism (EP): routed experts spread over a mesh axis, tokens moved by all-to-all.
+
+DeepSeek-V3 trains with EP 64 (report s.3.2): each device holds E/n of the routed experts and
+its own slice of the tokens; every (token, chosen expert) assignment is dispatched to the device
+that holds the expert, computed there, and sent back to be combined with the gate weights. Here
+that is one explicit `jax.shard_map` whose two collectives are written out:
+
+  sender    x [Tl, D], routing [Tl, K] -> send buffer [n, A, D], A = Tl*K  --all_to_all-->
+  receiver  [n, A, D] rows for its El = E/n local experts -> expert outputs [n, A, D]  --all_to_all-->
+  sender    [n, A, D] -> per assignment gather -> sum over K with the gate weights -> [Tl, D]
+
+What travels per device and direction: the activations [n, A, D] (FP8 E4M3 plus [n, A, D/128]
+float32 scales with `fp8_dispatch`, as the paper dispatches; the combine then returns in bfloat16)
+and, on dispatch only, the local expert id of every slot [n, A] int32 (-1: empty slot).
+
+Dropless, so exact: the buffer for each destination holds A = Tl*K rows, the worst case where all
+of a device's assignments choose experts on one device, so no assignment is ever dropped and the
+result equals the single-device `EXPERTS[impl]`. (`route` picks K distinct experts, so Tl*min(K, El)
+rows would also do; Tl*K keeps any routing exact, repeated experts included.) The price is memory
+and receiver FLOPs: send and receive buffers are n times the rows actually routed (n*Tl*K*D
+elements each), and the receiver's expert matmuls run over all n*A slots, because shapes are
+static. At DeepSeek-V3's scale (n = 64, Tl = 4096, K = 8, D = 7168, one byte per FP8 value) one
+buffer would be ~15 GB. Capacity-limited EP (GShard and many trainers since) sizes the buffers
+by a capacity factor over the mean load and drops the overflow; DeepSeek's DeepEP drops nothing
+but exchanges counts first and sends only what is routed (a ragged all-to-all, which XLA:CPU
+lacks). We favour exactness, which the tests check against the dense reference, including
+adversarial routing.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from dsv3_jax.layers.moe import EXPERTS, Routing
+from pallas_kernels.quant import BLOCK, E4M3, E4M3_MAX, MIN_AMAX
+
+# Mesh axes over which tokens are split, in the order the mesh lists them.
+TOKEN_AXES = ("data", "fsdp", "expert")
+
+
+def default_token_axes(mesh, names: Sequence[str] = TOKEN_AXES) -> tuple[str, ...]:
+    return tuple(a for a in mesh.axis_names if a in names)
+
+
+# ---- FP8 rows: per-token 1x128 tiles (report s.3.3), for the dispatch -----------------------------
+def quantize_rows(x: jax.Array, *, block: int = BLOCK):
+    """x [..., D] -> (E4M3 [..., D], float32 scales [..., ceil(D/block)]); scale = amax / 448."""
+    d = x.shape[-1]
+    nb = -(-d // block)
+    xp = jnp.pad(x.astype(jnp.float32), [(0, 0)] * (x.ndim - 1) + [(0, nb * block - d)])
+    tiles = xp.reshape(*x.shape[:-1], nb, block)
+    scale = jnp.maximum(jnp.abs(tiles).max(-1), MIN_AMAX) / E4M3_MAX
+    q = jnp.clip(tiles / scale[..., None], -E4M3_MAX, E4M3_MAX).astype(E4M3)
+    return q.reshape(xp.shape)[..., :d], scale
+
+
+def dequantize_rows(q: jax.Array, scale: jax.Array, dtype=jnp.float32, *, block: int = BLOCK):
+    """Inverse of `quantize_rows`."""
+    d, nb = q.shape[-1], scale.shape[-1]
+    if nb != -(-d // block):
+        raise ValueError(f"dequantize_rows: rows of width {d} need {-(-d // block)} scales, got {nb}")
+    full = jnp.repeat(scale.astype(jnp.float32), block, axis=-1)[..., :d]
+    return (q.astype(jnp.float32) * full).astype(dtype)
+
+
+def _all_to_all(x: jax.Array, axis: str) -> jax.Array:
+    """[n, ...] -> [n, ...]: slot j goes to device j of `axis`; slot j of the result came from it."""
+    return jax.lax.all_to_all(x, axis, 0, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _all_to_all_fp8(x: jax.Array, axis: str) -> jax.Array:
+    q, scale = quantize_rows(x)
+    return dequantize_rows(_all_to_all(q, axis), _all_to_all(scale, axis), x.dtype)
+
+
+def _all_to_all_fp8_fwd(x, axis):
+    return _all_to_all_fp8(x, axis), None
+
+
+def _all_to_all_fp8_bwd(axis, _, g):
+    # Straight-through: rounding to E4M3 is treated as identity, and the gradient returns in its
+    # own precision (the all-to-all with split = concat = 0 is its own transpose).
+    return (_all_to_all(g, axis),)
+
+
+_all_to_all_fp8.defvjp(_all_to_all_fp8_fwd, _all_to_all_fp8_bwd)
+
+
+# ---- the EP layer -------------------------------------------------------------------------------
+def _layout(experts: jax.Array, num_local: int, n: int):
+    """experts [Tl, K] -> per assignment: destination device, slot there, local expert id."""
+    flat = experts.reshape(-1)
+    dest, local = flat // num_local, flat % num_local
+    # Slot = how many earlier assignments of this device go to the same destination.
+    onehot = (dest[:, None] == jnp.arange(n)).astype(jnp.int32)
+    slot = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - 1, dest[:, None], axis=1)[:, 0]
+    return dest, slot, local
+
+
+def _ep_body(x, weights, experts, w1, w3, w2, *, axis: str, n: int, fp8: bool, impl: str):
+    """Per device: x [Tl, D], weights/experts [Tl, K] (global ids), w* [El, ...] -> [Tl, D]."""
+    tl, k = experts.shape
+    d, dt, num_local = x.shape[1], x.dtype, w1.shape[0]
+    a = tl * k  # worst case per destination: every assignment of this device goes there
+    with jax.named_scope("ep_layout"):
+        dest, slot, local = _layout(experts, num_local, n)
+        token = jnp.arange(a) // k
+        send = jnp.zeros((n, a, d), dt).at[dest, slot].set(x[token])
+        send_ids = jnp.full((n, a), -1, jnp.int32).at[dest, slot].set(local)
+    with jax.named_scope("ep_dispatch"):
+        recv = _all_to_all_fp8(send, axis) if fp8 else _all_to_all(send, axis)
+        recv_ids = _all_to_all(send_ids, axis).reshape(-1, 1)
+    with jax.named_scope("ep_experts"):
+        # Each received slot is one assignment (K = 1) with gate 1, or 0 for an empty slot (its
+        # expert id 0 is a placeholder; its output is zero). Gates are applied on the sender.
+        valid = recv_ids >= 0
+        local_routing = Routing(valid.astype(jnp.float32), jnp.where(valid, recv_ids, 0), scores=None)
+        y = EXPERTS[impl](recv.reshape(n * a, d), local_routing, w1, w3, w2).reshape(n, a, d)
+    with jax.named_scope("ep_combine"):
+        back = _all_to_all(y.astype(jnp.bfloat16), axis).astype(dt) if fp8 else _all_to_all(y, axis)
+        per_assignment = back[dest, slot].reshape(tl, k, d)
+        return jnp.einsum("tkd,tk->td", per_assignment, weights.astype(dt))
+
+
+def moe_expert_parallel(x: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+                        mesh, expert_axis: str = "expert", token_axes: Sequence[str] | None = None,
+                        fp8_dispatch: bool = False, local_impl: str = "blocked") -> jax.Array:
+    """What `EXPERTS[local_impl](x, routing, w1, w3, w2)` computes, with the experts split over
+    `expert_axis` of `mesh` (a Mesh or AbstractMesh). x [T, D]; w1, w3 [E, D, F]; w2 [E, F, D].
+
+    Tokens and routing are split over `token_axes` (default: the mesh's data, fsdp and expert
+    axes), which must include `expert_axis`: each expert-axis device dispatches its own tokens.
+    T need not divide by their size: zero tokens with zero gates pad it, then are cut off.
+    """
+    token_axes = default_token_axes(mesh) if token_axes is None else tuple(token_axes)
+    if expert_axis not in token_axes:
+        raise ValueError(f"moe_expert_parallel: token_axes {token_axes} must include the expert axis "
+                         f"{expert_axis!r} (each expert-axis device dispatches its own tokens)")
+    missing = [a for a in token_axes if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"moe_expert_parallel: axes {missing} are not in the mesh {mesh.axis_names}")
+    n, e = mesh.shape[expert_axis], w1.shape[0]
+    if e % n:
+        raise ValueError(f"moe_expert_parallel: {e} experts do not split over {n} devices of {expert_axis!r}")
+    if local_impl not in EXPERTS:
+        raise ValueError(f"moe_expert_parallel: local_impl {local_impl!r} not in {sorted(EXPERTS)}")
+    t = x.shape[0]
+    shards = 1
+    for a in token_axes:
+        shards *= mesh.shape[a]
+    pad = -t % shards
+    weights, experts = routing.weights, routing.experts
+    if pad:
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+        experts = jnp.pad(experts, ((0, pad), (0, 0)))
+    tok, ex = P(token_axes, None), P(expert_axis, None, None)
+    body = functools.partial(_ep_body, axis=expert_axis, n=n, fp8=fp8_dispatch, impl=local_impl)
+    out = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, ex, ex, ex), out_specs=tok)(
+        x, weights, experts.astype(jnp.int32), w1, w3, w2)
+    return out[:t]

@@ -1,0 +1,111 @@
+"""The one table from logical axis names to mesh axes, and the shardings it gives.
+
+Weights carry logical names (`logical_axes(cfg)`, e.g. the routed experts' w1 is
+("expert", "embed", "mlp")); `RULES` says which mesh axes each name is split over. The batch is
+split over data, fsdp AND expert: as in DeepSeek-V3's expert-parallel training, every device of an
+expert group brings its own tokens (the dense parts run data parallel across the group), so the
+expert axis carries distinct rows of the batch, not copies.
+
+Resolution of one array's spec (`to_mesh_spec`), dimension by dimension, left to right:
+- a name missing from `RULES` is an error (a typo must not silently replicate a weight);
+- mesh axes of size 1 (or absent from the mesh) are dropped;
+- collisions: a mesh axis may shard only one dimension of an array, so the FIRST dimension that
+  asks for it keeps it and later dimensions drop it (they are replicated over that axis);
+- with `shape` given, mesh axes are kept left to right only while their product divides the
+  dimension; the rest are dropped, so a dimension too small or odd for the mesh is replicated
+  rather than rejected by jit.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import logical_axes, variable_shapes
+
+MeshAxes = str | tuple[str, ...] | None
+
+RULES: dict[str, MeshAxes] = {
+    "batch": ("data", "fsdp", "expert"),
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "expert": "expert",
+    # Kept whole: latent ranks and per-head dims are small, the sequence is not split.
+    "seq": None,
+    "q_lora": None,
+    "kv_lora": None,
+    "kv_latent": None,
+    "qk_dim": None,
+    "kv_dim": None,
+    "v_dim": None,
+    "mtp_concat": None,
+}
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _mesh_axes_of(logical, rules: dict[str, MeshAxes]) -> tuple[str, ...]:
+    out = []
+    for name in _as_tuple(logical):
+        if name not in rules:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
+        out.extend(_as_tuple(rules[name]))
+    return tuple(out)
+
+
+def to_mesh_spec(logical_spec: PartitionSpec | tuple, mesh: Mesh, shape: tuple[int, ...] | None = None,
+                 rules: dict[str, MeshAxes] | None = None) -> PartitionSpec:
+    """Logical names -> a PartitionSpec of mesh axes for `mesh` (see the module docstring)."""
+    rules = RULES if rules is None else rules
+    logical_spec = tuple(logical_spec)
+    if shape is not None and len(shape) < len(logical_spec):
+        raise ValueError(f"spec {logical_spec} names {len(logical_spec)} dimensions, the shape {shape} has "
+                         f"{len(shape)}")
+    used: set[str] = set()
+    entries = []
+    for dim, logical in enumerate(logical_spec):
+        kept: list[str] = []
+        for axis in _mesh_axes_of(logical, rules):
+            size = mesh.shape.get(axis, 1)
+            if size == 1 or axis in used:
+                continue
+            if shape is not None and shape[dim] % (math.prod(mesh.shape[a] for a in kept) * size):
+                continue
+            kept.append(axis)
+        used.update(kept)
+        entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*entries)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
+    """NamedShardings for the whole variables tree ({"params": ..., "router": ...})."""
+    shapes = variable_shapes(cfg)
+    return jax.tree_util.tree_map(
+        lambda spec, x: NamedSharding(mesh, to_mesh_spec(spec, mesh, x.shape)),
+        logical_axes(cfg), shapes, is_leaf=_is_spec)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token batches [B, ...]: rows split over the batch mesh axes, everything else whole."""
+    return NamedSharding(mesh, to_mesh_spec(PartitionSpec("batch"), mesh))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Into how many parts `batch_sharding` splits the rows (the batch size must divide by it)."""
+    return math.prod(mesh.shape.get(a, 1) for a in _as_tuple(RULES["batch"]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
