@@ -81,6 +81,9 @@ class ModelConfig:
     dtype: str = "float32"  # activation dtype; parameters are float32 masters
     attention_impl: Literal["naive", "absorbed"] = "naive"
     moe_impl: Literal["auto", "dense", "ragged", "blocked"] = "auto"
+    # Under an "expert" mesh axis: dispatch tokens as E4M3 with 1x128 scales, combine in BF16
+    # (paper s.3); off by default, as it changes the numbers (a few % error, tests/test_ep.py).
+    ep_fp8_dispatch: bool = False
     name: str = "custom"
 
     def __post_init__(self):

@@ -159,7 +159,8 @@ class MoE(nn.Module):
             if mesh.shape.get("expert", 1) > 1:
                 from dsv3_jax.parallel.ep import moe_expert_parallel  # ep imports this module
 
-                out = moe_expert_parallel(flat, routing, w1, w3, w2, mesh=mesh, local_impl=resolve_moe_impl(c))
+                out = moe_expert_parallel(flat, routing, w1, w3, w2, mesh=mesh, local_impl=resolve_moe_impl(c),
+                                          fp8_dispatch=c.ep_fp8_dispatch)
             else:
                 out = EXPERTS[resolve_moe_impl(c)](flat, routing, w1, w3, w2)
             out = out.reshape(x.shape)

@@ -55,7 +55,7 @@ from dsv3_jax.train.step import (
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 # Fields that change how, not what, the model computes: a checkpoint may resume under other values.
-RUNTIME_FIELDS = ("dtype", "attention_impl", "moe_impl", "name")
+RUNTIME_FIELDS = ("dtype", "attention_impl", "moe_impl", "ep_fp8_dispatch", "name")
 
 
 class TrainingError(RuntimeError):
