@@ -2,6 +2,7 @@
 processes of four devices each against one process of eight."""
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -145,10 +146,16 @@ def _launch(workdir, corpus, *flags, processes=2):
                 p.wait()
 
 
+# gloo's C++ code prints "[Gloo] Rank 0 is connected to 3 peer ranks. ..." straight to stdout, and its
+# pieces can land on different lines of the file, so it is removed by pattern rather than by line.
+_GLOO_CHATTER = re.compile(r"\[Gloo\]( Rank)?\s*|\d+ is connected to \d+ peer ranks\. "
+                           r"Expected number of connected peer ranks is : \d+\n?")
+
+
 def _output(proc) -> tuple[str, str]:
     """(stdout, stderr) of a finished `_launch` process, without gloo's connection chatter."""
-    return tuple("".join(line for line in open(f"{proc.logs}.{kind}", errors="replace")
-                         if not line.startswith("[Gloo]")) for kind in ("out", "err"))
+    return tuple(_GLOO_CHATTER.sub("", open(f"{proc.logs}.{kind}", errors="replace").read())
+                 for kind in ("out", "err"))
 
 
 def test_two_processes_match_one(runs, tmp_path, corpus):
@@ -186,5 +193,8 @@ def test_a_dead_process_stops_the_other(runs, tmp_path, corpus):
             pytest.fail("process 0 still runs 60 s after process 1 died")
     assert procs[0].returncode != 0
     assert time.time() - killed < 60
+    # Which layer notices first is a race: jax's coordination service (a missed heartbeat, a failed
+    # barrier) or gloo itself, whose collective aborts the process when the peer's socket closes.
     err = _output(procs[0])[1]
-    assert "another process has probably died" in err or "detected fatal errors" in err, err[-3000:]
+    noticed = ("another process has probably died", "detected fatal errors", "gloo::EnforceNotMet")
+    assert any(m in err for m in noticed), err[-3000:]
