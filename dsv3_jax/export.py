@@ -10,7 +10,7 @@ the biases, a third of it. The export directory holds:
     OUT/orbax/             {"params", "router"} as an orbax PyTree checkpoint (`load_exported`)
     OUT/hf/                with --hf: config.json + safetensors in DeepSeek's layout (`load_hf_checkpoint`,
                            transformers' `DeepseekV3ForCausalLM.from_pretrained`)
-    OUT/export.json        where it came from: the workdir and the step
+    OUT/export.json        where it came from: the workdir, the step and the run's tokenizer spec
 
 The training checkpoints are only read. The export is written to a temporary directory beside OUT
 and renamed into place at the end, so a failure leaves nothing half-written, and an existing,
@@ -90,8 +90,9 @@ def _check_shapes(cfg: ModelConfig, variables: dict, where: str) -> None:
                               f"expects {want_leaves.get(name, 'no such variable')}")
 
 
-def restore_variables(workdir: str, step: int | None = None) -> tuple[ModelConfig, dict, int]:
-    """(ModelConfig, {"params", "router"}, step) of a training checkpoint; the latest without `step`.
+def restore_variables(workdir: str, step: int | None = None) -> tuple[ModelConfig, dict, int, str]:
+    """(ModelConfig, {"params", "router"}, step, tokenizer spec) of a training checkpoint; the latest
+    without `step`.
 
     Only the params and router biases are read (partial restore from the saved tree's own metadata),
     so the optimizer's structure is never needed and its moments never loaded.
@@ -106,6 +107,7 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[ModelConfi
             cfg = ModelConfig.from_dict(meta.get("config", meta["model"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ExportError(f"{checkpoints}/{step}: its meta does not describe a model this code knows: {e}") from e
+        tokenizer = meta.get("tokenizer", "byte")  # runs before the spec was recorded used bytes
         saved = mgr.item_metadata(step)["state"].tree
         wanted = {k: saved[k] for k in COLLECTIONS if saved.get(k)}
         state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -114,7 +116,7 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[ModelConfi
         mgr.close()
     variables = {k: state[k] for k in COLLECTIONS if state.get(k)}
     _check_shapes(cfg, variables, f"{checkpoints}/{step}")
-    return cfg, variables, step
+    return cfg, variables, step, tokenizer
 
 
 # ---- writing and reading an export ----------------------------------------------------------------
@@ -175,8 +177,8 @@ def export(workdir: str, out: str, *, step: int | None = None, hf: bool = False,
     out = os.path.abspath(out)
     _checkpoints_dir(workdir)
     _refuse_unsafe_destination(workdir, out, overwrite)
-    cfg, variables, step = restore_variables(workdir, step)
-    info = {"workdir": os.path.abspath(workdir), "step": step}
+    cfg, variables, step, tokenizer = restore_variables(workdir, step)
+    info = {"workdir": os.path.abspath(workdir), "step": step, "tokenizer": tokenizer}
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)

@@ -25,6 +25,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.common import Fp8Weight
 from dsv3_jax.model import variable_shapes
 from dsv3_jax.safetensors_io import INDEX, SINGLE, SafetensorsDir
 from pallas_kernels.quant import dequantize_weight, quantize_weight
@@ -105,6 +106,13 @@ def _get(tree: dict, path: tuple[str, ...]):
     return tree
 
 
+def _get_or_none(tree: dict, path: tuple[str, ...]):
+    try:
+        return _get(tree, path)
+    except KeyError:
+        return None
+
+
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -156,8 +164,29 @@ def _count_mtp_layers(cfg: ModelConfig, files: SafetensorsDir) -> int:
     return depth
 
 
-def load_hf_checkpoint(path: str, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
-    """Read a transformers-layout DeepseekV3/V2 directory -> (ModelConfig, variables)."""
+def _read_fp8(files: SafetensorsDir, entry: Entry, want: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(e4m3 values, scales) of a tensor stored in FP8, untouched (views of the mapped file); None
+    if the file holds it at higher precision."""
+    scale = _scale_name(entry.name)
+    if entry.name not in files or scale not in files or files.shape(entry.name) != want:
+        return None
+    return files.get(entry.name), files.get(scale)
+
+
+def _load_fp8_leaf(files: SafetensorsDir, cfg: ModelConfig, entries: list[Entry], leaf: tuple[int, ...]):
+    """An Fp8Weight for one leaf (all experts of a stacked leaf), or None if not stored in FP8."""
+    parts = [_read_fp8(files, e, _file_shape(e, leaf)) for e in entries]
+    if any(p is None for p in parts):
+        return None
+    q, s = (np.stack(x) if entries[0].expert is not None else x[0] for x in zip(*parts))
+    return Fp8Weight.from_file(q, s, leaf, entries[0].in_dims, stacked=entries[0].expert is not None)
+
+
+def load_hf_checkpoint(path: str, dtype=jnp.float32, keep_fp8: bool = False) -> tuple[ModelConfig, dict]:
+    """Read a transformers-layout DeepseekV3/V2 directory -> (ModelConfig, variables).
+
+    `keep_fp8`: weights stored in FP8 (with weight_scale_inv) become `Fp8Weight`s holding the file's
+    8-bit values and scales, never expanded to full precision on the host; the rest load at `dtype`."""
     cfg = ModelConfig.from_hf(read_hf_config(path))
     files = SafetensorsDir(path)
     depth = _count_mtp_layers(cfg, files)
@@ -168,7 +197,17 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32) -> tuple[ModelConfig, dict]
     shapes = variable_shapes(cfg)
     variables: dict = {}
     stacks: dict[tuple[str, ...], np.ndarray] = {}
+    fp8_leaves: dict[tuple[str, ...], list[Entry]] = {}
     for entry in layout(cfg):
+        if keep_fp8 and entry.fp8:
+            fp8_leaves.setdefault(entry.path, []).append(entry)
+    for path_, entries in fp8_leaves.items():
+        kept = _load_fp8_leaf(files, cfg, entries, _get(shapes, path_).shape)
+        if kept is not None:
+            _set(variables, path_, kept)
+    for entry in layout(cfg):
+        if keep_fp8 and entry.fp8 and isinstance(_get_or_none(variables, entry.path), Fp8Weight):
+            continue
         leaf = _get(shapes, entry.path).shape
         x = _read(files, entry, _file_shape(entry, leaf))
         if entry.expert is None:

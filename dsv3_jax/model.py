@@ -23,13 +23,19 @@ class Block(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: jax.Array | None = None):
+        """-> x; or (x, updated cache) when given a latent cache (see MLA)."""
         c = self.cfg
-        x = x + MLA(c, name="attn")(RMSNorm(c.rms_norm_eps, name="attn_norm")(x), positions)
+        attn = MLA(c, name="attn")(RMSNorm(c.rms_norm_eps, name="attn_norm")(x), positions, cache)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
         h = RMSNorm(c.rms_norm_eps, name="ffn_norm")(x)
         if self.moe:
-            return x + MoE(c, name="ffn")(h)
-        return x + MLP(c.hidden_size, c.intermediate_size, c.init_std, name="ffn")(h)
+            x = x + MoE(c, name="ffn")(h)
+        else:
+            x = x + MLP(c.hidden_size, c.intermediate_size, c.init_std, name="ffn")(h)
+        return x if cache is None else (x, cache)
 
 
 class MTPModule(nn.Module):
@@ -42,13 +48,17 @@ class MTPModule(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h: jax.Array, next_emb: jax.Array, positions: jax.Array):
+    def __call__(self, h: jax.Array, next_emb: jax.Array, positions: jax.Array, cache: jax.Array | None = None):
+        """-> (out, normed); with a latent cache, (out, normed, updated cache)."""
         c = self.cfg
         e = RMSNorm(c.rms_norm_eps, name="enorm")(next_emb)
         hn = RMSNorm(c.rms_norm_eps, name="hnorm")(h)
         eh = weight(self, "eh_proj", (2 * c.hidden_size, c.hidden_size), ("mtp_concat", "embed"), c.init_std)
         x = jnp.concatenate([e, hn], axis=-1) @ eh.astype(h.dtype)
-        out = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions)
+        out = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions, cache)
+        if cache is not None:
+            out, cache = out
+            return out, RMSNorm(c.rms_norm_eps, name="head_norm")(out), cache
         return out, RMSNorm(c.rms_norm_eps, name="head_norm")(out)
 
 
@@ -101,6 +111,22 @@ class Transformer(nn.Module):
                 self.mtp_logits(tokens, h, positions, future)
             return logits
         return logits, self.mtp_logits(tokens, h, positions, future)
+
+    def step(self, tokens: jax.Array, positions: jax.Array, cache: tuple[jax.Array, ...]):
+        """Inference over a latent cache: tokens [B,T] at contiguous positions [B,T] (each row its own
+        start), one cache [B,S,C+R] per layer. -> (logits [B,T,V], last hidden [B,T,D], new cache)."""
+        x, new = self.embed_tokens(tokens), []
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x, layer_cache = layer(x, positions, layer_cache)
+            new.append(layer_cache)
+        return self.logits(self.final_norm(x)), x, tuple(new)
+
+    def mtp_step(self, depth: int, h: jax.Array, next_tokens: jax.Array, positions: jax.Array, cache: jax.Array):
+        """MTP depth `depth` (0-based) over a latent cache, for drafting: h [B,T,D] is the previous
+        depth's output (the main model's for depth 0) at `positions`, next_tokens [B,T] the tokens
+        one step after those positions. -> (logits [B,T,V] for the token after next, out, cache)."""
+        out, normed, cache = self.mtp[depth](h, self.embed_tokens(next_tokens), positions, cache)
+        return self.logits(normed), out, cache
 
     def mtp_logits(self, tokens: jax.Array, h: jax.Array, positions: jax.Array,
                    future: jax.Array | None = None) -> jax.Array:

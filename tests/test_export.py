@@ -68,7 +68,8 @@ def _snapshot(path) -> dict:
 
 
 def test_restore_equals_the_trained_state(workdir, restored):
-    cfg, variables, step = restored
+    cfg, variables, step, tokenizer = restored
+    assert tokenizer == "byte"  # the run's tokenizer spec travels in the checkpoint's meta
     assert step == 3
     assert cfg == ModelConfig.from_json("tiny")  # the full config, name included
     # The loop's own way back: the whole train state against an abstract one built from init_state.
@@ -83,7 +84,7 @@ def test_restore_equals_the_trained_state(workdir, restored):
 
 
 def test_step_selection(workdir, restored):
-    _, variables2, step = restore_variables(workdir, step=2)
+    _, variables2, step, _ = restore_variables(workdir, step=2)
     assert step == 2
     assert not np.array_equal(variables2["params"]["embed"], restored[1]["params"]["embed"])
     with pytest.raises(ExportError, match=r"no checkpoint of step 7; available steps: \[2, 3\]"):
@@ -98,7 +99,7 @@ def test_empty_checkpoints_directory(tmp_path):
 
 
 def test_orbax_export_round_trip(restored, exported):
-    cfg, variables, _ = restored
+    cfg, variables, _, _ = restored
     assert sorted(os.listdir(exported["out"])) == ["export.json", "hf", "model_config.json", "orbax"]
     with open(exported["config"]) as f:
         assert json.load(f) == cfg.to_dict()
@@ -111,7 +112,7 @@ def test_orbax_export_round_trip(restored, exported):
 
 
 def test_hf_export_loads_to_the_same_logits(restored, exported):
-    cfg, variables, _ = restored
+    cfg, variables, _, _ = restored
     hf_cfg, hf_variables = load_hf_checkpoint(exported["hf"])
     # config.json carries every field the forward pass reads; the training-only ones and the name
     # take their defaults. Equal configs then share one compiled forward.
@@ -125,7 +126,7 @@ def test_transformers_reads_the_hf_export(restored, exported):
     import torch
     from transformers import DeepseekV3ForCausalLM
 
-    cfg, variables, _ = restored
+    cfg, variables, _, _ = restored
     model = DeepseekV3ForCausalLM.from_pretrained(exported["hf"]).eval()
     with torch.no_grad():
         theirs = model(torch.as_tensor(TOKENS, dtype=torch.long)).logits.float().numpy()

@@ -119,6 +119,12 @@ def test_every_weight_has_logical_axes():
 def test_moe_impl_auto_picks_a_path():
     assert resolve_moe_impl(CFG) == "blocked"  # tests run on CPU
     assert resolve_moe_impl(CFG.replace(moe_impl="ragged")) == "ragged"
+    # CPU, by FLOPs: dense (T*E rows) below 128*E/(E-K) tokens, blocked (T*K + E*128 rows) above.
+    e, k = CFG.n_routed_experts, CFG.num_experts_per_tok
+    edge = 128 * e / (e - k)
+    assert resolve_moe_impl(CFG, 1) == resolve_moe_impl(CFG, int(edge) - 1) == "dense"
+    assert resolve_moe_impl(CFG, int(edge) + 1) == "blocked"
+    assert resolve_moe_impl(CFG.replace(moe_impl="blocked"), 1) == "blocked"
 
 
 @pytest.mark.parametrize("pattern", ["all_same", "one_empty", "random"])

@@ -63,6 +63,25 @@ def attend_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim):
 ATTEND = {"naive": attend_naive, "absorbed": attend_absorbed}
 
 
+def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache [B,S,C+R], new [B,T,C+R], start [B] -> cache with row b's new entries at start[b]...
+
+    Rolling back (speculative decoding) needs no undo: a later write at the same positions
+    replaces whatever a rejected draft left there before any query can see it."""
+    put = lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0))
+    return jax.vmap(put)(cache, new.astype(cache.dtype), start)
+
+
+def attend_cached(q_nope, q_pe, cache, positions, wkv_b, scale, v_head_dim):
+    """Absorbed attention of queries at `positions` [B,T] over a latent cache [B,S,C+R] that already
+    holds them. A query sees the cache slots at or before its own position: slots after it may hold
+    padding or rejected drafts, never read."""
+    c = wkv_b.shape[0]
+    mask = jnp.arange(cache.shape[1])[None, None, :] <= positions[:, :, None]
+    lat = cache.astype(q_nope.dtype)
+    return attend_absorbed(q_nope, q_pe, lat[..., :c], lat[..., c:], wkv_b, mask, scale, v_head_dim)
+
+
 class MLA(nn.Module):
     cfg: ModelConfig
 
@@ -87,7 +106,10 @@ class MLA(nn.Module):
         return c_kv, apply_rope(kv[..., c.kv_lora_rank:], cos, sin)
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: jax.Array | None = None):
+        """x [B,T,D], positions [B,T] -> [B,T,D]. With a latent `cache` [B,S,C+R] (inference), the new
+        tokens' latents are written at their positions (contiguous per row) and the queries attend
+        over the cache with the absorbed path; returns (output, updated cache)."""
         c = self.cfg
         b, t, d = x.shape
         # Projections run on [B*T, D]: plain 2-D matmuls, which XLA:CPU lays out without transposes.
@@ -101,12 +123,18 @@ class MLA(nn.Module):
                        ("kv_lora", "heads", "kv_dim"), c.init_std)
         wo = weight(self, "wo", (c.num_heads, c.v_head_dim, c.hidden_size), ("heads", "v_dim", "embed"),
                     c.init_std)
-        mask = causal_mask(positions, positions)
         unflat = lambda a: a.reshape(b, t, *a.shape[1:])
-        with jax.named_scope(f"mla_{c.attention_impl}"):
-            o = ATTEND[c.attention_impl](unflat(q_nope), unflat(q_pe), unflat(c_kv), unflat(k_pe), wkv_b, mask,
-                                         c.softmax_scale, c.v_head_dim)
-        return (o.reshape(b * t, -1) @ wo.reshape(-1, d).astype(x.dtype)).reshape(b, t, d)
+        if cache is None:
+            with jax.named_scope(f"mla_{c.attention_impl}"):
+                o = ATTEND[c.attention_impl](unflat(q_nope), unflat(q_pe), unflat(c_kv), unflat(k_pe), wkv_b,
+                                             causal_mask(positions, positions), c.softmax_scale, c.v_head_dim)
+        else:
+            cache = write_cache(cache, unflat(jnp.concatenate([c_kv, k_pe], axis=-1)), positions[:, 0])
+            with jax.named_scope("mla_cached"):
+                o = attend_cached(unflat(q_nope), unflat(q_pe), cache, positions, wkv_b, c.softmax_scale,
+                                  c.v_head_dim)
+        out = (o.reshape(b * t, -1) @ wo.reshape(-1, d).astype(x.dtype)).reshape(b, t, d)
+        return out if cache is None else (out, cache)
 
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -124,12 +124,19 @@ def experts_blocked(x, routing: Routing, w1, w3, w2, block: int = 128):
 EXPERTS = {"dense": experts_dense, "ragged": experts_ragged, "blocked": experts_blocked}
 
 
-def resolve_moe_impl(cfg: ModelConfig) -> str:
-    """'auto': blocked matmuls on CPU (XLA:CPU's ragged_dot is slow: docs/PERFORMANCE.md), ragged
-    grouped matmuls on accelerators."""
+def resolve_moe_impl(cfg: ModelConfig, num_tokens: int | None = None, block: int = 128) -> str:
+    """'auto': on accelerators, ragged grouped matmuls. On CPU (XLA:CPU's ragged_dot is slow:
+    docs/PERFORMANCE.md), whichever of dense and blocked does fewer FLOPs for `num_tokens`: dense
+    runs T*E expert rows, blocked T*K plus up to one padded block per expert, so dense wins below
+    about block*E/(E-K) tokens (decoding), blocked above it (training, prefill)."""
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    if jax.default_backend() != "cpu":
+        return "ragged"
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    if num_tokens is not None and num_tokens * (e - k) < block * e:
+        return "dense"
+    return "blocked"
 
 
 class MoE(nn.Module):
@@ -162,7 +169,7 @@ class MoE(nn.Module):
                 out = moe_expert_parallel(flat, routing, w1, w3, w2, mesh=mesh, local_impl=resolve_moe_impl(c),
                                           fp8_dispatch=c.ep_fp8_dispatch)
             else:
-                out = EXPERTS[resolve_moe_impl(c)](flat, routing, w1, w3, w2)
+                out = EXPERTS[resolve_moe_impl(c, flat.shape[0])](flat, routing, w1, w3, w2)
             out = out.reshape(x.shape)
         if c.n_shared_experts:
             out = out + MLP(d, f * c.n_shared_experts, std, name="shared")(x)

@@ -210,11 +210,13 @@ def _initial_state(mgr, cfg: ModelConfig, optim: OptimConfig, seed: int, batches
     return init_state_sharded(cfg, optim, seed, layout.state) if restored is None else restored
 
 
-def _save(mgr, step: int, state: TrainState, batches, cfg: ModelConfig) -> None:
+def _save(mgr, step: int, state: TrainState, batches, cfg: ModelConfig, tokenizer: str) -> None:
+    # The tokenizer spec travels with the weights, so infer.py and export find it without a flag.
+    meta = {"model": _identity(cfg), "config": cfg.to_dict(), "step": step,
+            "tokenizer": tokenizer if tokenizer == "byte" else os.path.abspath(tokenizer)}
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            data=ocp.args.JsonSave(batches.state()),
-                                           meta=ocp.args.JsonSave({"model": _identity(cfg), "config": cfg.to_dict(),
-                                                                   "step": step})))
+                                           meta=ocp.args.JsonSave(meta)))
 
 
 def _record(m: dict, tokens_per_s: float) -> dict:
@@ -322,7 +324,7 @@ def _train(tc: TrainConfig, cfg: ModelConfig, optim: OptimConfig, state: TrainSt
             if rec is not None:
                 log.write(step, rec)
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == end:
-                _save(mgr, step, state, batches, cfg)
+                _save(mgr, step, state, batches, cfg, tc.tokenizer)
         bar.close()
     if "eval_loss" not in summary:  # nothing left to train: still report where the model stands
         summary["eval_loss"] = _evaluate(evaluate, state, held)

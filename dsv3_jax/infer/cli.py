@@ -1,0 +1,141 @@
+"""What `infer.py` runs: flags -> load -> generate -> stream text (and one JSON line with --json).
+
+Bad input (an empty prompt, one longer than the context, an id outside the vocabulary, a directory
+of unknown layout) ends with one line on stderr and exit status 1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+from absl import flags, logging
+
+from dsv3_jax.data.tokenizer import load_tokenizer
+from dsv3_jax.infer.engine import GenerateConfig, GenerationError, Result, cache_bytes_per_token, generate
+from dsv3_jax.infer.sampling import Sampling
+from dsv3_jax.infer.weights import WEIGHTS, CheckpointError, load_checkpoint, weight_bytes
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("checkpoint", None, "a training workdir, an export directory or a Hugging Face directory")
+    flags.DEFINE_multi_string("prompt", [], "a prompt (repeat for a batch)")
+    flags.DEFINE_string("prompts_file", None, "a file with one prompt per line (blank lines skipped)")
+    flags.DEFINE_multi_string("prompt_ids", [], "a prompt as comma-separated token ids (repeatable)")
+    flags.DEFINE_string("tokenizer", None, "'byte' or a tokenizer.json (default: the checkpoint's own)")
+    flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate per prompt, at most")
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+    flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+    flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+    flags.DEFINE_enum("speculative", "none", ["none", "mtp"], "MTP speculative decoding")
+    flags.DEFINE_bool("compare_plain", True, "with --speculative=mtp, also decode plainly and report the speed-up")
+    flags.DEFINE_enum("weights", "fp32", list(WEIGHTS), "weight precision in memory (fp8: E4M3, 128x128 scales)")
+    flags.DEFINE_bool("json", False, "print one JSON object with the results as the last line")
+
+
+class _Stream:
+    """Prints a row's text as its tokens arrive, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, eos_id):
+        self.tok, self.eos, self.ids, self.shown = tokenizer, eos_id, [], ""
+
+    def __call__(self, row: int, new: list[int]) -> None:
+        self.ids.extend(t for t in new if t != self.eos)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def _prompts(f, tokenizer) -> tuple[list[list[int]], list[str]]:
+    texts = list(f.prompt)
+    if f.prompts_file:
+        try:
+            with open(f.prompts_file, encoding="utf-8") as fh:
+                texts += [line.rstrip("\n") for line in fh if line.strip()]
+        except OSError as e:
+            raise GenerationError(f"--prompts_file: {e}") from e
+    ids = [tokenizer.encode(t) for t in texts]
+    for spec in f.prompt_ids:
+        try:
+            ids.append([int(x) for x in spec.split(",") if x.strip()])
+        except ValueError:
+            raise GenerationError(f"--prompt_ids={spec!r}: expected comma-separated integers") from None
+        texts.append(None)
+    if not ids:
+        raise GenerationError("give a prompt: --prompt, --prompts_file or --prompt_ids")
+    return ids, texts
+
+
+def _decode(tokenizer, ids: list[int], eos_id) -> str:
+    return tokenizer.decode([t for t in ids if t != eos_id])
+
+
+def _summary(res: Result, texts: list[str], cfg, variables, prompts) -> dict:
+    out = {"text": texts[0] if len(texts) == 1 else texts,
+           "tokens": res.tokens[0] if len(res.tokens) == 1 else res.tokens,
+           "tokens_per_s": res.tokens_per_s, "prefill_s": res.prefill_s, "decode_s": res.decode_s,
+           "compile_s": res.compile_s, "prefill_tokens_per_s": sum(map(len, prompts)) / res.prefill_s,
+           "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, cfg.dtype),
+           "weight_bytes": weight_bytes(variables), "batch": len(prompts)}
+    if res.acceptance_rate is not None:
+        out.update(acceptance_rate=res.acceptance_rate, accepted_per_step=res.accepted_per_step)
+    return out
+
+
+def run(f) -> dict:
+    cfg, variables, tok_spec = load_checkpoint(f.checkpoint, f.weights)
+    spec = f.tokenizer or tok_spec
+    if spec is None:
+        raise GenerationError(f"--checkpoint {f.checkpoint} names no tokenizer: pass --tokenizer")
+    try:
+        tokenizer = load_tokenizer(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise GenerationError(f"--tokenizer: {e}") from e
+    prompts, _ = _prompts(f, tokenizer)
+    try:
+        sampling = Sampling(f.temperature, f.top_k, f.top_p, vocab_limit=min(tokenizer.vocab_size, cfg.vocab_size))
+    except ValueError as e:
+        raise GenerationError(f"--{e}") from e
+    gen = GenerateConfig(f.max_new_tokens, sampling, f.speculative, tokenizer.eos_id, f.seed)
+    stream = _Stream(tokenizer, tokenizer.eos_id) if len(prompts) == 1 else None
+    res = generate(cfg, variables, prompts, gen, on_tokens=stream)
+    texts = [_decode(tokenizer, ids, tokenizer.eos_id) for ids in res.tokens]
+    if stream is None:
+        for i, t in enumerate(texts):
+            print(f"[{i}] {t}")
+    else:
+        print()
+    out = {**_summary(res, texts, cfg, variables, prompts), "weights": f.weights}
+    if f.speculative == "mtp" and f.compare_plain:
+        plain = generate(cfg, variables, prompts, GenerateConfig(f.max_new_tokens, sampling, "none",
+                                                                 tokenizer.eos_id, f.seed))
+        out.update(plain_tokens_per_s=plain.tokens_per_s,
+                   speedup=res.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else None,
+                   same_as_plain=plain.tokens == res.tokens)
+    return out
+
+
+def main(argv, f) -> None:
+    if len(argv) > 1:
+        sys.exit(f"infer.py: unexpected arguments {argv[1:]}")
+    if not f.checkpoint:
+        sys.exit("infer.py: --checkpoint is required")
+    if not f["verbosity"].present:  # orbax logs every restore at INFO
+        logging.set_verbosity(logging.WARNING)
+    try:
+        out = run(f)
+    except (GenerationError, CheckpointError) as e:
+        sys.exit(f"infer.py: {e}")
+    if f.json:
+        print(json.dumps(out))
+    else:
+        rate = f", acceptance {out['acceptance_rate']:.0%}" if "acceptance_rate" in out else ""
+        speed = f", {out['speedup']:.2f}x plain decoding" if out.get("speedup") else ""
+        print(f"-- {out['tokens_per_s']:.1f} tokens/s decode{rate}{speed}; prefill {out['prefill_s']:.3f} s; "
+              f"cache {out['kv_cache_bytes_per_token']} B/token; weights {out['weight_bytes'] / 2**20:.1f} MiB "
+              f"({f.weights}) on {jax.default_backend()}", file=sys.stderr)

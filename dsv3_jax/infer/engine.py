@@ -1,0 +1,296 @@
+"""Generation over the latent KV cache: prefill, then fixed-shape decode steps, plain or MTP-speculative.
+
+The cache holds, per layer and token, only the normalised KV latent and the rotated rope key
+(kv_lora_rank + qk_rope_head_dim values: 576 for V3), and attention reads it through the absorbed
+MLA path. Every row of a batch has its own length: prompts of different lengths share one padded
+prefill, and each row then decodes at its own position and stops at its own EOS.
+
+One step function serves both modes. A step feeds the main model the newest token plus the D
+tokens the MTP modules drafted after it (D = 0 for plain decoding), at the row's positions n..n+D:
+- verify: the main model's distribution at each of those positions (one forward);
+- accept: draft j is kept with probability min(1, p(d_j) / q(d_j)) while all before it were kept
+  (speculative sampling, Leviathan et al. 2023); after the first refusal the next token is drawn
+  from max(0, p - q) renormalised, and after D acceptances from p itself. The output distribution
+  is the main model's, and under greedy (one-hot p and q) the output is plain greedy decoding;
+- draft: the MTP chain runs over the same window and drafts the next D tokens at the last kept
+  position. Rejected drafts need no undo in either cache: the next window starts right after the
+  last kept token and overwrites those slots before any query can read them.
+
+Depth k > 0 of the MTP chain sees, at the last kept position, tokens that are themselves drafts,
+and keeps that state in its cache; this costs draft quality only (V3 has depth 1, exact).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.infer.sampling import Sampling, draw, log_probs
+from dsv3_jax.model import Transformer
+
+PREFILL_BUCKET = 64  # prompts are padded to a multiple of this: one compilation per bucket, not per length
+CACHE_BUCKET = 64
+
+
+class GenerationError(ValueError):
+    """Bad input to generation (empty prompt, too long, ids outside the vocabulary...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    max_new_tokens: int = 64
+    sampling: Sampling = Sampling()
+    speculative: str = "none"  # "none" | "mtp"
+    eos_id: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.speculative not in ("none", "mtp"):
+            raise GenerationError(f"speculative must be 'none' or 'mtp', got {self.speculative!r}")
+
+
+class State(NamedTuple):
+    cache: tuple[jax.Array, ...]  # per layer [B, S, C+R]
+    mtp_cache: tuple[jax.Array, ...]  # per MTP depth [B, S, C+R]
+    last: jax.Array  # [B] the newest token, not yet in the main cache
+    length: jax.Array  # [B] tokens in the main cache = the position of `last`
+    drafts: jax.Array  # [B, D] tokens drafted after `last`
+    draft_logp: jax.Array  # [B, D, V] the distributions they were drawn from
+    generated: jax.Array  # [B] tokens emitted so far
+    done: jax.Array  # [B] EOS emitted or max_new_tokens reached
+    key: jax.Array
+
+
+class StepOut(NamedTuple):
+    tokens: jax.Array  # [B, D+1] emitted this step; the first `count` of each row are real
+    count: jax.Array  # [B]
+    accepted: jax.Array  # [B] drafts accepted (before EOS / length truncation)
+    active: jax.Array  # [B] the row was still generating at the start of the step
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: list[list[int]]  # generated ids per prompt, EOS included when produced
+    prefill_s: float
+    decode_s: float
+    compile_s: float
+    steps: int
+    drafted: int  # draft tokens proposed to active rows
+    accepted: int  # of those, accepted
+    row_steps: int = 0  # sum over steps of the rows active in the step
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first of each row (the prefill yields the first) per second."""
+        return max(self.new_tokens - len(self.tokens), 0) / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def accepted_per_step(self) -> float | None:
+        """Tokens per main-model forward in decoding (1 + accepted drafts, averaged over active rows)."""
+        return None if not self.row_steps else (self.new_tokens - len(self.tokens)) / self.row_steps
+
+
+def _rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, W, ...], idx [B] -> x[b, idx[b]]."""
+    return x[jnp.arange(x.shape[0]), idx]
+
+
+class Generator:
+    """Jitted prefill and step functions for one model, batch size and cache length."""
+
+    def __init__(self, cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None):
+        self.cfg, self.gen = cfg, gen
+        self.depth = cfg.mtp_depth if gen.speculative == "mtp" else 0
+        if gen.speculative == "mtp" and not cfg.mtp_depth:
+            raise GenerationError("--speculative=mtp needs MTP modules, and this model has none (mtp_depth 0)")
+        self.model = Transformer(cfg)
+        self.cache_dtype = jnp.dtype(cache_dtype or cfg.dtype)
+        self.prefill = jax.jit(self._prefill, static_argnums=3)
+        self.step = jax.jit(self._step, donate_argnums=1)
+
+    # -- the pieces, traced once per shape ------------------------------------------------------
+
+    def _empty_cache(self, batch: int, length: int, n: int) -> tuple[jax.Array, ...]:
+        return tuple(jnp.zeros((batch, length, self.cfg.kv_cache_dim), self.cache_dtype) for _ in range(n))
+
+    def _draft(self, variables, mtp_cache, h, ext, positions, at, key):
+        """The MTP chain over a window: h [B,W,D] main hidden at `positions` [B,W]; ext [B, W+D+1] the
+        tokens at those positions onwards, known up to index at+1. Drafts D tokens after at+1."""
+        rows, w = jnp.arange(h.shape[0]), positions.shape[1]
+        drafts, logps, caches = [], [], []
+        for k in range(self.depth):
+            nxt = ext[:, k + 1: k + 1 + w]
+            logits, h, cache = self.model.apply(variables, k, h, nxt, positions, mtp_cache[k],
+                                                method=Transformer.mtp_step)
+            logp = log_probs(_rows(logits, at), self.gen.sampling)
+            key, sub = jax.random.split(key)
+            d = draw(sub, logp)
+            ext = ext.at[rows, at + k + 2].set(d)
+            drafts.append(d), logps.append(logp), caches.append(cache)
+        b, v = h.shape[0], self.cfg.vocab_size
+        if not drafts:
+            return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0, v), jnp.float32), ()
+        return jnp.stack(drafts, 1), jnp.stack(logps, 1), tuple(caches)
+
+    def _prefill(self, variables, tokens, lengths, cache_len: int):
+        """tokens [B,T] right-padded, lengths [B] -> (State, first generated token [B])."""
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cache = self._empty_cache(b, cache_len, self.cfg.num_layers)
+        logits, h, cache = self.model.apply(variables, tokens, positions, cache, method=Transformer.step)
+        key, k1, k2 = jax.random.split(jax.random.PRNGKey(self.gen.seed), 3)
+        at = lengths - 1
+        first = draw(k1, log_probs(_rows(logits, at), self.gen.sampling))
+        ext = jnp.pad(tokens, ((0, 0), (0, self.depth + 1))).at[jnp.arange(b), lengths].set(first)
+        drafts, draft_logp, mtp_cache = self._draft(variables, self._empty_cache(b, cache_len, self.depth), h, ext,
+                                                    positions, at, k2)
+        done = jnp.full((b,), self.gen.max_new_tokens <= 1)
+        if self.gen.eos_id is not None:
+            done |= first == self.gen.eos_id
+        state = State(cache, mtp_cache, first, lengths, drafts, draft_logp, jnp.ones((b,), jnp.int32), done, key)
+        return state, first
+
+    def _accept(self, p, drafts, draft_logp, key):
+        """p [B,D+1,V] target log-probs at the window -> (accepted count [B], next token [B])."""
+        b, d = drafts.shape
+        k1, k2 = jax.random.split(key)
+        if d == 0:
+            return jnp.zeros((b,), jnp.int32), draw(k2, p[:, 0])
+        p_d = jnp.take_along_axis(p[:, :d], drafts[..., None], -1)[..., 0]
+        q_d = jnp.take_along_axis(draft_logp, drafts[..., None], -1)[..., 0]
+        ok = jnp.log(jax.random.uniform(k1, (b, d))) < p_d - q_d  # probability min(1, p/q)
+        a = jnp.cumprod(ok, axis=1).sum(1).astype(jnp.int32)
+        p_a = jnp.exp(_rows(p, a))
+        q_next = jnp.exp(_rows(draft_logp, jnp.minimum(a, d - 1)))
+        residual = jnp.where((a < d)[:, None], jnp.maximum(p_a - q_next, 0.0), p_a)
+        # p == q gives no residual mass, but then the draft is never refused; guard the rounding case.
+        residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_a)
+        return a, draw(k2, jnp.log(residual))
+
+    def _truncate(self, state: State, emitted, a):
+        """How many of this step's emitted tokens [B,D+1] count, given EOS and max_new_tokens."""
+        count = jnp.minimum(a + 1, self.gen.max_new_tokens - state.generated)
+        idx = jnp.arange(emitted.shape[1])
+        if self.gen.eos_id is not None:
+            eos = (emitted == self.gen.eos_id) & (idx < count[:, None])
+            count = jnp.where(eos.any(1), jnp.argmax(eos, axis=1) + 1, count)
+        else:
+            eos = jnp.zeros(emitted.shape, bool)
+        count = jnp.where(state.done, 0, count)
+        done = state.done | eos.any(1) | (state.generated + count >= self.gen.max_new_tokens)
+        return count.astype(jnp.int32), done
+
+    def _step(self, variables, state: State):
+        b, d = state.drafts.shape
+        rows = jnp.arange(b)
+        window = jnp.concatenate([state.last[:, None], state.drafts], axis=1)  # [B, D+1]
+        positions = state.length[:, None] + jnp.arange(d + 1, dtype=jnp.int32)
+        logits, h, cache = self.model.apply(variables, window, positions, state.cache, method=Transformer.step)
+        key, k_acc, k_draft = jax.random.split(state.key, 3)
+        a, nxt = self._accept(log_probs(logits, self.gen.sampling), state.drafts, state.draft_logp, k_acc)
+        emitted = jnp.concatenate([state.drafts, jnp.zeros((b, 1), jnp.int32)], axis=1).at[rows, a].set(nxt)
+        count, done = self._truncate(state, emitted, a)
+        ext = jnp.pad(window, ((0, 0), (0, d + 1))).at[rows, a + 1].set(nxt)
+        drafts, draft_logp, mtp_cache = self._draft(variables, state.mtp_cache, h, ext, positions, a, k_draft)
+        keep = lambda new, old: jnp.where(state.done.reshape(-1, *([1] * (old.ndim - 1))), old, new)
+        new = State(cache, mtp_cache, keep(nxt, state.last), keep(state.length + a + 1, state.length),
+                    keep(drafts, state.drafts), keep(draft_logp, state.draft_logp), state.generated + count, done, key)
+        return new, StepOut(emitted, count, a, ~state.done)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def validate_prompts(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
+    if not prompts:
+        raise GenerationError("no prompt given")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise GenerationError(f"prompt {i} is empty: give at least one token")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary "
+                                  f"(0..{cfg.vocab_size - 1})")
+        if len(p) + max_new_tokens > cfg.max_position_embeddings:
+            room = cfg.max_position_embeddings - len(p)
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it would pass the "
+                f"model's context of {cfg.max_position_embeddings} tokens"
+                + (f" (at most {room} new tokens fit)" if room > 0 else " (the prompt alone does not fit)"))
+
+
+def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded tokens [B, T] (T a multiple of PREFILL_BUCKET) and lengths [B]."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.zeros((len(prompts), _round_up(int(lengths.max()), PREFILL_BUCKET)), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, lengths
+
+
+def cache_length(cfg: ModelConfig, prompt_tokens: int, max_new_tokens: int, depth: int) -> int:
+    """Slots per row: the padded prompt, the new tokens, and room for a last window of drafts."""
+    return _round_up(max(prompt_tokens, max(prompt_tokens, 1) + max_new_tokens) + depth + 1, CACHE_BUCKET)
+
+
+def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: GenerateConfig,
+             on_tokens: Callable[[int, list[int]], None] | None = None, cache_dtype=None) -> Result:
+    """Generate for a batch of prompts (token ids). `on_tokens(row, new_ids)` is called as tokens
+    arrive (streaming). Compilation is done ahead of time and timed apart from prefill and decode."""
+    validate_prompts(cfg, prompts, gen.max_new_tokens)
+    g = Generator(cfg, gen, cache_dtype)
+    tokens, lengths = pad_prompts(prompts)
+    s = cache_length(cfg, tokens.shape[1], gen.max_new_tokens, g.depth)
+    t0 = time.perf_counter()
+    prefill = g.prefill.lower(variables, tokens, lengths, s).compile()
+    state_shape = jax.eval_shape(functools.partial(g._prefill, cache_len=s), variables, tokens, lengths)[0]
+    step = g.step.lower(variables, state_shape).compile()
+    compile_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    state, first = prefill(variables, tokens, lengths)
+    first = np.asarray(first)
+    prefill_s = time.perf_counter() - t0
+    out = [[int(t)] for t in first]
+    for i, t in enumerate(out):
+        on_tokens and on_tokens(i, t)
+    done = np.asarray(state.done)
+    res = Result(out, prefill_s, 0.0, compile_s, 0, 0, 0)
+    t0 = time.perf_counter()
+    while not done.all():
+        state, o = step(variables, state)
+        toks, count, acc, active = (np.asarray(x) for x in (o.tokens, o.count, o.accepted, o.active))
+        done = np.asarray(state.done)
+        res.steps += 1
+        res.row_steps += int(active.sum())
+        res.drafted += g.depth * int(active.sum())
+        res.accepted += int(acc[active].sum())
+        for i in np.flatnonzero(count):
+            new = toks[i, : count[i]].tolist()
+            out[i].extend(new)
+            on_tokens and on_tokens(i, new)
+    res.decode_s = time.perf_counter() - t0
+    return res
+
+
+def cache_bytes_per_token(cfg: ModelConfig, cache_dtype) -> int:
+    """Bytes the main model's cache holds per token, all layers (the cost model's figure at this dtype)."""
+    return cfg.num_layers * cfg.kv_cache_dim * jnp.dtype(cache_dtype).itemsize
