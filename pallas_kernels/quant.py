@@ -1,11 +1,13 @@
 """Block-scaled FP8 (E4M3) quantisation, as DeepSeek-V3 trains and ships its weights (report s.3.3).
 
-Weights: one float32 scale per 128x128 block, scale = amax / 448 (E4M3's largest finite value), so
-dequantisation is q * scale (DeepSeek's checkpoints call the scale `weight_scale_inv`). Edge blocks
-are padded internally; any shape works. Plain jnp: this is the reference the kernels are held to.
+Weights: one float32 scale per 128x128 block; activations: one per 1x128 tile (per token, per 128
+channels). Scale = max(amax, 1e-4) / 448 (E4M3's largest finite value), so dequantisation is
+q * scale (DeepSeek's checkpoints call the scale `weight_scale_inv`). Edge blocks are padded
+internally; any shape works. Plain jnp: this is the reference the kernels are held to.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -47,4 +49,28 @@ def dequantize_weight(q: jax.Array, scale: jax.Array, dtype=jnp.float32, *, bloc
     if scale.shape != want:
         raise ValueError(f"dequantize_weight: weight {q.shape} needs scales of shape {want}, got {scale.shape}")
     full = jnp.repeat(jnp.repeat(scale.astype(jnp.float32), block, axis=0), block, axis=1)[:n, :k]
+    return (q.astype(jnp.float32) * full).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "pow2"))
+def quantize_act(x: jax.Array, *, block: int = BLOCK, pow2: bool = False):
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, ceil(K/block)]), one scale per 1 x block tile."""
+    if x.ndim != 2:
+        raise ValueError(f"quantize_act: expected a 2-D activation [M, K], got shape {x.shape}")
+    m, k = x.shape
+    xp = _pad_to(x.astype(jnp.float32), (1, block))
+    tiles = xp.reshape(m, xp.shape[1] // block, block)
+    scale = _scale(jnp.abs(tiles).max(axis=2), pow2)
+    q = (tiles / scale[:, :, None]).reshape(xp.shape)[:, :k]
+    return jnp.clip(q, -E4M3_MAX, E4M3_MAX).astype(E4M3), scale
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "block"))
+def dequantize_act(q: jax.Array, scale: jax.Array, dtype=jnp.float32, *, block: int = BLOCK):
+    """Inverse of `quantize_act`: q [M, K] e4m3, scale [M, ceil(K/block)] -> dtype [M, K]."""
+    m, k = q.shape
+    want = (m, math.ceil(k / block))
+    if scale.shape != want:
+        raise ValueError(f"dequantize_act: activation {q.shape} needs scales of shape {want}, got {scale.shape}")
+    full = jnp.repeat(scale.astype(jnp.float32), block, axis=1)[:, :k]
     return (q.astype(jnp.float32) * full).astype(dtype)

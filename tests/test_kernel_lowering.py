@@ -1,0 +1,112 @@
+"""The GPU backends of the Pallas kernels lower for CUDA from this CPU-only machine.
+
+`jax.export` with platforms=["cuda"] runs the whole Pallas lowering (Mosaic GPU's Python lowering, with its
+layout, swizzle and wgmma checks; or the Triton IR generation) without a GPU; only the final compile to PTX
+/ SASS needs one. One test per kernel and backend; `_export_for_cuda` and `CALL_TARGETS` are shared.
+
+Call targets (found by experiment on jax 0.10.2): Mosaic GPU kernels become `stablehlo.custom_call
+@mosaic_gpu_v2`; Pallas Triton kernels `@__gpu$xla.gpu.triton` (jaxlib <= 0.10.2; later jaxlib compiles
+Triton itself and emits `triton_kernel_call_ffi`).
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import fp8_gemm as fg
+
+CALL_TARGETS = {"mosaic_gpu": "mosaic_gpu_v2", "triton": "__gpu$xla.gpu.triton"}
+E4M3 = jnp.float8_e4m3fn
+S = jax.ShapeDtypeStruct
+
+
+def _export_for_cuda(fn, args, backend: str) -> jax.export.Exported:
+    """Export `fn` for CUDA; assert the module holds the backend's kernel call; return the export."""
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in CALL_TARGETS.values()]
+    exp = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    assert exp.platforms == ("cuda",)
+    target = CALL_TARGETS[backend]
+    assert target.encode() in exp.mlir_module_serialized  # the serialized StableHLO bytecode
+    assert set(re.findall(r"stablehlo\.custom_call @([\w$.]+)", exp.mlir_module())) == {target}
+    return exp
+
+
+# -------------------------------------------------------------------------------------------- fp8_gemm
+
+# Ragged on purpose: M, N, K are padded to the tiles inside the wrapper.
+_GEMM_ARGS = (S((200, 1000), E4M3), S((200, 8), jnp.float32), S((384, 1000), E4M3), S((3, 8), jnp.float32))
+_GROUPED_ARGS = (S((200, 1000), E4M3), S((200, 8), jnp.float32), S((4, 384, 1000), E4M3),
+                 S((4, 3, 8), jnp.float32), S((4,), jnp.int32))
+
+
+def _fp8_wgmma(exp) -> list[str]:
+    return re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.f32\.e4m3\.e4m3", exp.mlir_module())
+
+
+def test_fp8_gemm_lowers_mosaic_gpu():
+    exp = _export_for_cuda(lambda *a: fg.fp8_gemm(*a, backend="mosaic_gpu"), _GEMM_ARGS, "mosaic_gpu")
+    assert _fp8_wgmma(exp)  # FP8 operands go to the tensor cores as E4M3 (K-major A and B)
+    assert "cp.async.bulk.tensor" in exp.mlir_module()  # TMA copies
+
+
+def test_fp8_gemm_lowers_triton():
+    exp = _export_for_cuda(lambda *a: fg.fp8_gemm(*a, backend="triton"), _GEMM_ARGS, "triton")
+    assert "tt.ptr<f8E4M3FN>" in exp.mlir_module()  # the kernel loads E4M3 tiles
+
+
+def test_fp8_grouped_gemm_lowers_mosaic_gpu():
+    fn = lambda *a: fg.fp8_grouped_gemm(*a, backend="mosaic_gpu")
+    assert _fp8_wgmma(_export_for_cuda(fn, _GROUPED_ARGS, "mosaic_gpu"))
+
+
+def test_fp8_grouped_gemm_lowers_triton():
+    fn = lambda *a: fg.fp8_grouped_gemm(*a, backend="triton")
+    assert "tt.ptr<f8E4M3FN>" in _export_for_cuda(fn, _GROUPED_ARGS, "triton").mlir_module()
+
+
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "triton"])
+def test_fp8_linear_grad_lowers(backend):
+    """Training path: Fprop, Dgrad and Wgrad all become kernel calls (three per step)."""
+    loss = lambda x, w: jnp.sum(fg.fp8_linear(x, w, backend=backend).astype(jnp.float32))
+    args = (S((256, 512), jnp.bfloat16), S((512, 384), jnp.float32))
+    exp = _export_for_cuda(jax.value_and_grad(loss, argnums=(0, 1)), args, backend)
+    assert exp.mlir_module().count(f"stablehlo.custom_call @{CALL_TARGETS[backend]}") == 3
+
+
+# -------------------------------------------------------------------------------------------- mla_decode
+
+from pallas_kernels import mla_decode as md  # noqa: E402
+
+# FlashMLA's benchmark shapes: batch 128, cache 4096, C = 512, R = 64, bfloat16.
+_MLA_KW = dict(v_dim=512, softmax_scale=576**-0.5)
+_MLA_WGMMA = (
+    "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",  # scores: 64 query rows x 64 cache positions
+    "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16",  # P.V: 64 rows x half of C per warpgroup
+)
+
+
+def _check_mla_kernel(exp, backend: str) -> None:
+    text = exp.mlir_module()
+    if backend == "mosaic_gpu":
+        assert all(op in text for op in _MLA_WGMMA)
+        assert "cp.async.bulk.tensor" in text  # TMA copies of cache blocks
+    else:
+        assert "tt.ptr<bf16>" in text
+
+
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "triton"])
+@pytest.mark.parametrize("heads,sq,splits", [(128, 1, 1), (128, 2, 1), (16, 2, 2)])
+def test_mla_decode_lowers(backend, heads, sq, splits):
+    args = (S((128, sq, heads, 576), jnp.bfloat16), S((128, 4096, 576), jnp.bfloat16), S((128,), jnp.int32))
+    config = md.MlaDecodeConfig(num_splits=splits)  # 2 splits: float32 partials merged outside the kernel
+    fn = lambda *a: md.mla_decode(*a, backend=backend, config=config, **_MLA_KW)
+    _check_mla_kernel(_export_for_cuda(fn, args, backend), backend)
+
+
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "triton"])
+def test_mla_decode_paged_lowers(backend):
+    args = (S((128, 2, 128, 576), jnp.bfloat16), S((8192, md.PAGE_SIZE, 576), jnp.bfloat16),
+            S((128, 64), jnp.int32), S((128,), jnp.int32))
+    fn = lambda *a: md.mla_decode_paged(*a, backend=backend, **_MLA_KW)
+    _check_mla_kernel(_export_for_cuda(fn, args, backend), backend)

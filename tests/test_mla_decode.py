@@ -1,0 +1,185 @@
+"""MLA latent-attention decode: Pallas kernel (interpret mode on CPU) against the plain-jnp reference,
+and the reference against an independent float64 computation of un-absorbed MLA."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.mla_decode import (
+    PAGE_SIZE,
+    MlaDecodeConfig,
+    mla_decode,
+    mla_decode_paged,
+    mla_decode_paged_reference,
+    mla_decode_reference,
+)
+
+LENGTHS = (1, 63, 64, 65, 130)  # one row, around a 64-block edge (64: query 0 of 2 stops one short), two blocks
+SCALE = 0.125
+# bfloat16: inputs, P and the output are rounded to 8 bits of mantissa (relative ~4e-3 each).
+TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def _inputs(seed, batch, sq, heads, c, r, s_len, dtype):
+    kq, kc = jax.random.split(jax.random.key(seed))
+    q = jax.random.normal(kq, (batch, sq, heads, c + r), jnp.float32)
+    cache = jax.random.normal(kc, (batch, s_len, c + r), jnp.float32)
+    return q.astype(dtype), cache.astype(dtype)
+
+
+def _close(a, b, dtype):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **TOL[dtype])
+
+
+def _naive_mla_float64(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, lengths, scale):
+    """Un-absorbed MLA, one head and one query at a time: keys c_kv @ W_UK[h] (+ shared k_pe), values c_kv @ W_UV[h]."""
+    batch, sq, heads, _ = q_nope.shape
+    out = np.zeros((batch, sq, heads, w_uv.shape[-1]))
+    for b in range(batch):
+        for t in range(sq):
+            visible = lengths[b] - sq + t + 1  # positions 0 .. L - Sq + t
+            if visible <= 0:
+                continue
+            for h in range(heads):
+                keys = c_kv[b, :visible] @ w_uk[h]
+                scores = (keys @ q_nope[b, t, h] + k_pe[b, :visible] @ q_pe[b, t, h]) * scale
+                p = np.exp(scores - scores.max())
+                out[b, t, h] = (p / p.sum()) @ (c_kv[b, :visible] @ w_uv[h])
+    return out
+
+
+def test_reference_matches_float64_unabsorbed_mla():
+    rng = np.random.default_rng(0)
+    batch, sq, heads, c, r, nope, dv, s_len = 3, 2, 3, 16, 8, 12, 10, 20
+    q_nope, q_pe = rng.normal(size=(batch, sq, heads, nope)), rng.normal(size=(batch, sq, heads, r))
+    c_kv, k_pe = rng.normal(size=(batch, s_len, c)), rng.normal(size=(batch, s_len, r))
+    w_uk, w_uv = rng.normal(size=(heads, c, nope)) / 4, rng.normal(size=(heads, c, dv)) / 4
+    lengths = np.array([0, 1, 17])  # empty; the first query before the sequence; a normal one
+    want = _naive_mla_float64(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, lengths, SCALE)
+
+    # Absorb W_UK into the query (q_latent = W_UK q_nope); apply W_UV to the latent output afterwards.
+    q_latent = np.einsum("hcn,bthn->bthc", w_uk, q_nope)
+    q = jnp.asarray(np.concatenate([q_latent, q_pe], -1), jnp.float32)
+    cache = jnp.asarray(np.concatenate([c_kv, k_pe], -1), jnp.float32)
+    latent = mla_decode_reference(q, cache, jnp.asarray(lengths, jnp.int32), v_dim=c, softmax_scale=SCALE)
+    got = np.einsum("bthc,hcv->bthv", np.asarray(latent, np.float64), w_uv)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.all(got[0] == 0) and np.all(got[1, 0] == 0) and np.abs(got[2]).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "dtype,sq,heads", [(jnp.float32, 1, 16), (jnp.float32, 2, 4), (jnp.bfloat16, 2, 16), (jnp.bfloat16, 1, 4)]
+)
+def test_interpret_matches_reference_on_ragged_lengths(dtype, sq, heads):
+    q, cache = _inputs(1, len(LENGTHS), sq, heads, 64, 16, 192, dtype)
+    lengths = jnp.array(LENGTHS, jnp.int32)
+    got = mla_decode(q, cache, lengths, v_dim=64, softmax_scale=SCALE, backend="interpret",
+                     config=MlaDecodeConfig(num_splits=2))
+    want = mla_decode_reference(q, cache, lengths, v_dim=64, softmax_scale=SCALE)
+    assert got.shape == (len(LENGTHS), sq, heads, 64) and got.dtype == dtype
+    _close(got, want, dtype)
+
+
+def test_interpret_deepseek_latent_dims_bfloat16():
+    q, cache = _inputs(2, 2, 2, 16, 512, 64, 128, jnp.bfloat16)
+    got = mla_decode(q, cache, jnp.array([70, 500], jnp.int32), v_dim=512, softmax_scale=576 ** -0.5,
+                     backend="interpret")
+    # Lengths past the cache are clipped to S.
+    want = mla_decode_reference(q, cache, jnp.array([70, 128], jnp.int32), v_dim=512, softmax_scale=576 ** -0.5)
+    _close(got, want, jnp.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MlaDecodeConfig(num_splits=1),
+        MlaDecodeConfig(num_splits=3),
+        MlaDecodeConfig(num_splits=8),  # more splits than blocks: clamped
+        MlaDecodeConfig(num_splits=2, block_s=32, block_h=3),  # heads padded 4 -> 6
+        MlaDecodeConfig(block_s=48),  # S = 150 is padded to 192
+    ],
+)
+def test_split_counts_and_blocks_agree(config):
+    q, cache = _inputs(3, 5, 2, 4, 64, 16, 150, jnp.float32)
+    lengths = jnp.array([1, 63, 64, 97, 150], jnp.int32)  # 97: one past a 32- and a 48-block edge
+    got = mla_decode(q, cache, lengths, v_dim=64, softmax_scale=SCALE, backend="interpret", config=config)
+    want = mla_decode_reference(q, cache, lengths, v_dim=64, softmax_scale=SCALE)
+    _close(got, want, jnp.float32)
+
+
+def test_empty_rows_give_zeros_and_garbage_past_length_never_leaks():
+    q, cache = _inputs(4, 3, 2, 4, 64, 16, 128, jnp.float32)
+    lengths = jnp.array([0, 1, 70], jnp.int32)
+    poisoned = jnp.where(jnp.arange(128)[None, :, None] < lengths[:, None, None], cache, jnp.nan)
+    for backend in ("interpret", "xla"):
+        clean = mla_decode(q, cache, lengths, v_dim=64, softmax_scale=SCALE, backend=backend,
+                           config=MlaDecodeConfig(num_splits=2))
+        dirty = mla_decode(q, poisoned, lengths, v_dim=64, softmax_scale=SCALE, backend=backend,
+                           config=MlaDecodeConfig(num_splits=2))
+        assert np.all(np.isfinite(np.asarray(dirty))), backend
+        np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+        assert np.all(np.asarray(clean[0]) == 0)  # L = 0: nothing to attend to
+        assert np.all(np.asarray(clean[1, 0]) == 0)  # L = 1, Sq = 2: query 0 sits at position -1
+        assert np.abs(np.asarray(clean[1, 1])).max() > 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_paged_matches_dense_with_shuffled_block_table(dtype):
+    batch, sq, heads, c, r, blocks = len(LENGTHS), 2, 4, 64, 16, 3
+    q, cache = _inputs(6, batch, sq, heads, c, r, blocks * PAGE_SIZE, dtype)
+    lengths = jnp.array(LENGTHS, jnp.int32)
+    # Scatter every (sequence, block) to a random physical page among spares.
+    perm = np.random.default_rng(1).permutation(batch * blocks + 5)
+    table = perm[: batch * blocks].reshape(batch, blocks)
+    pages = jnp.zeros((len(perm), PAGE_SIZE, c + r), dtype)
+    pages = pages.at[table.reshape(-1)].set(cache.reshape(batch * blocks, PAGE_SIZE, c + r))
+    table = np.where(np.arange(blocks)[None, :] * PAGE_SIZE < np.asarray(LENGTHS)[:, None], table, -7)  # unused
+    table = jnp.asarray(table, jnp.int32)
+    dense = mla_decode(q, cache, lengths, v_dim=c, softmax_scale=SCALE, backend="interpret")
+    paged = mla_decode_paged(q, pages, table, lengths, v_dim=c, softmax_scale=SCALE, backend="interpret",
+                             config=MlaDecodeConfig(num_splits=2))
+    paged_ref = mla_decode_paged_reference(q, pages, table, lengths, v_dim=c, softmax_scale=SCALE)
+    _close(paged, dense, dtype)
+    _close(paged, paged_ref, dtype)
+    _close(paged_ref, mla_decode_reference(q, cache, lengths, v_dim=c, softmax_scale=SCALE), dtype)
+
+
+def test_xla_and_auto_on_cpu_are_the_reference():
+    q, cache = _inputs(7, 2, 2, 4, 32, 8, 64, jnp.float32)
+    lengths = jnp.array([5, 64], jnp.int32)
+    want = np.asarray(mla_decode_reference(q, cache, lengths, v_dim=32, softmax_scale=SCALE))
+    for backend in ("xla", "auto"):
+        got = mla_decode(q, cache, lengths, v_dim=32, softmax_scale=SCALE, backend=backend)
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def _bad_calls():
+    q, cache = jnp.zeros((2, 1, 4, 80)), jnp.zeros((2, 64, 80))
+    lengths, pages, table = jnp.zeros((2,), jnp.int32), jnp.zeros((4, PAGE_SIZE, 80)), jnp.zeros((2, 2), jnp.int32)
+    dense = lambda **kw: mla_decode(**{**dict(q=q, cache=cache, lengths=lengths, v_dim=64, softmax_scale=SCALE,  # noqa: E731
+                                            backend="interpret"), **kw})
+    paged = lambda **kw: mla_decode_paged(**{**dict(q=q, cache_pages=pages, block_table=table, lengths=lengths,  # noqa: E731
+                                                   v_dim=64, softmax_scale=SCALE, backend="interpret"), **kw})
+    return [
+        (lambda: dense(cache=jnp.zeros((2, 64, 72))), r"cache last dim 72 != q last dim 80"),
+        (lambda: dense(lengths=jnp.zeros((3,), jnp.int32)), r"lengths must be \[B\].*\(3,\)"),
+        (lambda: dense(lengths=jnp.zeros((2,))), r"lengths must be integers"),
+        (lambda: dense(v_dim=81), r"v_dim must be an int in \[1, C\+R = 80\]"),
+        (lambda: dense(backend="cuda"), r"unknown backend 'cuda'"),
+        (lambda: dense(q=jnp.zeros((2, 4, 80))), r"q must be \[B, Sq, H, C\+R\].*\(2, 4, 80\)"),
+        (lambda: dense(cache=jnp.zeros((3, 64, 80))), r"cache must be \[B, S, C\+R\].*\(3, 64, 80\)"),
+        (lambda: dense(cache=jnp.zeros((2, 64, 80), jnp.bfloat16)), r"q dtype float32 != cache dtype bfloat16"),
+        (lambda: dense(backend="mosaic_gpu"), r"mosaic_gpu: q and cache must be bfloat16 or float16"),
+        (lambda: dense(backend="triton", v_dim=48), r"triton: v_dim must be a power of two, got 48"),
+        (lambda: paged(cache_pages=jnp.zeros((4, 32, 80))), r"cache_pages must be \[P, 64, C\+R\]"),
+        (lambda: paged(block_table=jnp.zeros((3, 2), jnp.int32)), r"block_table must be \[B, max_blocks\]"),
+        (lambda: paged(config=MlaDecodeConfig(block_s=32)), r"block_s must equal the page size 64"),
+        (lambda: MlaDecodeConfig(num_splits=0), r"MlaDecodeConfig.num_splits must be a positive int"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_clear_errors(case):
+    call, message = _bad_calls()[case]
+    with pytest.raises(ValueError, match=message):
+        call()
