@@ -84,6 +84,10 @@ class ModelConfig:
     # Under an "expert" mesh axis: dispatch tokens as E4M3 with 1x128 scales, combine in BF16
     # (paper s.3); off by default, as it changes the numbers (a few % error, tests/test_ep.py).
     ep_fp8_dispatch: bool = False
+    # FP8 training GEMMs (report s.3.3): the linear layers (attention projections, dense FFN, shared and
+    # routed experts) run Fprop, Dgrad and Wgrad on E4M3 inputs, 1x128 activation and 128x128 weight
+    # scales; embedding, head, router, norms, MTP projection and attention core stay in `dtype`.
+    fp8: bool = False
     name: str = "custom"
 
     def __post_init__(self):
@@ -273,6 +277,8 @@ def _validate(c: ModelConfig) -> None:
         _fail("dtype", c.dtype, "must be one of float32, bfloat16, float16")
     if c.attention_impl not in ("naive", "absorbed"):
         _fail("attention_impl", c.attention_impl, "must be 'naive' or 'absorbed'")
+    if not isinstance(c.fp8, bool):
+        _fail("fp8", c.fp8, "must be true or false")
     if c.moe_impl not in ("auto", "dense", "ragged", "blocked"):
         _fail("moe_impl", c.moe_impl, "must be 'auto', 'dense', 'ragged' or 'blocked'")
 

@@ -34,7 +34,7 @@ class Block(nn.Module):
         if self.moe:
             x = x + MoE(c, name="ffn")(h)
         else:
-            x = x + MLP(c.hidden_size, c.intermediate_size, c.init_std, name="ffn")(h)
+            x = x + MLP(c.hidden_size, c.intermediate_size, c.init_std, c.fp8, name="ffn")(h)
         return x if cache is None else (x, cache)
 
 
@@ -60,6 +60,11 @@ class MTPModule(nn.Module):
             out, cache = out
             return out, RMSNorm(c.rms_norm_eps, name="head_norm")(out), cache
         return out, RMSNorm(c.rms_norm_eps, name="head_norm")(out)
+
+
+def _pick(x: jax.Array, at: jax.Array | None) -> jax.Array:
+    """x [B,T,...] -> x[b, at[b]] as [B,1,...]; all of x when `at` is None."""
+    return x if at is None else x[jnp.arange(x.shape[0]), at][:, None]
 
 
 def _shift_left(tokens: jax.Array, k: int) -> jax.Array:
@@ -112,21 +117,25 @@ class Transformer(nn.Module):
             return logits
         return logits, self.mtp_logits(tokens, h, positions, future)
 
-    def step(self, tokens: jax.Array, positions: jax.Array, cache: tuple[jax.Array, ...]):
+    def step(self, tokens: jax.Array, positions: jax.Array, cache: tuple[jax.Array, ...],
+             logits_at: jax.Array | None = None):
         """Inference over a latent cache: tokens [B,T] at contiguous positions [B,T] (each row its own
-        start), one cache [B,S,C+R] per layer. -> (logits [B,T,V], last hidden [B,T,D], new cache)."""
+        start), one cache [B,S,C+R] per layer. -> (logits [B,T,V], last hidden [B,T,D], new cache).
+        `logits_at` [B]: the head runs only at that index of each row (prefill), logits [B,1,V]."""
         x, new = self.embed_tokens(tokens), []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x, layer_cache = layer(x, positions, layer_cache)
             new.append(layer_cache)
-        return self.logits(self.final_norm(x)), x, tuple(new)
+        return self.logits(self.final_norm(_pick(x, logits_at))), x, tuple(new)
 
-    def mtp_step(self, depth: int, h: jax.Array, next_tokens: jax.Array, positions: jax.Array, cache: jax.Array):
+    def mtp_step(self, depth: int, h: jax.Array, next_tokens: jax.Array, positions: jax.Array, cache: jax.Array,
+                 logits_at: jax.Array | None = None):
         """MTP depth `depth` (0-based) over a latent cache, for drafting: h [B,T,D] is the previous
         depth's output (the main model's for depth 0) at `positions`, next_tokens [B,T] the tokens
-        one step after those positions. -> (logits [B,T,V] for the token after next, out, cache)."""
+        one step after those positions. -> (logits [B,T,V] for the token after next, out, cache);
+        `logits_at` as in `step`."""
         out, normed, cache = self.mtp[depth](h, self.embed_tokens(next_tokens), positions, cache)
-        return self.logits(normed), out, cache
+        return self.logits(_pick(normed, logits_at)), out, cache
 
     def mtp_logits(self, tokens: jax.Array, h: jax.Array, positions: jax.Array,
                    future: jax.Array | None = None) -> jax.Array:

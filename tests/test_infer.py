@@ -28,6 +28,7 @@ from dsv3_jax.infer.engine import (
 from dsv3_jax.infer.sampling import Sampling, draw, log_probs
 from dsv3_jax.infer.weights import CheckpointError, convert_weights, load_checkpoint, weight_bytes
 from dsv3_jax.layers.common import Fp8Weight
+from dsv3_jax.layers.mla import attend_cached
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.train.loop import TrainConfig, run
 
@@ -71,6 +72,21 @@ def test_cached_logits_match_the_full_forward(variables):
         logits, _, cache = step(variables, tokens[:, i:i + 1], jnp.full((2, 1), i), cache)
         got.append(logits)
     np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_decode_attention_through_the_kernel_equals_the_xla_path(t):
+    """The model's cached attention through the Pallas latent-decode kernel (interpret mode, the
+    code the GPU backends share) gives the XLA path's output, rows of different lengths included."""
+    c, r, h, n, v, s = CFG.kv_lora_rank, CFG.qk_rope_head_dim, 4, 8, 8, 96
+    ks = jax.random.split(jax.random.PRNGKey(3), 4)
+    q_nope, q_pe = jax.random.normal(ks[0], (3, t, h, n)), jax.random.normal(ks[1], (3, t, h, r))
+    cache = jax.random.normal(ks[2], (3, s, c + r))
+    wkv_b = jax.random.normal(ks[3], (c, h, n + v)) * 0.3
+    positions = jnp.array([0, 40, 90])[:, None] + jnp.arange(t)
+    args = (q_nope, q_pe, cache, positions, wkv_b, 0.3, v)
+    np.testing.assert_allclose(attend_cached(*args, backend="interpret"), attend_cached(*args, backend="xla"),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_ragged_batch_decodes_each_prompt_as_alone(variables, plain):

@@ -22,7 +22,6 @@ and keeps that state in its cache; this costs draft quality only (V3 has depth 1
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.infer.sampling import Sampling, draw, log_probs
+from dsv3_jax.infer.sampling import Sampling, draw, greedy, log_probs
 from dsv3_jax.model import Transformer
 
 PREFILL_BUCKET = 64  # prompts are padded to a multiple of this: one compilation per bucket, not per length
@@ -64,17 +63,18 @@ class State(NamedTuple):
     last: jax.Array  # [B] the newest token, not yet in the main cache
     length: jax.Array  # [B] tokens in the main cache = the position of `last`
     drafts: jax.Array  # [B, D] tokens drafted after `last`
-    draft_logp: jax.Array  # [B, D, V] the distributions they were drawn from
+    draft_logp: jax.Array  # [B, D, V] the distributions they were drawn from ([B, D, 1] unused if greedy)
     generated: jax.Array  # [B] tokens emitted so far
     done: jax.Array  # [B] EOS emitted or max_new_tokens reached
     key: jax.Array
 
 
-class StepOut(NamedTuple):
-    tokens: jax.Array  # [B, D+1] emitted this step; the first `count` of each row are real
-    count: jax.Array  # [B]
-    accepted: jax.Array  # [B] drafts accepted (before EOS / length truncation)
-    active: jax.Array  # [B] the row was still generating at the start of the step
+def unpack_step(out: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A step's one int32 output [B, D+5] (one device-to-host copy per step) -> tokens [B, D+1]
+    emitted (the first `count` of each row are real), count [B], drafts accepted [B] (before EOS
+    or length truncation), active [B] (the row was still generating at the start of the step),
+    done [B] (at its end)."""
+    return out[:, :-4], out[:, -4], out[:, -3], out[:, -2].astype(bool), out[:, -1].astype(bool)
 
 
 @dataclasses.dataclass
@@ -121,6 +121,7 @@ class Generator:
         if gen.speculative == "mtp" and not cfg.mtp_depth:
             raise GenerationError("--speculative=mtp needs MTP modules, and this model has none (mtp_depth 0)")
         self.model = Transformer(cfg)
+        self.greedy = gen.sampling.temperature == 0
         self.cache_dtype = jnp.dtype(cache_dtype or cfg.dtype)
         self.prefill = jax.jit(self._prefill, static_argnums=3)
         self.step = jax.jit(self._step, donate_argnums=1)
@@ -137,14 +138,18 @@ class Generator:
         drafts, logps, caches = [], [], []
         for k in range(self.depth):
             nxt = ext[:, k + 1: k + 1 + w]
-            logits, h, cache = self.model.apply(variables, k, h, nxt, positions, mtp_cache[k],
+            logits, h, cache = self.model.apply(variables, k, h, nxt, positions, mtp_cache[k], at,
                                                 method=Transformer.mtp_step)
-            logp = log_probs(_rows(logits, at), self.gen.sampling)
-            key, sub = jax.random.split(key)
-            d = draw(sub, logp)
+            logits = logits[:, 0]  # [B, V] at the last kept position
+            if self.greedy:  # drafts are argmaxes; their distributions are never needed
+                d, logp = greedy(logits, self.gen.sampling), jnp.zeros((h.shape[0], 1))
+            else:
+                logp = log_probs(logits, self.gen.sampling)
+                key, sub = jax.random.split(key)
+                d = draw(sub, logp)
             ext = ext.at[rows, at + k + 2].set(d)
             drafts.append(d), logps.append(logp), caches.append(cache)
-        b, v = h.shape[0], self.cfg.vocab_size
+        b, v = h.shape[0], 1 if self.greedy else self.cfg.vocab_size
         if not drafts:
             return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0, v), jnp.float32), ()
         return jnp.stack(drafts, 1), jnp.stack(logps, 1), tuple(caches)
@@ -154,10 +159,10 @@ class Generator:
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cache = self._empty_cache(b, cache_len, self.cfg.num_layers)
-        logits, h, cache = self.model.apply(variables, tokens, positions, cache, method=Transformer.step)
-        key, k1, k2 = jax.random.split(jax.random.PRNGKey(self.gen.seed), 3)
         at = lengths - 1
-        first = draw(k1, log_probs(_rows(logits, at), self.gen.sampling))
+        logits, h, cache = self.model.apply(variables, tokens, positions, cache, at, method=Transformer.step)
+        key, k1, k2 = jax.random.split(jax.random.PRNGKey(self.gen.seed), 3)
+        first = draw(k1, log_probs(logits[:, 0], self.gen.sampling))
         ext = jnp.pad(tokens, ((0, 0), (0, self.depth + 1))).at[jnp.arange(b), lengths].set(first)
         drafts, draft_logp, mtp_cache = self._draft(variables, self._empty_cache(b, cache_len, self.depth), h, ext,
                                                     positions, at, k2)
@@ -204,7 +209,12 @@ class Generator:
         positions = state.length[:, None] + jnp.arange(d + 1, dtype=jnp.int32)
         logits, h, cache = self.model.apply(variables, window, positions, state.cache, method=Transformer.step)
         key, k_acc, k_draft = jax.random.split(state.key, 3)
-        a, nxt = self._accept(log_probs(logits, self.gen.sampling), state.drafts, state.draft_logp, k_acc)
+        if self.greedy:  # the rejection rule with one-hot p and q: keep drafts while they are the argmax
+            target = greedy(logits, self.gen.sampling)  # [B, D+1]
+            a = jnp.cumprod(state.drafts == target[:, :d], axis=1).sum(1).astype(jnp.int32)
+            nxt = _rows(target, a)
+        else:
+            a, nxt = self._accept(log_probs(logits, self.gen.sampling), state.drafts, state.draft_logp, k_acc)
         emitted = jnp.concatenate([state.drafts, jnp.zeros((b, 1), jnp.int32)], axis=1).at[rows, a].set(nxt)
         count, done = self._truncate(state, emitted, a)
         ext = jnp.pad(window, ((0, 0), (0, d + 1))).at[rows, a + 1].set(nxt)
@@ -212,7 +222,7 @@ class Generator:
         keep = lambda new, old: jnp.where(state.done.reshape(-1, *([1] * (old.ndim - 1))), old, new)
         new = State(cache, mtp_cache, keep(nxt, state.last), keep(state.length + a + 1, state.length),
                     keep(drafts, state.drafts), keep(draft_logp, state.draft_logp), state.generated + count, done, key)
-        return new, StepOut(emitted, count, a, ~state.done)
+        return new, jnp.concatenate([emitted, jnp.stack([count, a, ~state.done, done], 1).astype(jnp.int32)], 1)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -252,23 +262,31 @@ def cache_length(cfg: ModelConfig, prompt_tokens: int, max_new_tokens: int, dept
 
 
 def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: GenerateConfig,
-             on_tokens: Callable[[int, list[int]], None] | None = None, cache_dtype=None) -> Result:
+             on_tokens: Callable[[int, list[int]], None] | None = None, cache_dtype=None,
+             warm_prefill: bool = False) -> Result:
     """Generate for a batch of prompts (token ids). `on_tokens(row, new_ids)` is called as tokens
-    arrive (streaming). Compilation is done ahead of time and timed apart from prefill and decode."""
+    arrive (streaming). Compilation is timed apart from prefill and decode; `warm_prefill` also runs
+    the prefill once untimed first (an executable's first run pays one-time costs: benchmarks)."""
     validate_prompts(cfg, prompts, gen.max_new_tokens)
     g = Generator(cfg, gen, cache_dtype)
     tokens, lengths = pad_prompts(prompts)
     s = cache_length(cfg, tokens.shape[1], gen.max_new_tokens, g.depth)
     t0 = time.perf_counter()
     prefill = g.prefill.lower(variables, tokens, lengths, s).compile()
-    state_shape = jax.eval_shape(functools.partial(g._prefill, cache_len=s), variables, tokens, lengths)[0]
-    step = g.step.lower(variables, state_shape).compile()
+    if warm_prefill:
+        jax.block_until_ready(prefill(variables, tokens, lengths))
     compile_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     state, first = prefill(variables, tokens, lengths)
     first = np.asarray(first)
     prefill_s = time.perf_counter() - t0
+    # The step is called through jit's C++ dispatch, several times faster per call than an AOT
+    # `Compiled` object's Python path (it matters at a fraction of a millisecond per token); its
+    # compilation happens here, on a throwaway copy of the state, and is counted as compile time.
+    t0 = time.perf_counter()
+    jax.block_until_ready(g.step(variables, jax.tree.map(jnp.copy, state)))
+    compile_s += time.perf_counter() - t0
     out = [[int(t)] for t in first]
     for i, t in enumerate(out):
         on_tokens and on_tokens(i, t)
@@ -276,9 +294,8 @@ def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: G
     res = Result(out, prefill_s, 0.0, compile_s, 0, 0, 0)
     t0 = time.perf_counter()
     while not done.all():
-        state, o = step(variables, state)
-        toks, count, acc, active = (np.asarray(x) for x in (o.tokens, o.count, o.accepted, o.active))
-        done = np.asarray(state.done)
+        state, o = g.step(variables, state)
+        toks, count, acc, active, done = unpack_step(np.asarray(o))
         res.steps += 1
         res.row_steps += int(active.sum())
         res.drafted += g.depth * int(active.sum())

@@ -43,11 +43,21 @@ def _keep_top_p(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
+def _limit(logits: jax.Array, s: Sampling) -> jax.Array:
+    if s.vocab_limit is not None and s.vocab_limit < logits.shape[-1]:
+        return jnp.where(jnp.arange(logits.shape[-1]) < s.vocab_limit, logits, -jnp.inf)
+    return logits
+
+
+def greedy(logits: jax.Array, s: Sampling) -> jax.Array:
+    """The argmax token [...] of logits [..., V]: what `draw` picks from `log_probs` at temperature
+    0, without building the one-hot distribution (the speculative step's fast path)."""
+    return jnp.argmax(_limit(logits.astype(jnp.float32), s), axis=-1).astype(jnp.int32)
+
+
 def log_probs(logits: jax.Array, s: Sampling) -> jax.Array:
     """[..., V] logits -> [..., V] float32 log-probabilities of the distribution to sample from."""
-    logits = logits.astype(jnp.float32)
-    if s.vocab_limit is not None and s.vocab_limit < logits.shape[-1]:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < s.vocab_limit, logits, -jnp.inf)
+    logits = _limit(logits.astype(jnp.float32), s)
     if s.temperature == 0:
         best = jnp.argmax(logits, axis=-1)
         return jnp.where(jnp.arange(logits.shape[-1]) == best[..., None], 0.0, -jnp.inf)

@@ -8,19 +8,25 @@ shared by all heads, so a cache holds only C + R values per token. Two equal way
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.common import weight
+from dsv3_jax.layers.linear import linear
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import apply_rope, rope_angles
+from pallas_kernels.backends import resolve_backend
+from pallas_kernels.mla_decode import mla_decode
 
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
 # The norms on the q and kv latents use a fixed eps in DeepSeek's code and in transformers, not
 # the config's rms_norm_eps (which only the block norms read).
 LATENT_NORM_EPS = 1e-6
+DECODE_KERNEL_MAX_T = 8  # query windows up to this long use the latent-decode kernel
 
 
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
@@ -33,11 +39,14 @@ def _softmax(scores: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def attend_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim):
-    """q_nope [B,T,H,N], q_pe [B,T,H,R], c_kv [B,S,C], k_pe [B,S,R], wkv_b [C,H,N+V] -> [B,T,H,V]."""
+def attend_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim, fp8: bool = False):
+    """q_nope [B,T,H,N], q_pe [B,T,H,R], c_kv [B,S,C], k_pe [B,S,R], wkv_b [C,H,N+V] -> [B,T,H,V].
+
+    `fp8`: the expansion through wkv_b is a linear layer and runs as FP8 GEMMs; the scores, softmax
+    and P.V (the attention core) stay in the activation dtype."""
     b, s, c = c_kv.shape
     h = wkv_b.shape[1]
-    kv = (c_kv.reshape(b * s, c) @ wkv_b.reshape(c, -1).astype(c_kv.dtype)).reshape(b, s, h, -1)
+    kv = linear(c_kv.reshape(b * s, c), wkv_b.reshape(c, -1), fp8).reshape(b, s, h, -1)
     k_nope, v = kv[..., :-v_head_dim], kv[..., -v_head_dim:]
     # One score matmul over [nope; rope] dims, heads moved ahead of positions once: [B,H,T,N+R].
     q = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
@@ -72,14 +81,39 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     return jax.vmap(put)(cache, new.astype(cache.dtype), start)
 
 
-def attend_cached(q_nope, q_pe, cache, positions, wkv_b, scale, v_head_dim):
-    """Absorbed attention of queries at `positions` [B,T] over a latent cache [B,S,C+R] that already
-    holds them. A query sees the cache slots at or before its own position: slots after it may hold
-    padding or rejected drafts, never read."""
-    c = wkv_b.shape[0]
-    mask = jnp.arange(cache.shape[1])[None, None, :] <= positions[:, :, None]
-    lat = cache.astype(q_nope.dtype)
-    return attend_absorbed(q_nope, q_pe, lat[..., :c], lat[..., c:], wkv_b, mask, scale, v_head_dim)
+def attend_cached(q_nope, q_pe, cache, positions, wkv_b, scale, v_head_dim, backend: str = "auto"):
+    """Absorbed attention of queries at `positions` [B,T] (contiguous per row) over a latent cache
+    [B,S,C+R] that already holds them. A query sees the cache slots at or before its own position:
+    slots after it may hold padding or rejected drafts, never read.
+
+    Decode windows (a token, or a token and its drafts) go through the latent-decode kernel, which
+    reads only the 576-value cache rows (FlashMLA's design), wherever `backend` resolves to a Pallas
+    kernel (GPUs, or "interpret"); where it resolves to "xla" (CPU), the same absorbed math in jnp,
+    laid out so XLA never transposes the cache. Prefill-sized windows are compute-bound and take
+    the naive path, as training does."""
+    c, t = wkv_b.shape[0], q_nope.shape[1]
+    if t > DECODE_KERNEL_MAX_T:  # prefill: the training path, keys and values expanded per head
+        lat = cache.astype(q_nope.dtype)
+        mask = jnp.arange(cache.shape[1])[None, None, :] <= positions[:, :, None]
+        return attend_naive(q_nope, q_pe, lat[..., :c], lat[..., c:], wkv_b, mask, scale, v_head_dim)
+    w = wkv_b.astype(q_nope.dtype)
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w[..., :-v_head_dim])
+    q = jnp.concatenate([q_lat, q_pe], axis=-1)  # [B,T,H,C+R], against cache rows [c_kv; k_pe]
+    if resolve_backend(backend) == "xla":
+        o_lat = _latent_attention(q, cache.astype(q.dtype), positions, scale, c)
+    else:
+        o_lat = mla_decode(q.astype(cache.dtype), cache, positions[:, 0] + t, v_dim=c, softmax_scale=scale,
+                           backend=backend).astype(q.dtype)
+    return jnp.einsum("bthc,chv->bthv", o_lat, w[..., -v_head_dim:])
+
+
+def _latent_attention(q, cache, positions, scale, v_dim):
+    """q [B,T,H,C+R] over cache [B,S,C+R] -> [B,T,H,v_dim]. The cache is the left operand of both
+    matmuls ([S, C+R] as stored), so XLA never re-lays it out: S is the long axis here."""
+    scores = jnp.einsum("bsk,bthk->bsth", cache, q).astype(jnp.float32) * scale
+    mask = jnp.arange(cache.shape[1])[None, :, None] <= positions[:, None, :]  # [B,S,T]
+    probs = jax.nn.softmax(jnp.where(mask[..., None], scores, NEG_INF), axis=1).astype(cache.dtype)
+    return jnp.einsum("bsth,bsc->bthc", probs, cache[..., :v_dim])
 
 
 class MLA(nn.Module):
@@ -91,17 +125,17 @@ class MLA(nn.Module):
         shape = (c.num_heads, c.qk_head_dim)
         if not c.q_lora_rank:
             wq = weight(self, "wq", (c.hidden_size, *shape), ("embed", "heads", "qk_dim"), std)
-            return _matmul(x, wq)
+            return _matmul(x, wq, c.fp8)
         wq_a = weight(self, "wq_a", (c.hidden_size, c.q_lora_rank), ("embed", "q_lora"), std)
         wq_b = weight(self, "wq_b", (c.q_lora_rank, *shape), ("q_lora", "heads", "qk_dim"), std)
-        cq = RMSNorm(LATENT_NORM_EPS, "q_lora", name="q_norm")(_matmul(x, wq_a))
-        return _matmul(cq, wq_b)
+        cq = RMSNorm(LATENT_NORM_EPS, "q_lora", name="q_norm")(_matmul(x, wq_a, c.fp8))
+        return _matmul(cq, wq_b, c.fp8)
 
     def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[N,D] -> the cached pair: normalised c_kv [N,C] and rotated k_pe [N,R]."""
         c = self.cfg
         wkv_a = weight(self, "wkv_a", (c.hidden_size, c.kv_cache_dim), ("embed", "kv_latent"), c.init_std)
-        kv = _matmul(x, wkv_a)
+        kv = _matmul(x, wkv_a, c.fp8)
         c_kv = RMSNorm(LATENT_NORM_EPS, "kv_lora", name="kv_norm")(kv[..., : c.kv_lora_rank])
         return c_kv, apply_rope(kv[..., c.kv_lora_rank:], cos, sin)
 
@@ -125,18 +159,21 @@ class MLA(nn.Module):
                     c.init_std)
         unflat = lambda a: a.reshape(b, t, *a.shape[1:])
         if cache is None:
+            attend = ATTEND[c.attention_impl]
+            if c.fp8 and attend is attend_naive:  # absorbed: wkv_b is folded into the core's einsums, kept BF16
+                attend = functools.partial(attend_naive, fp8=True)
             with jax.named_scope(f"mla_{c.attention_impl}"):
-                o = ATTEND[c.attention_impl](unflat(q_nope), unflat(q_pe), unflat(c_kv), unflat(k_pe), wkv_b,
-                                             causal_mask(positions, positions), c.softmax_scale, c.v_head_dim)
+                o = attend(unflat(q_nope), unflat(q_pe), unflat(c_kv), unflat(k_pe), wkv_b,
+                           causal_mask(positions, positions), c.softmax_scale, c.v_head_dim)
         else:
             cache = write_cache(cache, unflat(jnp.concatenate([c_kv, k_pe], axis=-1)), positions[:, 0])
             with jax.named_scope("mla_cached"):
                 o = attend_cached(unflat(q_nope), unflat(q_pe), cache, positions, wkv_b, c.softmax_scale,
                                   c.v_head_dim)
-        out = (o.reshape(b * t, -1) @ wo.reshape(-1, d).astype(x.dtype)).reshape(b, t, d)
+        out = linear(o.reshape(b * t, -1), wo.reshape(-1, d), c.fp8).reshape(b, t, d)
         return out if cache is None else (out, cache)
 
 
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [N, I] @ w [I, ...] -> [N, ...], as one 2-D matmul in x's dtype."""
-    return (x @ w.reshape(w.shape[0], -1).astype(x.dtype)).reshape(x.shape[0], *w.shape[1:])
+def _matmul(x: jax.Array, w: jax.Array, fp8: bool) -> jax.Array:
+    """x [N, I] @ w [I, ...] -> [N, ...], as one 2-D matmul in x's dtype (FP8 GEMMs with `fp8`)."""
+    return linear(x, w.reshape(w.shape[0], -1), fp8).reshape(x.shape[0], *w.shape[1:])

@@ -12,6 +12,8 @@ Routed experts are stored stacked [E, ...]. Three equal computations:
   (`jax.lax.ragged_dot`). The path for accelerators and for many experts.
 - `experts_blocked`: dropless; the sorted assignments padded per expert into fixed-size blocks,
   then one batched matmul over blocks. The CPU path.
+With `ModelConfig.fp8`, whatever `moe_impl` says, `experts_fp8`: the sorted layout of `experts_ragged`
+with FP8 grouped GEMMs (E4M3 inputs in Fprop, Dgrad and Wgrad; V3 report s.3.3).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.common import weight
+from dsv3_jax.layers.linear import grouped_linear
 from dsv3_jax.layers.mlp import MLP
 
 
@@ -67,22 +70,42 @@ def experts_dense(x, routing: Routing, w1, w3, w2):
     t, e = x.shape[0], w1.shape[0]
     combine = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], routing.experts].add(routing.weights)
     dt = x.dtype
-    h = jax.nn.silu(jnp.einsum("td,edf->tef", x, w1.astype(dt))) * jnp.einsum("td,edf->tef", x, w3.astype(dt))
-    h = h * combine.astype(dt)[..., None]
-    return jnp.einsum("tef,efd->td", h, w2.astype(dt))
+    # Batched over experts, the weights' leading axis: XLA:CPU then reads [E, D, F] as stored,
+    # where a "td,edf->tef" contraction re-lays every weight out on each call (2x slower decoding).
+    xe = jnp.broadcast_to(x, (e, *x.shape))
+    h = jax.nn.silu(jnp.einsum("etd,edf->etf", xe, w1.astype(dt))) * jnp.einsum("etd,edf->etf", xe, w3.astype(dt))
+    h = h * combine.T.astype(dt)[..., None]
+    return jnp.einsum("etf,efd->td", h, w2.astype(dt))
+
+
+def _sorted_layout(routing: Routing, num_experts: int):
+    """The T*K assignments sorted by expert: their order, source tokens and per-expert counts [E]."""
+    k = routing.experts.shape[1]
+    flat = routing.experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, order // k, sizes
 
 
 def experts_ragged(x, routing: Routing, w1, w3, w2):
     """Dropless grouped matmuls over assignments sorted by expert; same contract as experts_dense."""
-    t, k = routing.experts.shape
-    e, dt = w1.shape[0], x.dtype
-    flat = routing.experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k  # which token each sorted assignment came from
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    dt = x.dtype
+    order, token, sizes = _sorted_layout(routing, w1.shape[0])
     xs = x[token]
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w1.astype(dt), sizes)) * jax.lax.ragged_dot(xs, w3.astype(dt), sizes)
     y = jax.lax.ragged_dot(h, w2.astype(dt), sizes)
+    y = y * routing.weights.reshape(-1)[order].astype(dt)[:, None]
+    return jnp.zeros_like(x).at[token].add(y)
+
+
+def experts_fp8(x, routing: Routing, w1, w3, w2):
+    """`experts_ragged` with FP8 grouped GEMMs: E4M3 inputs in Fprop, Dgrad and Wgrad, 1x128 activation
+    tiles, 128x128 blocks per expert weight (V3 report s.3.3). Same contract as experts_dense."""
+    dt = x.dtype
+    order, token, sizes = _sorted_layout(routing, w1.shape[0])
+    xs = x[token]
+    h = jax.nn.silu(grouped_linear(xs, w1, sizes)) * grouped_linear(xs, w3, sizes)
+    y = grouped_linear(h, w2, sizes)
     y = y * routing.weights.reshape(-1)[order].astype(dt)[:, None]
     return jnp.zeros_like(x).at[token].add(y)
 
@@ -121,7 +144,8 @@ def experts_blocked(x, routing: Routing, w1, w3, w2, block: int = 128):
     return jnp.zeros_like(x).at[token].add(y)
 
 
-EXPERTS = {"dense": experts_dense, "ragged": experts_ragged, "blocked": experts_blocked}
+# "fp8" is chosen by ModelConfig.fp8, not by moe_impl (it changes the numbers, not only the speed).
+EXPERTS = {"dense": experts_dense, "ragged": experts_ragged, "blocked": experts_blocked, "fp8": experts_fp8}
 
 
 def resolve_moe_impl(cfg: ModelConfig, num_tokens: int | None = None, block: int = 128) -> str:
@@ -166,11 +190,13 @@ class MoE(nn.Module):
             if mesh.shape.get("expert", 1) > 1:
                 from dsv3_jax.parallel.ep import moe_expert_parallel  # ep imports this module
 
-                out = moe_expert_parallel(flat, routing, w1, w3, w2, mesh=mesh, local_impl=resolve_moe_impl(c),
+                local = "fp8" if c.fp8 else resolve_moe_impl(c)
+                out = moe_expert_parallel(flat, routing, w1, w3, w2, mesh=mesh, local_impl=local,
                                           fp8_dispatch=c.ep_fp8_dispatch)
             else:
-                out = EXPERTS[resolve_moe_impl(c, flat.shape[0])](flat, routing, w1, w3, w2)
+                impl = "fp8" if c.fp8 else resolve_moe_impl(c, flat.shape[0])
+                out = EXPERTS[impl](flat, routing, w1, w3, w2)
             out = out.reshape(x.shape)
         if c.n_shared_experts:
-            out = out + MLP(d, f * c.n_shared_experts, std, name="shared")(x)
+            out = out + MLP(d, f * c.n_shared_experts, std, c.fp8, name="shared")(x)
         return out

@@ -53,9 +53,10 @@ from dsv3_jax.train.step import (
     state_shardings,
 )
 
-PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+# --precision -> (activation dtype, FP8 GEMMs in the linear layers). Master weights stay float32 in all.
+PRECISIONS = {"fp32": ("float32", False), "bf16": ("bfloat16", False), "fp8": ("bfloat16", True)}
 # Fields that change how, not what, the model computes: a checkpoint may resume under other values.
-RUNTIME_FIELDS = ("dtype", "attention_impl", "moe_impl", "ep_fp8_dispatch", "name")
+RUNTIME_FIELDS = ("dtype", "attention_impl", "moe_impl", "ep_fp8_dispatch", "fp8", "name")
 
 
 class TrainingError(RuntimeError):
@@ -100,7 +101,8 @@ def model_config(tc: TrainConfig) -> ModelConfig:
     if tc.seq_len > cfg.max_position_embeddings:
         raise TrainingError(f"--seq_len={tc.seq_len} is above the config's max_position_embeddings "
                             f"({cfg.max_position_embeddings})")
-    return cfg.replace(dtype=PRECISIONS[tc.precision])
+    dtype, fp8 = PRECISIONS[tc.precision]
+    return cfg.replace(dtype=dtype, fp8=fp8)
 
 
 def _data(tc: TrainConfig, cfg: ModelConfig):
