@@ -283,6 +283,18 @@ def test_infer_bad_input_is_one_clear_error(trained, change, message):
         cli.run(_flags(checkpoint=trained, **change))
 
 
+def test_infer_batch_from_a_prompts_file_with_fp8_weights(trained, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the quick\n\nover the la\n")  # the blank line is skipped
+    out = cli.run(_flags(checkpoint=trained, prompts_file=str(prompts), weights="fp8", max_new_tokens=12))
+    printed = capsys.readouterr().out.splitlines()
+    assert out["batch"] == 2 and len(out["text"]) == 2 and [len(t) for t in out["tokens"]] == [12, 12]
+    assert printed == [f"[0] {out['text'][0]}", f"[1] {out['text'][1]}"]
+    assert out["text"][0].startswith(" brown")  # 8-bit weights still know the text
+    assert out["kv_cache_bytes_per_token"] == CFG.kv_cache_bytes_per_token(2)  # bf16 compute and cache
+    assert out["weights"] == "fp8" and out["weight_bytes"] < weight_bytes(load_checkpoint(trained, "bf16")[1])
+
+
 def test_infer_py_streams_and_reports_json(trained):
     r = subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), f"--checkpoint={trained}",
                         "--prompt=the quick", "--max_new_tokens=24", "--speculative=mtp", "--json"],
