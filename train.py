@@ -19,7 +19,10 @@ flags.DEFINE_integer("seed", 0, "seed for the initialisation and the batch order
 flags.DEFINE_integer("checkpoint_every", 100, "steps between checkpoints (0: only at the end)")
 flags.DEFINE_integer("eval_every", 50, "steps between held-out evaluations")
 flags.DEFINE_integer("stop_after", None, "stop after this many steps of this invocation (resume later)")
-flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "activation precision (master weights stay fp32)")
+flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16", "fp8"],
+                  "fp32; bf16 activations; or fp8: bf16 plus E4M3 GEMMs (Fprop, Dgrad, Wgrad) in the linear layers, "
+                  "1x128 activation and 128x128 weight scales, FP32 accumulation (embedding, head, router, norms "
+                  "and attention core stay bf16 or fp32); master weights stay fp32 in all three")
 flags.DEFINE_integer("sample_tokens", 160, "tokens of text to sample at the end (0: none); with several processes "
                      "the whole model is gathered onto every host for it")
 flags.DEFINE_string("mesh", "", "device mesh, e.g. 'data=2,expert=4' over the axes data, fsdp, expert, tensor "

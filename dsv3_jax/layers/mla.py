@@ -99,11 +99,18 @@ def attend_cached(q_nope, q_pe, cache, positions, wkv_b, scale, v_head_dim, back
     w = wkv_b.astype(q_nope.dtype)
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w[..., :-v_head_dim])
     q = jnp.concatenate([q_lat, q_pe], axis=-1)  # [B,T,H,C+R], against cache rows [c_kv; k_pe]
-    if resolve_backend(backend) == "xla":
+    o_lat = None
+    if resolve_backend(backend) != "xla":
+        try:
+            o_lat = mla_decode(q.astype(cache.dtype), cache, positions[:, 0] + t, v_dim=c, softmax_scale=scale,
+                               backend=backend).astype(q.dtype)
+        except ValueError:
+            if backend != "auto":
+                raise
+            # "auto" means the fastest path that takes these shapes: the GPU kernels have limits
+            # (e.g. Mosaic wants a bf16 cache and C a multiple of 128) that small models miss.
+    if o_lat is None:
         o_lat = _latent_attention(q, cache.astype(q.dtype), positions, scale, c)
-    else:
-        o_lat = mla_decode(q.astype(cache.dtype), cache, positions[:, 0] + t, v_dim=c, softmax_scale=scale,
-                           backend=backend).astype(q.dtype)
     return jnp.einsum("bthc,chv->bthv", o_lat, w[..., -v_head_dim:])
 
 
