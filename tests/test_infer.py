@@ -89,6 +89,15 @@ def test_decode_attention_through_the_kernel_equals_the_xla_path(t):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_decode_steps_compile_once(variables):
+    g = Generator(CFG, GenerateConfig(max_new_tokens=50, speculative="mtp"))
+    tokens, lengths = pad_prompts(PROMPTS)
+    state, _ = g.prefill(variables, tokens, lengths, 192)
+    for _ in range(6):
+        state, _ = g.step(variables, state)
+    assert g.step._cache_size() == 1 and g.prefill._cache_size() == 1
+
+
 def test_ragged_batch_decodes_each_prompt_as_alone(variables, plain):
     for prompt, got in zip(PROMPTS, plain.tokens):
         assert got == _greedy_full_forward(variables, prompt, 10)
