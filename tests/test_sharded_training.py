@@ -24,15 +24,6 @@ EP_MESH, TP_MESH = "data=2,expert=4", "data=2,fsdp=2,tensor=2"
 SETTINGS = dict(steps=4, batch_size=8, seq_len=32, warmup_steps=2)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    text = "".join(f"def f{i}(x):\n    return x * {i % 7} + {i % 5}\n\n" for i in range(400))
-    for k in range(4):
-        (d / f"part{k}.py").write_text(text[k * 1000:] + text[: k * 1000])
-    return str(d)
-
-
 def _tc(workdir, corpus, **kw):
     base = dict(workdir=str(workdir), data=(corpus,), **SETTINGS, eval_every=4, log_every=2, eval_batches=1,
                 sample_tokens=0, plots=False)

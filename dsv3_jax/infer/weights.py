@@ -89,7 +89,9 @@ def _linear_paths(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, bool]]:
 
 def convert_weights(cfg: ModelConfig, variables: dict, weights: str) -> tuple[ModelConfig, dict]:
     """Cast or quantise loaded variables for `weights` and set the compute dtype to match."""
-    cfg = cfg.replace(dtype=COMPUTE_DTYPE[weights])
+    # fp8 in the config means FP8 *training* GEMMs (a run trained with --precision=fp8 records it);
+    # inference keeps its weights as asked here and computes in the matching dtype.
+    cfg = cfg.replace(dtype=COMPUTE_DTYPE[weights], fp8=False)
     linear = _linear_paths(cfg) if weights == "fp8" else {}
     low = jnp.float32 if weights == "fp32" else jnp.bfloat16
 
