@@ -122,7 +122,8 @@ def test_moe_impl_auto_picks_a_path():
     # CPU, by FLOPs: dense (T*E rows) below 128*E/(E-K) tokens, blocked (T*K + E*128 rows) above.
     e, k = CFG.n_routed_experts, CFG.num_experts_per_tok
     edge = 128 * e / (e - k)
-    assert resolve_moe_impl(CFG, 1) == resolve_moe_impl(CFG, int(edge) - 1) == "dense"
+    assert resolve_moe_impl(CFG, 1) == "gather"  # T*K < E: read only the chosen experts
+    assert resolve_moe_impl(CFG, e // k) == resolve_moe_impl(CFG, int(edge) - 1) == "dense"
     assert resolve_moe_impl(CFG, int(edge) + 1) == "blocked"
     assert resolve_moe_impl(CFG.replace(moe_impl="blocked"), 1) == "blocked"
 
@@ -142,5 +143,5 @@ def test_expert_paths_agree_on_adversarial_routing(pattern):
     w1, w3 = (jnp.asarray(rng.randn(e, d, f), jnp.float32) for _ in range(2))
     w2 = jnp.asarray(rng.randn(e, f, d), jnp.float32)
     ref = EXPERTS["dense"](x, routing, w1, w3, w2)
-    for impl in ("ragged", "blocked"):
+    for impl in ("ragged", "blocked", "gather"):
         np.testing.assert_allclose(EXPERTS[impl](x, routing, w1, w3, w2), ref, rtol=1e-4, atol=1e-4)

@@ -87,6 +87,25 @@ def _sorted_layout(routing: Routing, num_experts: int):
     return order, order // k, sizes
 
 
+def experts_gather(x, routing: Routing, w1, w3, w2):
+    """Dropless: each (token, chosen expert) pair as its own three matrix-vector products on that
+    expert's weights, sliced in place. Reads T*K expert matrices, fewer than dense's E when T*K < E:
+    decoding a token, where the step is bound by reading weights, not by FLOPs. Unrolled over the
+    T*K pairs, so only for small T*K; same contract as experts_dense."""
+    t, k = routing.experts.shape
+    dt = x.dtype
+    rows = []
+    for i in range(t):
+        y = jnp.zeros((x.shape[1],), dt)
+        for j in range(k):
+            e = routing.experts[i, j]
+            w = [jax.lax.dynamic_index_in_dim(m, e, keepdims=False).astype(dt) for m in (w1, w3, w2)]
+            h = jax.nn.silu(x[i] @ w[0]) * (x[i] @ w[1])
+            y = y + routing.weights[i, j].astype(dt) * (h @ w[2])
+        rows.append(y)
+    return jnp.stack(rows)
+
+
 def experts_ragged(x, routing: Routing, w1, w3, w2):
     """Dropless grouped matmuls over assignments sorted by expert; same contract as experts_dense."""
     dt = x.dtype
@@ -145,19 +164,27 @@ def experts_blocked(x, routing: Routing, w1, w3, w2, block: int = 128):
 
 
 # "fp8" is chosen by ModelConfig.fp8, not by moe_impl (it changes the numbers, not only the speed).
-EXPERTS = {"dense": experts_dense, "ragged": experts_ragged, "blocked": experts_blocked, "fp8": experts_fp8}
+EXPERTS = {"dense": experts_dense, "gather": experts_gather, "ragged": experts_ragged, "blocked": experts_blocked,
+           "fp8": experts_fp8}
+
+
+GATHER_MAX_PAIRS = 16  # experts_gather unrolls over (token, expert) pairs: keep the program small
 
 
 def resolve_moe_impl(cfg: ModelConfig, num_tokens: int | None = None, block: int = 128) -> str:
     """'auto': on accelerators, ragged grouped matmuls. On CPU (XLA:CPU's ragged_dot is slow:
-    docs/PERFORMANCE.md), whichever of dense and blocked does fewer FLOPs for `num_tokens`: dense
-    runs T*E expert rows, blocked T*K plus up to one padded block per expert, so dense wins below
-    about block*E/(E-K) tokens (decoding), blocked above it (training, prefill)."""
+    docs/PERFORMANCE.md): with fewer assignments than experts (T*K < E: decoding a token or two),
+    gather the chosen experts, since the step is bound by reading weights; otherwise whichever of
+    dense and blocked does fewer FLOPs for `num_tokens`: dense runs T*E expert rows, blocked T*K
+    plus up to one padded block per expert, so dense wins below about block*E/(E-K) tokens
+    (decoding batches), blocked above it (training, prefill)."""
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
     if jax.default_backend() != "cpu":
         return "ragged"
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    if num_tokens is not None and num_tokens * k < min(e, GATHER_MAX_PAIRS):
+        return "gather"
     if num_tokens is not None and num_tokens * (e - k) < block * e:
         return "dense"
     return "blocked"
