@@ -42,13 +42,17 @@ def variables():
     return init_variables(CFG, jax.random.PRNGKey(0))
 
 
-def _greedy_full_forward(variables, prompt, n):
-    """Plain greedy decoding by full forwards over the growing sequence: the reference."""
-    apply = jax.jit(Transformer(CFG).apply)
-    seq = list(prompt)
-    for _ in range(n):
-        seq.append(int(jnp.argmax(apply(variables, jnp.asarray([seq]))[0, -1])))
-    return seq[len(prompt):]
+_apply = jax.jit(lambda cfg, v, tokens: Transformer(cfg).apply(v, tokens), static_argnums=0)
+
+
+def _greedy_full_forward(variables, prompt, n, width=96):
+    """Plain greedy decoding by full forwards, the reference: one fixed-width buffer (causal
+    attention makes what lies after the cursor irrelevant), so one compilation."""
+    buf = np.zeros((1, width), np.int32)
+    buf[0, : len(prompt)] = prompt
+    for cursor in range(len(prompt), len(prompt) + n):
+        buf[0, cursor] = int(jnp.argmax(_apply(CFG, variables, buf)[0, cursor - 1]))
+    return buf[0, len(prompt): len(prompt) + n].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +231,9 @@ def test_fp8_weights_are_8_bit_and_close(variables):
     assert v8["params"]["embed"].dtype == jnp.bfloat16 and not isinstance(v8["params"]["embed"], Fp8Weight)
     assert weight_bytes(v8) < weight_bytes(v16) < weight_bytes(variables)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 16), 0, CFG.vocab_size)
-    ref = Transformer(CFG).apply(variables, tokens)
+    ref = _apply(CFG, variables, tokens)
     for cfg, v, bound in ((cfg16, v16, 0.03), (cfg8, v8, 0.08), (CFG, convert_weights(CFG, variables, "fp8")[1], 0.08)):
-        got = Transformer(cfg).apply(v, tokens)
+        got = _apply(cfg, v, tokens)
         rel = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
         assert rel < bound, (cfg.dtype, rel)
 
@@ -251,7 +255,7 @@ def test_fp8_hugging_face_checkpoint_loads_without_expansion(variables, tmp_path
                                   raw.view(np.uint8))
     cfg_full, v_full, _ = load_checkpoint(str(hf), "bf16")  # the same file, dequantised at load
     tokens = jnp.arange(12)[None] % CFG.vocab_size
-    a, b = Transformer(cfg8).apply(v8, tokens), Transformer(cfg_full).apply(v_full, tokens)
+    a, b = _apply(cfg8, v8, tokens), _apply(cfg_full, v_full, tokens)
     assert float(jnp.abs(a - b).max()) < 0.05 * float(jnp.abs(b).max())
 
 
@@ -264,9 +268,9 @@ def test_every_checkpoint_layout_loads_the_same_model(trained, tmp_path):
     cfg_h, v_h, tok_h = load_checkpoint(out["hf"])
     assert tok_w == tok_e == "byte" and tok_h is None
     tokens = jnp.asarray([list(b"the quick")])
-    ref = Transformer(cfg_w).apply(v_w, tokens)
-    np.testing.assert_allclose(Transformer(cfg_e).apply(v_e, tokens), ref, rtol=1e-6)
-    np.testing.assert_allclose(Transformer(cfg_h).apply(v_h, tokens), ref, rtol=1e-4, atol=1e-4)
+    ref = _apply(cfg_w, v_w, tokens)
+    np.testing.assert_allclose(_apply(cfg_e, v_e, tokens), ref, rtol=1e-6)
+    np.testing.assert_allclose(_apply(cfg_h, v_h, tokens), ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(CheckpointError, match="not a checkpoint this tool knows"):
         load_checkpoint(str(tmp_path))
     with pytest.raises(CheckpointError, match="no such directory"):
