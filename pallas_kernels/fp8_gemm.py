@@ -11,7 +11,8 @@ a_scale[m, kblock] * b_scale[nblock, kblock] and added into an FP32 accumulator 
 Backends (see `backends.py`): "xla" is `fp8_gemm_reference` (plain jnp, the promotion written out as a
 scan over K blocks); "interpret" and "triton" share one Pallas kernel body (a grid over output tiles, a
 loop over K blocks); "mosaic_gpu" is a Hopper kernel (TMA copies driven by a producer warpgroup, two
-consumer warpgroups issuing FP8 wgmma, a multi-stage pipelined K loop, a persistent grid).
+consumer warpgroups issuing FP8 wgmma, a multi-stage pipelined K loop, a persistent grid);
+`Fp8GemmConfig(interpret=True)` runs that kernel on CPU in JAX's GPU interpreter (tests only).
 
 The grouped variant (MoE experts, rows sorted by expert) copies each group's rows into a layout where no
 tile of `block_m` rows straddles two groups (DeepGEMM's "contiguous" layout, aligned here by the wrapper),
@@ -53,7 +54,13 @@ class Fp8GemmConfig:
     num_stages: K blocks in flight (Mosaic: SMEM buffers of the TMA pipeline; Triton: software pipelining).
     num_warps: Triton only.
     grid_tile_width: Mosaic only, width of the L2-friendly "planar snake" tile order.
-    num_sms: Mosaic only, size of the persistent grid; default the device's SM count (132 off-GPU).
+    num_sms: Mosaic only, size of the persistent grid; default the device's SM count (132 off-GPU), or
+      `_INTERPRET_SMS` under `interpret` (the interpreter simulates the CTAs one after another).
+    interpret: Mosaic only, a test switch: run the Hopper kernel on CPU in JAX's GPU interpreter (TMA,
+      barriers, warpgroups and wgmma simulated; see `_mosaic_gemm` for the three spots where the traced
+      kernel differs). Slow: for small shapes in tests. The interpreter runs the three warpgroups as
+      concurrent XLA:CPU computations blocking on each other's barriers: with fewer than three threads in
+      the CPU client (max(cores, CPU devices)) it deadlocks.
     """
 
     block_m: int | None = None
@@ -62,12 +69,15 @@ class Fp8GemmConfig:
     num_warps: int | None = None
     grid_tile_width: int = 8
     num_sms: int | None = None
+    interpret: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "num_stages", "num_warps", "grid_tile_width", "num_sms"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"Fp8GemmConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.interpret, bool):
+            raise ValueError(f"Fp8GemmConfig.interpret must be a bool, got {self.interpret!r}")
 
 
 _DEFAULTS = {
@@ -83,6 +93,9 @@ def default_config(backend: str, config: Fp8GemmConfig | None = None) -> Fp8Gemm
     config = config or Fp8GemmConfig()
     fill = {k: v for k, v in _DEFAULTS[backend].items() if getattr(config, k) is None}
     config = dataclasses.replace(config, **fill)
+    if config.interpret and backend != "mosaic_gpu":
+        raise ValueError(f"Fp8GemmConfig.interpret runs the mosaic_gpu kernel in JAX's GPU interpreter; "
+                         f"it needs backend='mosaic_gpu', got {backend!r}")
     if backend == "mosaic_gpu":
         if config.block_m != _WG_ROWS * _NUM_CONSUMER_WGS:
             raise ValueError(f"mosaic_gpu: block_m must be {_WG_ROWS * _NUM_CONSUMER_WGS}, got {config.block_m}")
@@ -288,11 +301,29 @@ def _pallas_grouped_gemm(tile_group, num_tiles, a, as_t, b, bs_t, out_dtype, bac
 # ------------------------------------------------------------------------ Mosaic GPU (Hopper) kernel
 
 
+_INTERPRET_SMS = 2  # persistent grid under the GPU interpreter: fewer CTAs than tiles, so the tile loop turns
+
+
 def _num_sms(cfg: Fp8GemmConfig) -> int:
     if cfg.num_sms is not None:
         return cfg.num_sms
+    if cfg.interpret:
+        return _INTERPRET_SMS
     device = jax.devices()[0]
     return getattr(device, "core_count", _H100_SMS) if device.platform == "gpu" else _H100_SMS
+
+
+def _gpu_interpreter():
+    """JAX's GPU interpreter for Mosaic GPU kernels (private in jax 0.10: `jax._src.pallas.mosaic_gpu.interpret`).
+
+    Uninitialised SMEM reads as NaN, and unsynchronised accesses between warpgroups and TMA copies are
+    recorded (`jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks.get_races()`; the tests check it).
+    """
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:  # pragma: no cover - depends on the installed jax
+        raise NotImplementedError(f"Fp8GemmConfig.interpret needs JAX's Mosaic GPU interpreter: {e}") from e
+    return InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
 
 
 def _mosaic_gemm(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, tile_group=None, num_tiles=None):
@@ -304,6 +335,19 @@ def _mosaic_gemm(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, tile_group=Non
     wgmma into a fresh FP32 register accumulator per K block, wait for it, and promote it into their
     running accumulator with the row (A) and column (B) scales: the paper's promotion every 128 of K.
     The other warpgroup's wgmma and the producer's TMA overlap each warpgroup's promotion.
+
+    `cfg.interpret` runs the kernel on CPU in JAX's GPU interpreter (jax 0.10.2), which cannot run three of
+    its constructs; they are traced differently there, and only there (the CUDA lowering is unchanged):
+      - `plgpu.load` (Mosaic GPU's own load primitive, used for the scale vectors): the interpreter has no
+        rule for it and re-binds it on a buffer key, failing `_load_abstract_eval`. A plain ref read instead.
+      - `plgpu.layout_cast`: bound as is, it has no CPU lowering ("MLIR translation rule for primitive
+        'layout_cast' not found for platform cpu"). Registers have no layout there: dropped.
+      - the transposed (K-major) B operand of FP8 wgmma, `plgpu.transpose_ref(b_s, (1, 0))`: the
+        interpreter's wgmma reads operands through index transforms only ("'TransposeTransform' object has
+        no attribute 'indices'"). Each consumer warpgroup copies B [bn, 128] transposed into its own SMEM
+        buffer [128, bn] and passes that.
+    TMA copies, the barrier protocol of the warp-specialised pipeline, the E4M3 wgmma into an FP32
+    accumulator, the promotion, the epilogue and the persistent tile loop all run as written.
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -312,11 +356,20 @@ def _mosaic_gemm(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, tile_group=Non
     bm, bn, kb = cfg.block_m, cfg.block_n, kp // BLOCK_K
     n_iters = np_ // bn
     grouped = tile_group is not None
+    interpret = cfg.interpret
     # E4M3 rows of 128 bytes: 128-byte swizzle, (8, 128) tiling, as FP8 wgmma needs (K-major A and B).
     fp8_transforms = (plgpu.TilingTransform((8, BLOCK_K)), plgpu.SwizzleTransform(128))
     out_bits = jnp.dtype(out_dtype).itemsize * 8
     out_swizzle = plgpu.find_swizzle(bn * out_bits)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle * 8 // out_bits)), plgpu.SwizzleTransform(out_swizzle))
+    # Interpreter only: each consumer warpgroup's copy of B transposed (see the docstring).
+    scratch = dict(bt_smem=plgpu.SMEM((_NUM_CONSUMER_WGS, BLOCK_K, bn), E4M3)) if interpret else {}
+
+    def cast(x, layout):  # a register layout; none under the interpreter
+        return x if interpret else plgpu.layout_cast(x, layout)
+
+    def load(ref, layout):  # SMEM -> registers in `layout`; a plain read under the interpreter
+        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
 
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -348,8 +401,9 @@ def _mosaic_gemm(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, tile_group=Non
             a_g.at[pl.ds(0, bm)], as_g.at[:, pl.ds(0, bm)], b_probe.at[pl.ds(0, bn)], bs_probe.at[:, pl.ds(0, bn)])
 
         @functools.partial(pl.run_scoped, allocs=allocs, collective_axes="wg",
-                           o_smem=plgpu.SMEM((_NUM_CONSUMER_WGS, _WG_ROWS, bn), out_dtype, transforms=out_transforms))
-        def _scope(allocs, o_smem):
+                           o_smem=plgpu.SMEM((_NUM_CONSUMER_WGS, _WG_ROWS, bn), out_dtype, transforms=out_transforms),
+                           **scratch)
+        def _scope(allocs, o_smem, bt_smem=None):
             wg = lax.axis_index("wg")
             wg_rows = pl.ds(wg * _WG_ROWS, _WG_ROWS)
 
@@ -360,8 +414,7 @@ def _mosaic_gemm(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, tile_group=Non
                 b_t, bs_t_ = (b_g.at[tg_g[mi]], bs_g.at[tg_g[mi]]) if grouped else (b_g, bs_g)
 
                 def context(run):
-                    zeros = plgpu.layout_cast(jnp.zeros((_WG_ROWS, bn), jnp.float32), plgpu.Layout.WGMMA)
-                    acc = run(zeros)
+                    acc = run(cast(jnp.zeros((_WG_ROWS, bn), jnp.float32), plgpu.Layout.WGMMA))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's previous tile is out
                     o_smem[wg] = acc.astype(out_dtype)
                     plgpu.commit_smem()
@@ -370,12 +423,17 @@ def _mosaic_gemm(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, tile_group=Non
                 def body(_, a_s, as_s, b_s, bs_s, acc):
                     # a_s [bm, 128] e4m3, as_s [1, bm] f32, b_s [bn, 128] e4m3, bs_s [1, bn] f32
                     def mma(part_ref):
-                        plgpu.wgmma(part_ref, a_s.at[wg_rows], plgpu.transpose_ref(b_s, (1, 0)))
+                        if interpret:
+                            bt_smem[wg] = b_s[...].T
+                            b_kn = bt_smem.at[wg]
+                        else:
+                            b_kn = plgpu.transpose_ref(b_s, (1, 0))
+                        plgpu.wgmma(part_ref, a_s.at[wg_rows], b_kn)
                         return part_ref[...]  # waits for this K block's wgmma
 
                     part = pl.run_scoped(mma, plgpu.ACC((_WG_ROWS, bn), jnp.float32))
-                    sa = plgpu.load(as_s.at[0, wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                    sb = plgpu.load(bs_s.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    sa = load(as_s.at[0, wg_rows], plgpu.Layout.WGMMA.reduce(1))
+                    sb = load(bs_s.at[0], plgpu.Layout.WGMMA.reduce(0))
                     sa = lax.broadcast_in_dim(sa, (_WG_ROWS, bn), (0,))
                     sb = lax.broadcast_in_dim(sb, (_WG_ROWS, bn), (1,))
                     return acc + part * (sa * sb)
@@ -392,6 +450,7 @@ def _mosaic_gemm(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, tile_group=Non
         grid_names=("sm",),
         num_threads=_NUM_CONSUMER_WGS + 1,
         thread_name="wg",
+        **(dict(interpret=_gpu_interpreter()) if interpret else {}),
     )
     args = (tile_group, num_tiles, a, as_t, b, bs_t) if grouped else (a, as_t, b, bs_t)
     return call(*args)

@@ -19,8 +19,9 @@ block table, so dense and paged decoding run the same kernels.
 
 Backends: "interpret" and "triton" run `_pallas_kernel` through `pl.pallas_call`; "mosaic_gpu"
 runs `_mosaic_kernel` (Hopper: TMA copies of cache blocks, wgmma with 64 query rows as M, a memory
-warpgroup feeding two compute warpgroups, each owning half of the value dims); "xla" runs the
-plain-jnp references.
+warpgroup feeding two compute warpgroups that share P through shared memory, each owning half of the
+value dims; MlaDecodeConfig(interpret=True) runs it in jax's Mosaic GPU interpreter on the CPU); "xla"
+runs the plain-jnp references.
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ WGMMA_M = 64  # rows of one Hopper warpgroup MMA; the Mosaic kernel pads query r
 FALLBACK_SMS = 132  # H100/H200 SXM, used to size splits when the device does not say
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 TRITON_MIN_ROWS = 16  # tl.dot needs M >= 16
+MOSAIC_SMEM_ALIGN = 1024  # Mosaic GPU aligns every scoped shared-memory buffer to this
+# Shared memory Mosaic GPU reserves for cross-warp reductions (default 2048). The kernel reduces only
+# along WGMMA rows (within a warp), and the DeepSeek shape (C=512, R=64, block_s=64, 2 stages) needs
+# the space: Q 72 KiB + 2 cache blocks 144 KiB + P 8 KiB + alpha/l 1 KiB = 225 KiB of Hopper's 227.
+MOSAIC_REDUCTION_SCRATCH = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,9 @@ class MlaDecodeConfig:
     block_h: heads per program; each program handles block_h * Sq query rows.
     num_stages: pipeline depth (Mosaic GPU: cache blocks in flight in shared memory; Triton: num_stages).
     num_warps: Triton warps per program.
+    interpret: backend "mosaic_gpu" only: run the Mosaic GPU kernel in jax's GPU interpreter (on the CPU,
+        slowly; for tests) instead of compiling it. True, or a jax `InterpretGPUParams` (e.g. with
+        detect_races=True) from jax._src.pallas.mosaic_gpu.interpret.params.
     """
 
     block_s: int = 64
@@ -59,12 +68,16 @@ class MlaDecodeConfig:
     block_h: int | None = None
     num_stages: int = 2
     num_warps: int = 8
+    interpret: object = False
 
     def __post_init__(self):
         for name in ("block_s", "num_splits", "block_h", "num_stages", "num_warps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"MlaDecodeConfig.{name} must be a positive int or None, got {value!r}")
+        if not isinstance(self.interpret, bool) and type(self.interpret).__name__ != "InterpretGPUParams":
+            raise ValueError(f"MlaDecodeConfig.interpret must be a bool or an InterpretGPUParams, "
+                             f"got {self.interpret!r}")
         if self.block_s % 8:
             raise ValueError(f"MlaDecodeConfig.block_s must be a multiple of 8, got {self.block_s}")
 
@@ -246,27 +259,52 @@ def _run_pallas(q_blocks, pages, table, lengths, plan: _Plan, scale2: float, out
 
 
 def _mosaic_smem_bytes(plan: _Plan, itemsize: int, stages: int) -> int:
-    return (WGMMA_M + stages * plan.block_s) * plan.dim * itemsize
+    """Q tile, `stages` cache blocks, the shared P tile, the float32 rows (alpha, l), reduction scratch and
+    barriers, each buffer aligned as Mosaic GPU aligns scoped allocations."""
+    align = lambda n: -(-n // MOSAIC_SMEM_ALIGN) * MOSAIC_SMEM_ALIGN  # noqa: E731
+    widths = [plan.v_dim] + ([plan.rope_dim] if plan.rope_dim else [])
+    tiles = sum(align(WGMMA_M * w * itemsize) + align(stages * plan.block_s * w * itemsize) for w in widths)
+    shared = align(WGMMA_M * plan.block_s * itemsize) + align(2 * WGMMA_M * 4) + align(MOSAIC_REDUCTION_SCRATCH)
+    barriers = len(widths) * (1 + stages) + stages + 2
+    return tiles + shared + 8 * barriers
 
 
-def _mosaic_kernel(q_ref, pages_ref, table_ref, len_ref, o_ref, lse_ref, *, plan: _Plan, scale2: float, stages: int):
-    """CTA (head block, split, b); warpgroups 0 and 1 compute, 2 copies.
+def _interpret_params(interpret):
+    """MlaDecodeConfig.interpret -> the `interpret=` argument of `plgpu.kernel` (None: compile for the GPU)."""
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # jax's private GPU interpreter
+
+    return interpret if isinstance(interpret, InterpretGPUParams) else InterpretGPUParams()
+
+
+def _mosaic_kernel(q_ref, pages_ref, table_ref, len_ref, o_ref, lse_ref, *, plan: _Plan, scale2: float, stages: int,
+                   interpret: bool):
+    """CTA (head block, split, b); warpgroup 0 forms scores and softmax, warpgroups 0 and 1 share P.V, 2 copies.
 
     q_ref [B, HB, 64, D]; pages_ref [P, block_s, D]; table_ref [B, blocks]; len_ref [B];
-    o_ref [B, NS, HB, 64, C]; lse_ref [B, NS, HB, 64]. Both compute warpgroups form the same scores
-    (64 query rows x block_s keys, K = C then R) and softmax; warpgroup w accumulates P.V for value
-    dims [w*C/2, (w+1)*C/2), so a [64, C/2] float32 accumulator fits its registers.
+    o_ref [B, NS, HB, 64, C]; lse_ref [B, NS, HB, 64]. As in FlashMLA, warpgroup 0 computes the scores
+    (64 query rows x block_s keys, K = C then R, wgmma with the cache block as the transposed B operand)
+    and the online softmax, then publishes P (bfloat16) and the row rescale factor alpha and running
+    sum l through shared memory; warpgroup w accumulates P.V for value dims [w*C/2, (w+1)*C/2), so a
+    [64, C/2] float32 accumulator fits its registers. Barriers: p_ready (P, alpha, l written) and p_free
+    (warpgroup 1 has read them) hand the single P tile back and forth; free_bar returns a cache slot
+    to the memory warpgroup once both compute warpgroups are done with it.
 
-    Why redundant scores: it keeps the two compute warpgroups independent (no P or rescale factor
-    exchanged through shared memory), at 1.5x the tensor-core work of FlashMLA's split, which still
-    leaves the memory-bound shapes (<= 64 query rows) under Hopper's FLOP/byte balance.
     Unlike the Pallas kernel, cache rows past a sequence's end inside its last block are not zeroed
     before P.V: they must hold finite values (a zero-initialised cache does).
+
+    interpret=True builds the variant that jax's Mosaic GPU interpreter (CPU) can run: that interpreter
+    has no transposed wgmma operand, no pre-initialised accumulator (pl.run_state) and no layout casts,
+    so (only there) K^T is materialised in a scratch shared-memory tile, P.V goes into a fresh
+    accumulator added to the carried one, and layout hints are dropped. Everything else (TMA copies,
+    barriers, the shared P tile, wgmma for both products, masking and softmax) is the same code.
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     dtype = q_ref.dtype
     dv, dr, bs = plan.v_dim, plan.rope_dim, plan.block_s
+    half = dv // 2
     hb, split, b = lax.axis_index("hb"), lax.axis_index("split"), lax.axis_index("b")
     wg = lax.axis_index("wg")
     length = len_ref[b]
@@ -275,8 +313,31 @@ def _mosaic_kernel(q_ref, pages_ref, table_ref, len_ref, o_ref, lse_ref, *, plan
     swizzle = 128
     tiles = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
     parts = [(0, dv)] + ([(dv, dr)] if dr else [])  # latent and rope columns of a row
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-    def scoped(q_smem, k_smem, q_bar, k_bar, free_bar):
+    def layout(x, new_layout):  # the interpreter has no lowering for layout casts (pure hints)
+        return x if interpret else plgpu.layout_cast(x, new_layout)
+
+    def iota(shape, dim):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def pv(acc, p_smem, v_smem):
+        """acc + P.V on the tensor cores; on the GPU accumulated in place (the acc registers seed the wgmma)."""
+        def mma(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem, v_smem)
+
+        if not interpret:
+            return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+        def fresh(acc_ref):
+            mma(acc_ref)
+            return acc_ref[...]
+
+        return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
+
+    def scoped(q_smem, k_smem, p_smem, stats_smem, kt_smem, q_bar, k_bar, free_bar, p_ready, p_free):
         def copy_block(j, slot):
             page = table_ref[b, first + j]
             for i, (lo, width) in enumerate(parts):
@@ -299,60 +360,100 @@ def _mosaic_kernel(q_ref, pages_ref, table_ref, len_ref, o_ref, lse_ref, *, plan
 
             lax.fori_loop(stages, jnp.maximum(n_steps, stages), refill, None)
 
-        for w in range(2):
-            pl.when(wg == w)(functools.partial(_mosaic_compute, w, q_smem, k_smem, q_bar, k_bar, free_bar))
+        def release(t, slot):
+            """Hand the slot back, but only if a refill will wait for it (every barrier phase gets observed)."""
+            pl.when(t + stages < n_steps)(lambda: plgpu.barrier_arrive(free_bar.at[slot]))
 
-    def _mosaic_compute(w, q_smem, k_smem, q_bar, k_bar, free_bar):
-        plgpu.set_max_registers(232, action="increase")
-        half = dv // 2
-        for i in range(len(parts)):
-            plgpu.barrier_wait(q_bar.at[i])
+        def finish(w, acc, m, denom):
+            out, lse2 = _finish(acc, m, denom)
+            o_ref.at[b, split, hb, :, pl.ds(w * half, half)][...] = out.astype(o_ref.dtype)
+            return lse2
 
-        def step(t, carry, masked):
-            acc, m, denom = carry
-            slot = lax.rem(t, stages)
+        @pl.when(wg == 0)
+        def _softmax_warpgroup():
+            plgpu.set_max_registers(232, action="increase")
             for i in range(len(parts)):
-                plgpu.barrier_wait(k_bar[i].at[slot])
+                plgpu.barrier_wait(q_bar.at[i])
 
-            def scores(s_ref):
+            def step(t, carry, masked):
+                acc, m, denom = carry
+                slot = lax.rem(t, stages)
                 for i in range(len(parts)):
-                    plgpu.wgmma(s_ref, q_smem[i], plgpu.transpose_ref(k_smem[i].at[slot], (1, 0)))
-                return s_ref[...]
+                    plgpu.barrier_wait(k_bar[i].at[slot])
 
-            s = pl.run_scoped(scores, plgpu.ACC((WGMMA_M, bs), jnp.float32)) * scale2
-            if masked:  # iotas made here, not hoisted: two [64, block_s] int32 arrays cost 64 registers
-                rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-                keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + (first + t) * bs
-                s = jnp.where(_visible(rows, keys, length, plan), s, -jnp.inf)
-            p, alpha, m, denom = _online_softmax(s, m, denom)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                def scores(s_ref):
+                    for i in range(len(parts)):
+                        k_block = k_smem[i].at[slot]
+                        if interpret:  # K^T through shared memory (the GPU reads K transposed directly)
+                            kt_smem[i][...] = k_block[...].T
+                            k_t = kt_smem[i]
+                        else:
+                            k_t = plgpu.transpose_ref(k_block, (1, 0))
+                        plgpu.wgmma(s_ref, q_smem[i], k_t)
+                    return s_ref[...]
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p.astype(dtype), k_smem[0].at[slot, :, pl.ds(w * half, half)])
+                s = pl.run_scoped(scores, plgpu.ACC((WGMMA_M, bs), jnp.float32)) * scale2
+                if masked:  # iotas made here, not hoisted: two [64, block_s] int32 arrays cost 64 registers
+                    rows = iota(s.shape, 0)
+                    keys = iota(s.shape, 1) + (first + t) * bs
+                    s = jnp.where(_visible(rows, keys, length, plan), s, -jnp.inf)
+                p, alpha, m, denom = _online_softmax(s, m, denom)
+                pl.when(t > 0)(lambda: plgpu.barrier_wait(p_free))  # warpgroup 1 is done with step t - 1
+                p_smem[...] = p.astype(dtype)
+                stats_smem.at[0][...] = alpha
+                stats_smem.at[1][...] = denom
+                plgpu.commit_smem()  # make P visible to the tensor cores (async proxy) of both warpgroups
+                plgpu.barrier_arrive(p_ready)
+                acc = pv(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p_smem,
+                         k_smem[0].at[slot, :, pl.ds(0, half)])
+                release(t, slot)
+                return acc, m, denom
 
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(free_bar.at[slot])
-            return acc, m, denom
+            carry = (
+                layout(jnp.zeros((WGMMA_M, half), jnp.float32), plgpu.Layout.WGMMA),
+                layout(jnp.full((WGMMA_M,), -jnp.inf, jnp.float32), row_layout),
+                layout(jnp.zeros((WGMMA_M,), jnp.float32), row_layout),
+            )
+            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+            carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
+            lse_ref.at[b, split, hb][...] = finish(0, *carry)
 
-        carry = (
-            plgpu.layout_cast(jnp.zeros((WGMMA_M, half), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((WGMMA_M,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-            plgpu.layout_cast(jnp.zeros((WGMMA_M,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-        )
-        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
-        out, lse2 = _finish(*carry)
-        o_ref.at[b, split, hb, :, pl.ds(w * half, half)][...] = out.astype(o_ref.dtype)
-        if w == 0:
-            lse_ref.at[b, split, hb][...] = lse2
+        @pl.when(wg == 1)
+        def _value_warpgroup():
+            plgpu.set_max_registers(232, action="increase")
+
+            def step(t, carry):
+                acc, _ = carry
+                slot = lax.rem(t, stages)
+                plgpu.barrier_wait(k_bar[0].at[slot])  # this warpgroup reads only the latent part (the values)
+                plgpu.barrier_wait(p_ready)
+                alpha = layout(stats_smem.at[0][...], row_layout)
+                denom = layout(stats_smem.at[1][...], row_layout)
+                acc = pv(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p_smem,
+                         k_smem[0].at[slot, :, pl.ds(half, half)])
+                pl.when(t + 1 < n_steps)(lambda: plgpu.barrier_arrive(p_free))
+                release(t, slot)
+                return acc, denom
+
+            carry = (
+                layout(jnp.zeros((WGMMA_M, half), jnp.float32), plgpu.Layout.WGMMA),
+                layout(jnp.zeros((WGMMA_M,), jnp.float32), row_layout),
+            )
+            acc, denom = lax.fori_loop(0, n_steps, step, carry)
+            finish(1, acc, denom, denom)
 
     pl.run_scoped(
         scoped,
         [plgpu.SMEM((WGMMA_M, width), dtype, transforms=tiles) for _, width in parts],
         [plgpu.SMEM((stages, bs, width), dtype, transforms=tiles) for _, width in parts],
+        plgpu.SMEM((WGMMA_M, bs), dtype, transforms=tiles),
+        plgpu.SMEM((2, WGMMA_M), jnp.float32),  # alpha and l of the current step, for warpgroup 1
+        [plgpu.SMEM((width, bs), dtype) for _, width in parts] if interpret else [],
         plgpu.Barrier(num_barriers=len(parts)),
         [plgpu.Barrier(num_barriers=stages) for _ in parts],
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(),
+        plgpu.Barrier(),
         collective_axes="wg",
     )
 
@@ -363,8 +464,9 @@ def _run_mosaic(q_blocks, pages, table, lengths, plan: _Plan, scale2: float, out
     b, hb, rows, _ = q_blocks.shape
     ns, dv = plan.num_splits, plan.v_dim
     stages = max(1, min(config.num_stages, plan.steps))
+    interpret = _interpret_params(config.interpret)
     kernel = plgpu.kernel(
-        functools.partial(_mosaic_kernel, plan=plan, scale2=scale2, stages=stages),
+        functools.partial(_mosaic_kernel, plan=plan, scale2=scale2, stages=stages, interpret=interpret is not None),
         out_type=(
             jax.ShapeDtypeStruct((b, ns, hb, rows, dv), out_dtype),
             jax.ShapeDtypeStruct((b, ns, hb, rows), jnp.float32),
@@ -374,7 +476,8 @@ def _run_mosaic(q_blocks, pages, table, lengths, plan: _Plan, scale2: float, out
         grid_names=("hb", "split", "b"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=MOSAIC_REDUCTION_SCRATCH),
+        interpret=interpret,
     )
     return kernel(q_blocks, pages, table, lengths)
 
@@ -506,7 +609,10 @@ def _validate_common(fn, q, cache_like, lengths, v_dim, softmax_scale, backend, 
         raise ValueError(f"{fn}: q dtype {q.dtype} != cache dtype {cache_like.dtype}")
     if config is not None and not isinstance(config, MlaDecodeConfig):
         raise ValueError(f"{fn}: config must be an MlaDecodeConfig or None, got {type(config).__name__}")
-    return resolve_backend(backend), config or MlaDecodeConfig()
+    backend, config = resolve_backend(backend), config or MlaDecodeConfig()
+    if config.interpret is not False and backend != "mosaic_gpu":
+        raise ValueError(f"{fn}: config.interpret applies to backend 'mosaic_gpu' only, got backend {backend!r}")
+    return backend, config
 
 
 @functools.partial(jax.jit, static_argnames=("v_dim", "softmax_scale", "backend", "config"))

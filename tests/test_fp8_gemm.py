@@ -9,7 +9,10 @@ two of them lie within twice that of each other. XLA may order the 128-term sums
 tile shapes, so the interpret kernel and the reference agree to that bound, not always bit for bit.
 Compiled GPU backends (run only where a GPU exists) accumulate inside the tensor core with ~14 fraction
 bits (the very reason for promotion every 128 of K), so they get 2^-10 instead of 2^-24 per term.
+The Mosaic GPU kernel run on CPU by JAX's GPU interpreter multiplies in f32: it keeps the 2^-24 bound.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,6 +170,81 @@ def test_grouped_gemm(sizes, m):
         np.testing.assert_array_equal(out[start:], 0.0)  # rows past the groups
 
 
+# ------------------------------------------------------------- the Mosaic GPU kernel in JAX's GPU interpreter
+#
+# `Fp8GemmConfig(interpret=True)` runs the Hopper kernel of backend "mosaic_gpu" on CPU: TMA copies, the
+# warp-specialised pipeline's barriers, three warpgroups as threads, E4M3 wgmma (the interpreter multiplies
+# in numpy with an f32 result: exact products, f32 sums, so the 2^-24 bound holds), the promotion and the
+# persistent tile loop (`_mosaic_gemm` lists the three spots traced differently for the interpreter).
+# Each case compiles and runs its own simulation (3-4 s on 2 idle cores): the smallest shapes that turn every loop.
+
+
+@pytest.fixture
+def gpu_interpreter():
+    """The interpreter's state: reset around each test (a failed kernel leaves it dirty); yields its races.
+
+    It runs the three warpgroups as concurrent XLA:CPU computations that wait on each other's barriers, so
+    the CPU client's thread pool needs three threads; it has max(cores, CPU devices) of them (measured:
+    2 cores with 1 or 2 devices deadlock, 3 devices run). conftest asks for 8 devices.
+    """
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    threads = max(os.cpu_count() or 1, jax.local_device_count("cpu"))
+    assert threads >= 3, f"the GPU interpreter would deadlock with {threads} XLA:CPU threads (needs 3)"
+    gpu_callbacks.reset_gpu_interpret_mode_state()
+    yield lambda: gpu_callbacks.get_races().races_found
+    gpu_callbacks.reset_gpu_interpret_mode_state()
+
+
+INTERPRETED = [
+    # 2 x 2 tiles of 128 x 128 on 2 CTAs (each walks two tiles), 3 K blocks through a 2-slot ring, ragged M
+    ((200, 256, 384), dict(block_n=128, num_stages=2, num_sms=2), jnp.float32),
+    # ragged M, N and K, one 128 x 256 tile per CTA, bf16 out (its own epilogue swizzle)
+    ((130, 200, 257), dict(block_n=256, num_sms=2), jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("mnk,cfg,out_dtype", INTERPRETED, ids=["f32-2x2tiles-ring", "bf16-ragged-bn256"])
+def test_mosaic_gpu_interpreted_matches_reference(gpu_interpreter, mnk, cfg, out_dtype):
+    m, n, k = mnk
+    a, sa, b, sb = _operands(m, n, k, seed=m)
+    config = fg.Fp8GemmConfig(interpret=True, **cfg)
+    out = fg.fp8_gemm(a, sa, b, sb, out_dtype=out_dtype, backend="mosaic_gpu", config=config)
+    assert not gpu_interpreter()  # no unsynchronised SMEM / GMEM access between warpgroups and TMA
+    ref = fg.fp8_gemm(a, sa, b, sb, out_dtype=jnp.float32, backend="xla")
+    assert out.shape == (m, n) and out.dtype == out_dtype
+    out, ref = np.asarray(out, np.float32), np.asarray(ref)
+    if out_dtype == jnp.float32:
+        exact, bound = _exact_and_bound(a, sa, b, sb)
+        assert np.all(np.abs(out - exact) <= bound * 2.0**-24)
+        assert np.all(np.abs(out - ref) <= bound * 2.0**-23)
+    else:  # within one bf16 ulp of the f32 reference
+        np.testing.assert_allclose(out, ref, rtol=2.0**-7, atol=1e-30)
+
+
+def test_mosaic_gpu_interpreted_grouped(gpu_interpreter):
+    """Aligned groups: three tiles in use of five, the expert's B per tile, the tile count read in the kernel."""
+    sizes, m, n, k = [50, 0, 90, 37], 200, 130, 256
+    g = len(sizes)
+    a, sa = quantize_act(jnp.asarray(_rand((m, k), 11)))
+    b, sb = jax.vmap(quantize_weight)(jnp.asarray(np.stack([_rand((n, k), 12 + i) for i in range(g)])))
+    gs = jnp.asarray(sizes, jnp.int32)
+    config = fg.Fp8GemmConfig(block_n=256, num_sms=2, interpret=True)
+    out = np.asarray(fg.fp8_grouped_gemm(a, sa, b, sb, gs, out_dtype=jnp.float32, backend="mosaic_gpu",
+                                         config=config))
+    assert not gpu_interpreter()
+    ref = np.asarray(fg.fp8_grouped_gemm(a, sa, b, sb, gs, out_dtype=jnp.float32, backend="xla"))
+    assert out.shape == (m, n)
+    start = 0
+    for i, size in enumerate(sizes):
+        rows = slice(start, start + size)
+        exact, bound = _exact_and_bound(a[rows], sa[rows], b[i], sb[i])
+        assert np.all(np.abs(out[rows] - exact) <= bound * 2.0**-24), i
+        assert np.all(np.abs(out[rows] - ref[rows]) <= bound * 2.0**-23), i
+        start += size
+    np.testing.assert_array_equal(out[start:], 0.0)  # rows past the groups
+
+
 def test_aligned_layout():
     layout = jax.jit(fg._aligned_layout, static_argnums=(1, 2, 3))
     dest, tile_group, num_tiles, t = layout(jnp.asarray([3, 0, 5, 1], jnp.int32), 12, 4, 4)
@@ -198,6 +276,8 @@ def test_bad_backend_and_shapes_are_refused():
         fg.fp8_grouped_gemm(a, sa, bg, sbg, jnp.asarray([4, 4], jnp.int32))
     with pytest.raises(ValueError, match="mosaic_gpu: block_m must be 128"):
         fg.default_config("mosaic_gpu", fg.Fp8GemmConfig(block_m=64))
+    with pytest.raises(ValueError, match="interpret runs the mosaic_gpu kernel.*got 'xla'"):
+        fg.fp8_gemm(a, sa, b, sb, backend="xla", config=fg.Fp8GemmConfig(interpret=True))
     with pytest.raises(ValueError, match="block_n must be a positive int"):
         fg.Fp8GemmConfig(block_n=0)
     with pytest.raises(ValueError, match=r"x must be \[M, K\] and w \[K, N\], got x \(8, 200\) and w \(130, 200\)"):

@@ -110,3 +110,19 @@ def test_mla_decode_paged_lowers(backend):
             S((128, 64), jnp.int32), S((128,), jnp.int32))
     fn = lambda *a: md.mla_decode_paged(*a, backend=backend, **_MLA_KW)
     _check_mla_kernel(_export_for_cuda(fn, args, backend), backend)
+
+
+def test_mla_decode_mosaic_smem_estimate_is_exact():
+    """`_check_backend_limits` rejects configs by `_mosaic_smem_bytes`: the kernel must use exactly that much."""
+    from jax.experimental.mosaic.gpu import core as mgpu_core
+
+    args = (S((2, 1, 64, 576), jnp.bfloat16), S((2, 256, 576), jnp.bfloat16), S((2,), jnp.int32))
+    config = md.MlaDecodeConfig(num_splits=1)
+    plan = md._make_plan(args[0].shape, 576, 512, config.block_s, 256 // config.block_s, "mosaic_gpu", config)
+    need = md._mosaic_smem_bytes(plan, 2, min(config.num_stages, plan.steps))
+    assert need <= md.SMEM_BYTES
+    fn = lambda *a: md.mla_decode(*a, backend="mosaic_gpu", config=config, **_MLA_KW)
+    with mgpu_core.artificial_shared_memory_limit(need - 1), pytest.raises(ValueError, match="shared memory"):
+        _export_for_cuda(fn, args, "mosaic_gpu")
+    with mgpu_core.artificial_shared_memory_limit(need):
+        _check_mla_kernel(_export_for_cuda(fn, args, "mosaic_gpu"), "mosaic_gpu")

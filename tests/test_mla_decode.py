@@ -1,5 +1,6 @@
-"""MLA latent-attention decode: Pallas kernel (interpret mode on CPU) against the plain-jnp reference,
-and the reference against an independent float64 computation of un-absorbed MLA."""
+"""MLA latent-attention decode: Pallas kernel (interpret mode on CPU) and the Mosaic GPU kernel (jax's GPU
+interpreter on CPU) against the plain-jnp reference, and the reference against an independent float64
+computation of un-absorbed MLA."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,6 +145,63 @@ def test_paged_matches_dense_with_shuffled_block_table(dtype):
     _close(paged_ref, mla_decode_reference(q, cache, lengths, v_dim=c, softmax_scale=SCALE), dtype)
 
 
+# ------------------------------------------------------------------ Mosaic GPU kernel in jax's GPU interpreter
+
+MOSAIC_C, MOSAIC_R = 128, 64  # the Mosaic kernel needs v_dim a multiple of 128 and bf16/f16 (wgmma)
+
+
+@pytest.fixture
+def gpu_interpreter():
+    """jax's Mosaic GPU interpreter keeps global state that must be reset after a failed kernel."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mosaic_interpret
+
+    mosaic_interpret.reset_gpu_interpret_mode_state()
+    yield mosaic_interpret
+    mosaic_interpret.reset_gpu_interpret_mode_state()
+
+
+# The interpreter compiles each CTA's three warpgroups as separate XLA programs (seconds per grid point
+# on a small CPU), so each case keeps the grid (head blocks x splits x batch) to 2 points.
+MOSAIC_CASES = {
+    # 2 head blocks of 32 heads x 2 queries (all 64 rows); 161 = 3 blocks (the third a refill of one of
+    # 2 slots, partial); the race detector checks the barrier protocol (TMA slots, the shared P tile).
+    "two_head_blocks_refill": (2, 64, (161,), dict(num_splits=1), True),
+    # Split 0: 2 full blocks through one slot (the second waits for it to be freed); split 1: 2 rows.
+    "splits_one_stage": (1, 16, (130,), dict(num_splits=2, num_stages=1), False),
+}
+
+
+@pytest.mark.parametrize("case", MOSAIC_CASES)
+def test_mosaic_gpu_interpreted_matches_reference(gpu_interpreter, case):
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    sq, heads, lengths, config, detect_races = MOSAIC_CASES[case]
+    lengths = jnp.array(lengths, jnp.int32)
+    q, cache = _inputs(8, len(lengths), sq, heads, MOSAIC_C, MOSAIC_R, 192, jnp.bfloat16)
+    interpret = InterpretGPUParams(detect_races=True) if detect_races else True
+    got = mla_decode(q, cache, lengths, v_dim=MOSAIC_C, softmax_scale=SCALE, backend="mosaic_gpu",
+                     config=MlaDecodeConfig(interpret=interpret, **config))
+    want = mla_decode_reference(q, cache, lengths, v_dim=MOSAIC_C, softmax_scale=SCALE)
+    assert got.shape == (len(lengths), sq, heads, MOSAIC_C) and got.dtype == jnp.bfloat16
+    _close(got, want, jnp.bfloat16)
+    assert not gpu_interpreter.get_races().races_found
+
+
+def test_mosaic_gpu_interpreted_paged_with_shuffled_block_table(gpu_interpreter):
+    batch, sq, heads, blocks = 2, 2, 16, 3
+    lengths = jnp.array((0, 150), jnp.int32)  # nothing to read; 3 blocks (a refill), the last partial
+    q, cache = _inputs(10, batch, sq, heads, MOSAIC_C, MOSAIC_R, blocks * PAGE_SIZE, jnp.bfloat16)
+    table = np.random.default_rng(2).permutation(batch * blocks + 2)[: batch * blocks].reshape(batch, blocks)
+    pages = jnp.zeros((batch * blocks + 2, PAGE_SIZE, MOSAIC_C + MOSAIC_R), jnp.bfloat16)
+    pages = pages.at[table.reshape(-1)].set(cache.reshape(batch * blocks, PAGE_SIZE, -1))
+    table = jnp.asarray(np.where(np.arange(blocks)[None, :] * PAGE_SIZE < np.asarray(lengths)[:, None], table, -7),
+                        jnp.int32)  # entries past a sequence's end are never read
+    got = mla_decode_paged(q, pages, table, lengths, v_dim=MOSAIC_C, softmax_scale=SCALE, backend="mosaic_gpu",
+                           config=MlaDecodeConfig(num_splits=1, interpret=True))
+    _close(got, mla_decode_reference(q, cache, lengths, v_dim=MOSAIC_C, softmax_scale=SCALE), jnp.bfloat16)
+    assert np.all(np.asarray(got[0]) == 0) and np.abs(np.asarray(got[1])).max() > 0
+
+
 def test_xla_and_auto_on_cpu_are_the_reference():
     q, cache = _inputs(7, 2, 2, 4, 32, 8, 64, jnp.float32)
     lengths = jnp.array([5, 64], jnp.int32)
@@ -175,6 +233,11 @@ def _bad_calls():
         (lambda: paged(block_table=jnp.zeros((3, 2), jnp.int32)), r"block_table must be \[B, max_blocks\]"),
         (lambda: paged(config=MlaDecodeConfig(block_s=32)), r"block_s must equal the page size 64"),
         (lambda: MlaDecodeConfig(num_splits=0), r"MlaDecodeConfig.num_splits must be a positive int"),
+        (lambda: MlaDecodeConfig(interpret="yes"), r"MlaDecodeConfig.interpret must be a bool"),
+        (lambda: dense(config=MlaDecodeConfig(interpret=True)), r"config.interpret applies to backend 'mosaic_gpu'"),
+        (lambda: dense(backend="mosaic_gpu", q=jnp.zeros((2, 1, 4, 80), jnp.bfloat16),
+                       cache=jnp.zeros((2, 64, 80), jnp.bfloat16), config=MlaDecodeConfig(interpret=True)),
+         r"mosaic_gpu: needs v_dim a multiple of 128"),  # the interpreter runs the kernel within its GPU limits
     ]
 
 
