@@ -122,8 +122,10 @@ def test_moe_impl_auto_picks_a_path():
     # CPU, by FLOPs: dense (T*E rows) below 128*E/(E-K) tokens, blocked (T*K + E*128 rows) above.
     e, k = CFG.n_routed_experts, CFG.num_experts_per_tok
     edge = 128 * e / (e - k)
-    assert resolve_moe_impl(CFG, 1) == "gather"  # T*K < E: read only the chosen experts
-    assert resolve_moe_impl(CFG, e // k) == resolve_moe_impl(CFG, int(edge) - 1) == "dense"
+    assert resolve_moe_impl(CFG, 1) == "dense"  # T*K < E, but all experts fit in a cache: one matmul
+    big = CFG.replace(hidden_size=512, moe_intermediate_size=256)  # 3 x 8 x 512 x 256 x 4 B = 12 MB
+    assert resolve_moe_impl(big, 1) == "gather"  # bound by reading weights: only the chosen experts
+    assert resolve_moe_impl(big, e // k) == resolve_moe_impl(CFG, int(edge) - 1) == "dense"
     assert resolve_moe_impl(CFG, int(edge) + 1) == "blocked"
     assert resolve_moe_impl(CFG.replace(moe_impl="blocked"), 1) == "blocked"
 

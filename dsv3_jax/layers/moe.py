@@ -169,12 +169,16 @@ EXPERTS = {"dense": experts_dense, "gather": experts_gather, "ragged": experts_r
 
 
 GATHER_MAX_PAIRS = 16  # experts_gather unrolls over (token, expert) pairs: keep the program small
+# Below about a cache's worth of expert weights, reading all experts costs little and dense's one
+# batched matmul beats gather's many small ones (per-operation overhead dominates: the tiny preset).
+GATHER_MIN_BYTES = 1 << 20
 
 
 def resolve_moe_impl(cfg: ModelConfig, num_tokens: int | None = None, block: int = 128) -> str:
     """'auto': on accelerators, ragged grouped matmuls. On CPU (XLA:CPU's ragged_dot is slow:
-    docs/PERFORMANCE.md): with fewer assignments than experts (T*K < E: decoding a token or two),
-    gather the chosen experts, since the step is bound by reading weights; otherwise whichever of
+    docs/PERFORMANCE.md): with fewer assignments than experts (T*K < E: decoding a token or two) and
+    experts big enough that the step is bound by reading weights, gather the chosen experts;
+    otherwise whichever of
     dense and blocked does fewer FLOPs for `num_tokens`: dense runs T*E expert rows, blocked T*K
     plus up to one padded block per expert, so dense wins below about block*E/(E-K) tokens
     (decoding batches), blocked above it (training, prefill)."""
@@ -183,7 +187,8 @@ def resolve_moe_impl(cfg: ModelConfig, num_tokens: int | None = None, block: int
     if jax.default_backend() != "cpu":
         return "ragged"
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    if num_tokens is not None and num_tokens * k < min(e, GATHER_MAX_PAIRS):
+    weight_bytes = 3 * e * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    if num_tokens is not None and num_tokens * k < min(e, GATHER_MAX_PAIRS) and weight_bytes >= GATHER_MIN_BYTES:
         return "gather"
     if num_tokens is not None and num_tokens * (e - k) < block * e:
         return "dense"
