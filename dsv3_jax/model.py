@@ -120,7 +120,8 @@ class Transformer(nn.Module):
     def step(self, tokens: jax.Array, positions: jax.Array, cache: tuple[jax.Array, ...],
              logits_at: jax.Array | None = None):
         """Inference over a latent cache: tokens [B,T] at contiguous positions [B,T] (each row its own
-        start), one cache [B,S,C+R] per layer. -> (logits [B,T,V], last hidden [B,T,D], new cache).
+        start), one cache [B*S,C+R] per layer (S slots per row, flat).
+        -> (logits [B,T,V], last hidden [B,T,D], new cache).
         `logits_at` [B]: the head runs only at that index of each row (prefill), logits [B,1,V]."""
         x, new = self.embed_tokens(tokens), []
         for layer, layer_cache in zip(self.layers, cache, strict=True):

@@ -97,7 +97,7 @@ def test_decode_steps_compile_once(variables):
     g = Generator(CFG, GenerateConfig(max_new_tokens=50, speculative="mtp"))
     tokens, lengths = pad_prompts(PROMPTS)
     state, _ = g.prefill(variables, tokens, lengths, 192)
-    for _ in range(6):
+    for _ in range(3):
         state, _ = g.step(variables, state)
     assert g.step._cache_size() == 1 and g.prefill._cache_size() == 1
 
@@ -116,12 +116,38 @@ def test_each_row_stops_at_its_own_eos(variables, plain):
     assert len(res.tokens[0]) == 4
 
 
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_steps_per_call_changes_only_the_chunking(variables, plain, steps_per_call):
+    """Several decode steps per call into the compiled program (default 8; a call stops early once
+    every row is done, EOS mid-call included) give the same tokens, step counts and stream."""
+    eos = plain.tokens[0][3]
+    want = generate(CFG, variables, PROMPTS, GenerateConfig(max_new_tokens=10, eos_id=eos))
+    streamed = [[] for _ in PROMPTS]
+    gen = GenerateConfig(max_new_tokens=10, eos_id=eos, steps_per_call=steps_per_call)
+    got = generate(CFG, variables, PROMPTS, gen, on_tokens=lambda i, new: streamed[i].extend(new))
+    assert got.tokens == want.tokens == streamed and len(got.tokens[0]) == 4
+    assert (got.steps, got.row_steps) == (want.steps, want.row_steps) == (9, sum(len(t) - 1 for t in want.tokens))
+
+
+def test_decode_step_updates_the_cache_in_place(variables):
+    """The compiled decode program never copies a layer's cache (a regression once cost 16 copies per
+    step at batch 1: XLA:CPU duplicated the cache write into each reader)."""
+    for batch in (1, 3):
+        g = Generator(CFG, GenerateConfig())
+        tokens, lengths = pad_prompts(PROMPTS[:batch])
+        state, _ = g.prefill(variables, tokens, lengths, 128)
+        hlo = g.step.lower(variables, state).compile().as_text()
+        shape = f"f32[{batch * 128},{CFG.kv_cache_dim}]"
+        assert f"= {shape}" in hlo and not [x for x in hlo.splitlines() if f"= {shape}" in x and " copy(" in x]
+
+
 def test_cache_holds_the_latent_only_and_its_bytes_match_the_cost_model(variables):
     tokens, lengths = pad_prompts(PROMPTS)
     for dtype in (jnp.float32, jnp.bfloat16):
         g = Generator(CFG, GenerateConfig(), cache_dtype=dtype)
         state, _ = jax.eval_shape(functools.partial(g._prefill, cache_len=128), variables, tokens, lengths)
-        assert [c.shape for c in state.cache] == [(3, 128, CFG.kv_lora_rank + CFG.qk_rope_head_dim)] * 2
+        # Stored flat: 128 slots for each of the 3 rows, each slot the latent and the rope key only.
+        assert [c.shape for c in state.cache] == [(3 * 128, CFG.kv_lora_rank + CFG.qk_rope_head_dim)] * 2
         per_token = sum(c.size * c.dtype.itemsize for c in state.cache) // (3 * 128)
         assert per_token == cache_bytes_per_token(CFG, dtype) == CFG.kv_cache_bytes_per_token(jnp.dtype(dtype).itemsize)
     v3 = ModelConfig.from_json("deepseek_v3_671b")

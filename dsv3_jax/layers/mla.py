@@ -73,25 +73,32 @@ ATTEND = {"naive": attend_naive, "absorbed": attend_absorbed}
 
 
 def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache [B,S,C+R], new [B,T,C+R], start [B] -> cache with row b's new entries at start[b]...
+    """cache [B*S, C+R] (rows of batch row b at b*S..b*S+S-1), new [B,T,C+R], start [B] -> the cache
+    with row b's new entries at slots start[b]..start[b]+T-1, which must lie inside the row's S slots.
 
+    The cache is stored flat, one row per (batch row, slot): XLA:CPU then updates it in place with
+    one row scatter. As [B, S, C+R] with B = 1 it duplicates the update into each reader and copies
+    the whole cache four times per layer and step.
     Rolling back (speculative decoding) needs no undo: a later write at the same positions
     replaces whatever a rejected draft left there before any query can see it."""
-    put = lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0))
-    return jax.vmap(put)(cache, new.astype(cache.dtype), start)
+    b, t, k = new.shape
+    rows = (jnp.arange(b)[:, None] * (cache.shape[0] // b) + start[:, None] + jnp.arange(t)).reshape(-1)
+    return cache.at[rows].set(new.reshape(b * t, k).astype(cache.dtype), mode="promise_in_bounds",
+                              unique_indices=True, indices_are_sorted=True)
 
 
 def attend_cached(q_nope, q_pe, cache, positions, wkv_b, scale, v_head_dim, backend: str = "auto"):
     """Absorbed attention of queries at `positions` [B,T] (contiguous per row) over a latent cache
-    [B,S,C+R] that already holds them. A query sees the cache slots at or before its own position:
-    slots after it may hold padding or rejected drafts, never read.
+    stored flat, [B*S,C+R] (see write_cache), that already holds them. A query sees the cache slots
+    at or before its own position: slots after it may hold padding or rejected drafts, never read.
 
     Decode windows (a token, or a token and its drafts) go through the latent-decode kernel, which
     reads only the 576-value cache rows (FlashMLA's design), wherever `backend` resolves to a Pallas
     kernel (GPUs, or "interpret"); where it resolves to "xla" (CPU), the same absorbed math in jnp,
     laid out so XLA never transposes the cache. Prefill-sized windows are compute-bound and take
     the naive path, as training does."""
-    c, t = wkv_b.shape[0], q_nope.shape[1]
+    (b, t), c = q_nope.shape[:2], wkv_b.shape[0]
+    cache = cache.reshape(b, -1, cache.shape[-1])
     if t > DECODE_KERNEL_MAX_T:  # prefill: the training path, keys and values expanded per head
         lat = cache.astype(q_nope.dtype)
         mask = jnp.arange(cache.shape[1])[None, None, :] <= positions[:, :, None]
@@ -120,7 +127,8 @@ def _latent_attention(q, cache, positions, scale, v_dim):
     scores = jnp.einsum("bsk,bthk->bsth", cache, q).astype(jnp.float32) * scale
     mask = jnp.arange(cache.shape[1])[None, :, None] <= positions[:, None, :]  # [B,S,T]
     probs = jax.nn.softmax(jnp.where(mask[..., None], scores, NEG_INF), axis=1).astype(cache.dtype)
-    return jnp.einsum("bsth,bsc->bthc", probs, cache[..., :v_dim])
+    # Over all C+R columns, then sliced: cache[..., :v_dim] would copy the cache on every step.
+    return jnp.einsum("bsth,bsc->bthc", probs, cache)[..., :v_dim]
 
 
 class MLA(nn.Module):
@@ -148,7 +156,7 @@ class MLA(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, cache: jax.Array | None = None):
-        """x [B,T,D], positions [B,T] -> [B,T,D]. With a latent `cache` [B,S,C+R] (inference), the new
+        """x [B,T,D], positions [B,T] -> [B,T,D]. With a latent `cache` [B*S,C+R] (inference), the new
         tokens' latents are written at their positions (contiguous per row) and the queries attend
         over the cache with the absorbed path; returns (output, updated cache)."""
         c = self.cfg

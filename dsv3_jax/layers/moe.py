@@ -89,21 +89,22 @@ def _sorted_layout(routing: Routing, num_experts: int):
 
 def experts_gather(x, routing: Routing, w1, w3, w2):
     """Dropless: each (token, chosen expert) pair as its own three matrix-vector products on that
-    expert's weights, sliced in place. Reads T*K expert matrices, fewer than dense's E when T*K < E:
-    decoding a token, where the step is bound by reading weights, not by FLOPs. Unrolled over the
-    T*K pairs, so only for small T*K; same contract as experts_dense."""
+    expert's weights. Reads T*K expert matrices, fewer than dense's E when T*K < E: decoding a token,
+    where the step is bound by reading weights, not by FLOPs. A loop over the pairs (one small
+    program whatever T*K; XLA:CPU also runs the loop's slices of the expert weights ~2x faster than
+    the same slices unrolled). Same contract as experts_dense."""
     t, k = routing.experts.shape
     dt = x.dtype
-    rows = []
-    for i in range(t):
-        y = jnp.zeros((x.shape[1],), dt)
-        for j in range(k):
-            e = routing.experts[i, j]
-            w = [jax.lax.dynamic_index_in_dim(m, e, keepdims=False).astype(dt) for m in (w1, w3, w2)]
-            h = jax.nn.silu(x[i] @ w[0]) * (x[i] @ w[1])
-            y = y + routing.weights[i, j].astype(dt) * (h @ w[2])
-        rows.append(y)
-    return jnp.stack(rows)
+    experts, weights = routing.experts.reshape(-1), routing.weights.reshape(-1).astype(dt)
+
+    def pair(i, y):
+        e, row = experts[i], i // k
+        w = [jax.lax.dynamic_index_in_dim(m, e, keepdims=False).astype(dt) for m in (w1, w3, w2)]
+        xi = jax.lax.dynamic_index_in_dim(x, row, keepdims=False)
+        h = jax.nn.silu(xi @ w[0]) * (xi @ w[1])
+        return y.at[row].add(weights[i] * (h @ w[2]))
+
+    return jax.lax.fori_loop(0, t * k, pair, jnp.zeros_like(x))
 
 
 def experts_ragged(x, routing: Routing, w1, w3, w2):
