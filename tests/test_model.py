@@ -124,8 +124,9 @@ def test_moe_impl_auto_picks_a_path():
     edge = 128 * e / (e - k)
     assert resolve_moe_impl(CFG, 1) == "dense"  # T*K < E, but all experts fit in a cache: one matmul
     big = CFG.replace(hidden_size=512, moe_intermediate_size=256)  # 3 x 8 x 512 x 256 x 4 B = 12 MB
-    assert resolve_moe_impl(big, 1) == "gather"  # bound by reading weights: only the chosen experts
-    assert resolve_moe_impl(big, e // k) == resolve_moe_impl(CFG, int(edge) - 1) == "dense"
+    # bound by reading weights: only the chosen experts, up to 4 pairs per expert (decoding batches)
+    assert resolve_moe_impl(big, 1) == resolve_moe_impl(big, 4 * e // k) == "gather"
+    assert resolve_moe_impl(big, 4 * e // k + 1) == resolve_moe_impl(CFG, int(edge) - 1) == "dense"
     assert resolve_moe_impl(CFG, int(edge) + 1) == "blocked"
     assert resolve_moe_impl(CFG.replace(moe_impl="blocked"), 1) == "blocked"
 
