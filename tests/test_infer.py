@@ -306,7 +306,7 @@ def test_every_checkpoint_layout_loads_the_same_model(trained, tmp_path):
 def _flags(**kw):
     base = dict(checkpoint=None, prompt=[], prompts_file=None, prompt_ids=[], tokenizer=None, max_new_tokens=16,
                 temperature=0.0, top_p=1.0, top_k=0, seed=0, speculative="none", compare_plain=True,
-                weights="fp32", json=True)
+                weights="fp32", steps_per_call=8, json=True)
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -315,6 +315,7 @@ def _flags(**kw):
     ({"prompt_ids": ["1,2,999"]}, "token id 999 is outside"),
     ({"prompt": ["x" * 600]}, "context of 512 tokens"),
     ({"prompt": ["a"], "top_p": 0.0}, "top_p must be in"),
+    ({"prompt": ["a"], "steps_per_call": 0}, "steps_per_call must be >= 1"),
     ({}, "give a prompt"),
 ])
 def test_infer_bad_input_is_one_clear_error(trained, change, message):

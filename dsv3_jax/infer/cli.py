@@ -5,6 +5,7 @@ of unknown layout) ends with one line on stderr and exit status 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -31,6 +32,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("speculative", "none", ["none", "mtp"], "MTP speculative decoding")
     flags.DEFINE_bool("compare_plain", True, "with --speculative=mtp, also decode plainly and report the speed-up")
     flags.DEFINE_enum("weights", "fp32", list(WEIGHTS), "weight precision in memory (fp8: E4M3, 128x128 scales)")
+    flags.DEFINE_integer("steps_per_call", 8, "decode steps per call into the compiled program (the text streams "
+                         "a chunk at a time)")
     flags.DEFINE_bool("json", False, "print one JSON object with the results as the last line")
 
 
@@ -101,7 +104,7 @@ def run(f) -> dict:
         sampling = Sampling(f.temperature, f.top_k, f.top_p, vocab_limit=min(tokenizer.vocab_size, cfg.vocab_size))
     except ValueError as e:
         raise GenerationError(f"--{e}") from e
-    gen = GenerateConfig(f.max_new_tokens, sampling, f.speculative, tokenizer.eos_id, f.seed)
+    gen = GenerateConfig(f.max_new_tokens, sampling, f.speculative, tokenizer.eos_id, f.seed, f.steps_per_call)
     stream = _Stream(tokenizer, tokenizer.eos_id) if len(prompts) == 1 else None
     res = generate(cfg, variables, prompts, gen, on_tokens=stream)
     texts = [_decode(tokenizer, ids, tokenizer.eos_id) for ids in res.tokens]
@@ -112,8 +115,7 @@ def run(f) -> dict:
         print()
     out = {**_summary(res, texts, cfg, variables, prompts), "weights": f.weights}
     if f.speculative == "mtp" and f.compare_plain:
-        plain = generate(cfg, variables, prompts, GenerateConfig(f.max_new_tokens, sampling, "none",
-                                                                 tokenizer.eos_id, f.seed))
+        plain = generate(cfg, variables, prompts, dataclasses.replace(gen, speculative="none"))
         out.update(plain_tokens_per_s=plain.tokens_per_s,
                    speedup=res.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else None,
                    same_as_plain=plain.tokens == res.tokens)
