@@ -24,6 +24,7 @@ from dsv3_jax.infer.engine import (
     cache_bytes_per_token,
     generate,
     pad_prompts,
+    with_absorbed_weights,
 )
 from dsv3_jax.infer.sampling import Sampling, draw, log_probs
 from dsv3_jax.infer.weights import CheckpointError, convert_weights, load_checkpoint, weight_bytes
@@ -62,18 +63,21 @@ def plain(variables):
 
 # -- the cache -------------------------------------------------------------------------------------
 
-def test_cached_logits_match_the_full_forward(variables):
-    """Prefill 5 tokens, then decode 4 one at a time: each position's logits equal the full forward's."""
+@pytest.mark.parametrize("absorbed", [False, True])
+def test_cached_logits_match_the_full_forward(variables, absorbed):
+    """Prefill 5 tokens, then decode 4 one at a time: each position's logits equal the full forward's;
+    also with the absorbed attention weights derived once up front, as generate() does."""
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, CFG.vocab_size)
     want = Transformer(CFG).apply(variables, tokens)
     g = Generator(CFG, GenerateConfig())
     cache = g._empty_cache(2, 64, CFG.num_layers)
     pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
     step = jax.jit(lambda v, t, p, c: Transformer(CFG).apply(v, t, p, c, method=Transformer.step))
-    logits, _, cache = step(variables, tokens[:, :5], pos, cache)
+    v = with_absorbed_weights(CFG, variables) if absorbed else variables
+    logits, _, cache = step(v, tokens[:, :5], pos, cache)
     got = [logits]
     for i in range(5, 9):
-        logits, _, cache = step(variables, tokens[:, i:i + 1], jnp.full((2, 1), i), cache)
+        logits, _, cache = step(v, tokens[:, i:i + 1], jnp.full((2, 1), i), cache)
         got.append(logits)
     np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, rtol=1e-4, atol=1e-5)
 

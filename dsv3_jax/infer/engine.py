@@ -32,6 +32,8 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.sampling import Sampling, draw, greedy, log_probs
+from dsv3_jax.layers.common import Fp8Weight
+from dsv3_jax.layers.mla import absorbed_weights
 from dsv3_jax.model import Transformer
 
 PREFILL_BUCKET = 64  # prompts are padded to a multiple of this: one compilation per bucket, not per length
@@ -289,6 +291,7 @@ def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: G
     arrive (streaming). Compilation is timed apart from prefill and decode; `warm_prefill` also runs
     the prefill once untimed first (an executable's first run pays one-time costs: benchmarks)."""
     validate_prompts(cfg, prompts, gen.max_new_tokens)
+    variables = with_absorbed_weights(cfg, variables)
     g = Generator(cfg, gen, cache_dtype)
     tokens, lengths = pad_prompts(prompts)
     s = cache_length(cfg, tokens.shape[1], gen.max_new_tokens, g.depth)
@@ -331,6 +334,24 @@ def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: G
                 on_tokens and on_tokens(i, new)
     res.decode_s = time.perf_counter() - t0
     return res
+
+
+def with_absorbed_weights(cfg: ModelConfig, variables: dict) -> dict:
+    """`variables` plus the "absorbed" collection: for every attention layer, wkv_b's halves heads
+    first (mla.absorbed_weights), which the decode steps then read instead of re-deriving per step."""
+    def walk(tree: dict) -> dict:
+        out = {}
+        for name, sub in tree.items():
+            if name == "attn" and "wkv_b" in sub:
+                w = sub["wkv_b"]
+                w = w.dequantize(jnp.dtype(cfg.dtype)) if isinstance(w, Fp8Weight) else w
+                w_k, w_v = absorbed_weights(w, cfg.v_head_dim)
+                out[name] = {"w_k": w_k, "w_v": w_v}
+            elif isinstance(sub, dict) and (found := walk(sub)):
+                out[name] = found
+        return out
+
+    return {**variables, "absorbed": walk(variables["params"])}
 
 
 def cache_bytes_per_token(cfg: ModelConfig, cache_dtype) -> int:

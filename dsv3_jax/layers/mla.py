@@ -87,7 +87,15 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
                               unique_indices=True, indices_are_sorted=True)
 
 
-def attend_cached(q_nope, q_pe, cache, positions, wkv_b, scale, v_head_dim, backend: str = "auto"):
+def absorbed_weights(wkv_b: jax.Array, v_head_dim: int) -> tuple[jax.Array, jax.Array]:
+    """wkv_b [C,H,N+V] -> its key half [H,C,N] and value half [H,V,C], heads first, the layout the
+    absorbed einsums read. Derive them once per generation (engine.with_absorbed_weights), not per
+    decode step: in a step, XLA:CPU re-lays both halves out every time (~10% of a batch-1 step)."""
+    return wkv_b[..., :-v_head_dim].transpose(1, 0, 2), wkv_b[..., -v_head_dim:].transpose(1, 2, 0)
+
+
+def attend_cached(q_nope, q_pe, cache, positions, wkv_b, scale, v_head_dim, backend: str = "auto",
+                  absorbed: tuple[jax.Array, jax.Array] | None = None):
     """Absorbed attention of queries at `positions` [B,T] (contiguous per row) over a latent cache
     stored flat, [B*S,C+R] (see write_cache), that already holds them. A query sees the cache slots
     at or before its own position: slots after it may hold padding or rejected drafts, never read.
@@ -96,15 +104,15 @@ def attend_cached(q_nope, q_pe, cache, positions, wkv_b, scale, v_head_dim, back
     reads only the 576-value cache rows (FlashMLA's design), wherever `backend` resolves to a Pallas
     kernel (GPUs, or "interpret"); where it resolves to "xla" (CPU), the same absorbed math in jnp,
     laid out so XLA never transposes the cache. Prefill-sized windows are compute-bound and take
-    the naive path, as training does."""
+    the naive path, as training does. `absorbed`: absorbed_weights(wkv_b), if already at hand."""
     (b, t), c = q_nope.shape[:2], wkv_b.shape[0]
     cache = cache.reshape(b, -1, cache.shape[-1])
     if t > DECODE_KERNEL_MAX_T:  # prefill: the training path, keys and values expanded per head
         lat = cache.astype(q_nope.dtype)
         mask = jnp.arange(cache.shape[1])[None, None, :] <= positions[:, :, None]
         return attend_naive(q_nope, q_pe, lat[..., :c], lat[..., c:], wkv_b, mask, scale, v_head_dim)
-    w = wkv_b.astype(q_nope.dtype)
-    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w[..., :-v_head_dim])
+    w_k, w_v = (w.astype(q_nope.dtype) for w in absorbed or absorbed_weights(wkv_b, v_head_dim))
+    q_lat = jnp.einsum("bthn,hcn->bthc", q_nope, w_k)
     q = jnp.concatenate([q_lat, q_pe], axis=-1)  # [B,T,H,C+R], against cache rows [c_kv; k_pe]
     o_lat = None
     if resolve_backend(backend) != "xla":
@@ -118,7 +126,7 @@ def attend_cached(q_nope, q_pe, cache, positions, wkv_b, scale, v_head_dim, back
             # (e.g. Mosaic wants a bf16 cache and C a multiple of 128) that small models miss.
     if o_lat is None:
         o_lat = _latent_attention(q, cache.astype(q.dtype), positions, scale, c)
-    return jnp.einsum("bthc,chv->bthv", o_lat, w[..., -v_head_dim:])
+    return jnp.einsum("bthc,hvc->bthv", o_lat, w_v)
 
 
 def _latent_attention(q, cache, positions, scale, v_dim):
@@ -182,9 +190,12 @@ class MLA(nn.Module):
                            causal_mask(positions, positions), c.softmax_scale, c.v_head_dim)
         else:
             cache = write_cache(cache, unflat(jnp.concatenate([c_kv, k_pe], axis=-1)), positions[:, 0])
+            absorbed = None
+            if self.has_variable("absorbed", "w_k"):  # derived once per generation by the engine
+                absorbed = self.get_variable("absorbed", "w_k"), self.get_variable("absorbed", "w_v")
             with jax.named_scope("mla_cached"):
                 o = attend_cached(unflat(q_nope), unflat(q_pe), cache, positions, wkv_b, c.softmax_scale,
-                                  c.v_head_dim)
+                                  c.v_head_dim, absorbed=absorbed)
         out = linear(o.reshape(b * t, -1), wo.reshape(-1, d), c.fp8).reshape(b, t, d)
         return out if cache is None else (out, cache)
 
