@@ -29,7 +29,7 @@ from dsv3_jax.infer.engine import (
 from dsv3_jax.infer.sampling import Sampling, draw, log_probs
 from dsv3_jax.infer.weights import CheckpointError, convert_weights, load_checkpoint, weight_bytes
 from dsv3_jax.layers.common import Fp8Weight
-from dsv3_jax.layers.mla import attend_cached
+from dsv3_jax.layers.mla import attend_cached, write_cache
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.train.loop import TrainConfig, run
 
@@ -143,6 +143,14 @@ def test_decode_step_updates_the_cache_in_place(variables):
         hlo = g.step.lower(variables, state).compile().as_text()
         shape = f"f32[{batch * 128},{CFG.kv_cache_dim}]"
         assert f"= {shape}" in hlo and not [x for x in hlo.splitlines() if f"= {shape}" in x and " copy(" in x]
+
+
+def test_cache_write_stays_inside_each_row():
+    """The flat cache [B*S, C+R]: a window running past its row's S slots is cut there, never
+    written into the next row's slots."""
+    new = jnp.ones((2, 3, 2)) * jnp.array([1.0, 2.0])[:, None, None]
+    out = np.asarray(write_cache(jnp.zeros((2 * 4, 2)), new, jnp.array([2, 1])))[:, 0]
+    np.testing.assert_array_equal(out, [0, 0, 1, 1, 0, 2, 2, 2])
 
 
 def test_cache_holds_the_latent_only_and_its_bytes_match_the_cost_model(variables):

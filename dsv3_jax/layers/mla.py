@@ -74,7 +74,8 @@ ATTEND = {"naive": attend_naive, "absorbed": attend_absorbed}
 
 def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """cache [B*S, C+R] (rows of batch row b at b*S..b*S+S-1), new [B,T,C+R], start [B] -> the cache
-    with row b's new entries at slots start[b]..start[b]+T-1, which must lie inside the row's S slots.
+    with row b's new entries at slots start[b]..start[b]+T-1. Entries past a row's S slots are dropped
+    (never written into the next row's slots, nor outside the array).
 
     The cache is stored flat, one row per (batch row, slot): XLA:CPU then updates it in place with
     one row scatter. As [B, S, C+R] with B = 1 it duplicates the update into each reader and copies
@@ -82,9 +83,10 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     Rolling back (speculative decoding) needs no undo: a later write at the same positions
     replaces whatever a rejected draft left there before any query can see it."""
     b, t, k = new.shape
-    rows = (jnp.arange(b)[:, None] * (cache.shape[0] // b) + start[:, None] + jnp.arange(t)).reshape(-1)
-    return cache.at[rows].set(new.reshape(b * t, k).astype(cache.dtype), mode="promise_in_bounds",
-                              unique_indices=True, indices_are_sorted=True)
+    s = cache.shape[0] // b
+    slot = start[:, None] + jnp.arange(t)
+    rows = jnp.where(slot < s, jnp.arange(b)[:, None] * s + slot, cache.shape[0]).reshape(-1)  # past the end: dropped
+    return cache.at[rows].set(new.reshape(b * t, k).astype(cache.dtype), mode="drop")
 
 
 def absorbed_weights(wkv_b: jax.Array, v_head_dim: int) -> tuple[jax.Array, jax.Array]:
