@@ -23,10 +23,11 @@ class Block(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: jax.Array | None = None):
-        """-> x; or (x, updated cache) when given a latent cache (see MLA)."""
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: jax.Array | None = None,
+                 sorted_positions: bool = False):
+        """-> x; or (x, updated cache) when given a latent cache (see MLA, also for sorted_positions)."""
         c = self.cfg
-        attn = MLA(c, name="attn")(RMSNorm(c.rms_norm_eps, name="attn_norm")(x), positions, cache)
+        attn = MLA(c, name="attn")(RMSNorm(c.rms_norm_eps, name="attn_norm")(x), positions, cache, sorted_positions)
         if cache is not None:
             attn, cache = attn
         x = x + attn
@@ -48,14 +49,15 @@ class MTPModule(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h: jax.Array, next_emb: jax.Array, positions: jax.Array, cache: jax.Array | None = None):
+    def __call__(self, h: jax.Array, next_emb: jax.Array, positions: jax.Array, cache: jax.Array | None = None,
+                 sorted_positions: bool = False):
         """-> (out, normed); with a latent cache, (out, normed, updated cache)."""
         c = self.cfg
         e = RMSNorm(c.rms_norm_eps, name="enorm")(next_emb)
         hn = RMSNorm(c.rms_norm_eps, name="hnorm")(h)
         eh = weight(self, "eh_proj", (2 * c.hidden_size, c.hidden_size), ("mtp_concat", "embed"), c.init_std)
         x = jnp.concatenate([e, hn], axis=-1) @ eh.astype(h.dtype)
-        out = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions, cache)
+        out = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions, cache, sorted_positions)
         if cache is not None:
             out, cache = out
             return out, RMSNorm(c.rms_norm_eps, name="head_norm")(out), cache
@@ -96,26 +98,28 @@ class Transformer(nn.Module):
         flat = h.reshape(-1, h.shape[-1]).astype(jnp.float32)
         return (flat @ head).reshape(*h.shape[:-1], head.shape[-1])
 
-    def hidden(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    def hidden(self, tokens: jax.Array, positions: jax.Array, sorted_positions: bool = False) -> jax.Array:
         """[B, T] -> the last block's output [B, T, D], before the final norm."""
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, positions)
+            x = layer(x, positions, None, sorted_positions)
         return x
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, return_mtp: bool = False,
                  future: jax.Array | None = None):
         """`future` [B, T + depth] optionally supplies the tokens after the window, so that the MTP
         depths see real embeddings at the last positions instead of padding (training)."""
+        # The default positions increase along the sequence: attention may skip masked key blocks.
+        sorted_positions = positions is None
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        h = self.hidden(tokens, positions)
+        h = self.hidden(tokens, positions, sorted_positions)
         logits = self.logits(self.final_norm(h))
         if not return_mtp:
             if self.is_initializing():  # create the MTP parameters too
-                self.mtp_logits(tokens, h, positions, future)
+                self.mtp_logits(tokens, h, positions, future, sorted_positions)
             return logits
-        return logits, self.mtp_logits(tokens, h, positions, future)
+        return logits, self.mtp_logits(tokens, h, positions, future, sorted_positions)
 
     def step(self, tokens: jax.Array, positions: jax.Array, cache: tuple[jax.Array, ...],
              logits_at: jax.Array | None = None):
@@ -139,12 +143,12 @@ class Transformer(nn.Module):
         return self.logits(_pick(normed, logits_at)), out, cache
 
     def mtp_logits(self, tokens: jax.Array, h: jax.Array, positions: jax.Array,
-                   future: jax.Array | None = None) -> jax.Array:
+                   future: jax.Array | None = None, sorted_positions: bool = False) -> jax.Array:
         """[depth, B, T, vocab]: depth k (1-based) at position i predicts token i + k + 1."""
         out, t = [], tokens.shape[1]
         for k, module in enumerate(self.mtp, start=1):
             nxt = _shift_left(tokens, k) if future is None else future[:, k: k + t]
-            h, normed = module(h, self.embed_tokens(nxt), positions)
+            h, normed = module(h, self.embed_tokens(nxt), positions, None, sorted_positions)
             out.append(self.logits(normed))
         if not out:
             return jnp.zeros((0, *tokens.shape, self.cfg.vocab_size), jnp.float32)

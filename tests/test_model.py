@@ -148,3 +148,27 @@ def test_expert_paths_agree_on_adversarial_routing(pattern):
     ref = EXPERTS["dense"](x, routing, w1, w3, w2)
     for impl in ("ragged", "blocked", "gather"):
         np.testing.assert_allclose(EXPERTS[impl](x, routing, w1, w3, w2), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_causal_query_blocks_change_nothing():
+    """Training attention in query blocks (each block scores only the keys up to its own end) gives
+    the one-block result and gradients; the model uses it exactly when it makes the positions itself."""
+    from dsv3_jax.layers.mla import attend_naive, causal_mask
+
+    b, t, h, n, r, c, v = 2, 12, 3, 4, 2, 5, 4
+    ks = jax.random.split(jax.random.PRNGKey(0), 5)
+    args = (jax.random.normal(ks[0], (b, t, h, n)), jax.random.normal(ks[1], (b, t, h, r)),
+            jax.random.normal(ks[2], (b, t, c)), jax.random.normal(ks[3], (b, t, r)),
+            jax.random.normal(ks[4], (c, h, n + v)))
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    f = lambda blocks, *a: attend_naive(*a, causal_mask(pos, pos), 0.3, v, query_blocks=blocks)
+    loss = lambda blocks: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(blocks, *a))), argnums=range(5)))(*args)
+    np.testing.assert_allclose(f(3, *args), f(1, *args), rtol=1e-6, atol=1e-6)
+    for got, want in zip(loss(3), loss(1), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    cfg = CFG.replace(max_position_embeddings=256, mtp_depth=0)
+    variables = init_variables(cfg, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 128), 0, cfg.vocab_size)
+    explicit = jnp.arange(128)[None]  # given positions: one block; made by the model: 4 blocks
+    apply = jax.jit(Transformer(cfg).apply)
+    np.testing.assert_allclose(apply(variables, tokens), apply(variables, tokens, explicit), rtol=1e-5, atol=1e-6)

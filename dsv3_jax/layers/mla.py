@@ -27,6 +27,10 @@ NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead o
 # the config's rms_norm_eps (which only the block norms read).
 LATENT_NORM_EPS = 1e-6
 DECODE_KERNEL_MAX_T = 8  # query windows up to this long use the latent-decode kernel
+# Causal block skipping in training attention (attend_naive): 4 query blocks measured best at T = 256
+# (85 -> 53 ms per layer fwd+bwd on `small`; 2 blocks 64 ms, 8 blocks 62 ms).
+QUERY_BLOCKS = 4
+QUERY_BLOCK_MIN_T = 128
 
 
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
@@ -39,11 +43,16 @@ def _softmax(scores: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def attend_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim, fp8: bool = False):
+def attend_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim, fp8: bool = False,
+                 query_blocks: int = 1):
     """q_nope [B,T,H,N], q_pe [B,T,H,R], c_kv [B,S,C], k_pe [B,S,R], wkv_b [C,H,N+V] -> [B,T,H,V].
 
     `fp8`: the expansion through wkv_b is a linear layer and runs as FP8 GEMMs; the scores, softmax
-    and P.V (the attention core) stay in the activation dtype."""
+    and P.V (the attention core) stay in the activation dtype.
+    `query_blocks` > 1 (causal self-attention over one sequence with increasing positions only, S = T):
+    the queries in that many blocks, block i scoring only the keys up to its own end, since every
+    later key is masked for all of its queries. Same result, ~(n+1)/2n of the score work: the
+    attention core fwd+bwd of `small` (T = 256, 4 blocks) runs ~1.6x faster on XLA:CPU."""
     b, s, c = c_kv.shape
     h = wkv_b.shape[1]
     kv = linear(c_kv.reshape(b * s, c), wkv_b.reshape(c, -1), fp8).reshape(b, s, h, -1)
@@ -52,9 +61,20 @@ def attend_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim, fp8: 
     q = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
     k_pe_heads = jnp.broadcast_to(k_pe[:, :, None], (b, s, h, k_pe.shape[-1]))
     k = jnp.concatenate([k_nope, k_pe_heads], axis=-1).transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    t, n = q.shape[2], query_blocks
+    if n <= 1 or t != s or t % n:
+        return _core(q, k, v, mask, scale)
+    tb = t // n
+    return jnp.concatenate([_core(q[:, :, i * tb:(i + 1) * tb], k[:, :, :(i + 1) * tb], v[:, :, :(i + 1) * tb],
+                                  mask[:, i * tb:(i + 1) * tb, :(i + 1) * tb], scale) for i in range(n)], axis=1)
+
+
+def _core(q, k, v, mask, scale):
+    """q [B,H,T,K], k [B,H,S,K], v [B,H,S,V], mask [B,T,S] -> [B,T,H,V]."""
     scores = jnp.einsum("bhtk,bhsk->bhts", q, k)
     probs = _softmax(scores, mask, scale).astype(v.dtype)
-    return jnp.einsum("bhts,bhsv->bthv", probs, v.transpose(0, 2, 1, 3))
+    return jnp.einsum("bhts,bhsv->bthv", probs, v)
 
 
 def attend_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, v_head_dim):
@@ -165,10 +185,13 @@ class MLA(nn.Module):
         return c_kv, apply_rope(kv[..., c.kv_lora_rank:], cos, sin)
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: jax.Array | None = None):
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: jax.Array | None = None,
+                 sorted_positions: bool = False):
         """x [B,T,D], positions [B,T] -> [B,T,D]. With a latent `cache` [B*S,C+R] (inference), the new
         tokens' latents are written at their positions (contiguous per row) and the queries attend
-        over the cache with the absorbed path; returns (output, updated cache)."""
+        over the cache with the absorbed path; returns (output, updated cache).
+        `sorted_positions`: the caller vouches that positions increase along T (the model's default
+        arange), which lets the causal attention skip the key blocks after each query block."""
         c = self.cfg
         b, t, d = x.shape
         # Projections run on [B*T, D]: plain 2-D matmuls, which XLA:CPU lays out without transposes.
@@ -185,8 +208,9 @@ class MLA(nn.Module):
         unflat = lambda a: a.reshape(b, t, *a.shape[1:])
         if cache is None:
             attend = ATTEND[c.attention_impl]
-            if c.fp8 and attend is attend_naive:  # absorbed: wkv_b is folded into the core's einsums, kept BF16
-                attend = functools.partial(attend_naive, fp8=True)
+            if attend is attend_naive:  # absorbed: wkv_b is folded into the core's einsums, kept BF16
+                blocks = QUERY_BLOCKS if sorted_positions and t >= QUERY_BLOCK_MIN_T else 1
+                attend = functools.partial(attend_naive, fp8=c.fp8, query_blocks=blocks)
             with jax.named_scope(f"mla_{c.attention_impl}"):
                 o = attend(unflat(q_nope), unflat(q_pe), unflat(c_kv), unflat(k_pe), wkv_b,
                            causal_mask(positions, positions), c.softmax_scale, c.v_head_dim)
