@@ -27,7 +27,7 @@ import optax
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.costmodel import train_flops_per_token
-from dsv3_jax.layers.mla import MLA, attend_naive, causal_mask
+from dsv3_jax.layers.mla import MLA, QUERY_BLOCK_MIN_T, QUERY_BLOCKS, attend_naive, causal_mask
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax.layers.moe import MoE, resolve_moe_impl
 from dsv3_jax.train.objective import cross_entropy
@@ -115,7 +115,8 @@ def breakdown(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> dict:
 def _mla_part(cfg, x, pos, repeats):
     mla = MLA(cfg)
     v = nn.unbox(mla.init(jax.random.PRNGKey(0), x, pos))
-    f = jax.jit(jax.grad(lambda p, x: jnp.sum(mla.apply({"params": p}, x, pos)), argnums=(0, 1)))
+    # sorted_positions: as in the model's training call (its own arange), causal query blocks on.
+    f = jax.jit(jax.grad(lambda p, x: jnp.sum(mla.apply({"params": p}, x, pos, None, True)), argnums=(0, 1)))
     flops = f.lower(v["params"], x).compile().cost_analysis().get("flops", 0.0)
     return median_time(lambda: jax.block_until_ready(f(v["params"], x)), repeats), flops
 
@@ -130,7 +131,8 @@ def _attention_core_part(cfg, batch, seq, repeats):
     args = [jnp.asarray(rng.randn(*s) * 0.1, jnp.float32) for s in shapes]
     pos = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
     mask = causal_mask(pos, pos)
-    core = lambda *a: jnp.sum(attend_naive(*a, mask, cfg.softmax_scale, cfg.v_head_dim))
+    blocks = QUERY_BLOCKS if seq >= QUERY_BLOCK_MIN_T else 1  # as the model's training path
+    core = lambda *a: jnp.sum(attend_naive(*a, mask, cfg.softmax_scale, cfg.v_head_dim, query_blocks=blocks))
     f = jax.jit(jax.grad(core, argnums=(0, 1, 2, 3, 4)))
     flops = f.lower(*args).compile().cost_analysis().get("flops", 0.0)
     return median_time(lambda: jax.block_until_ready(f(*args)), repeats), flops
