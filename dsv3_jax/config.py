@@ -80,7 +80,7 @@ class ModelConfig:
     # Numerics and implementation choices (do not change the function computed).
     dtype: str = "float32"  # activation dtype; parameters are float32 masters
     attention_impl: Literal["naive", "absorbed"] = "naive"
-    moe_impl: Literal["auto", "dense", "gather", "ragged", "blocked"] = "auto"
+    moe_impl: Literal["auto", "dense", "gather", "ragged", "windowed"] = "auto"
     # Under an "expert" mesh axis: dispatch tokens as E4M3 with 1x128 scales, combine in BF16
     # (paper s.3); off by default, as it changes the numbers (a few % error, tests/test_ep.py).
     ep_fp8_dispatch: bool = False
@@ -279,8 +279,8 @@ def _validate(c: ModelConfig) -> None:
         _fail("attention_impl", c.attention_impl, "must be 'naive' or 'absorbed'")
     if not isinstance(c.fp8, bool):
         _fail("fp8", c.fp8, "must be true or false")
-    if c.moe_impl not in ("auto", "dense", "gather", "ragged", "blocked"):
-        _fail("moe_impl", c.moe_impl, "must be 'auto', 'dense', 'gather', 'ragged' or 'blocked'")
+    if c.moe_impl not in ("auto", "dense", "gather", "ragged", "windowed"):
+        _fail("moe_impl", c.moe_impl, "must be 'auto', 'dense', 'gather', 'ragged' or 'windowed'")
 
 
 def _validate_moe(c: ModelConfig) -> None:

@@ -43,7 +43,7 @@ def close(a, b, tol):
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-@pytest.mark.parametrize("impl", ["blocked", "dense"])
+@pytest.mark.parametrize("impl", ["windowed", "dense"])
 def test_forward_matches_dense(mesh_name, impl):
     args = problem(8 * 37)  # divisible by the token-axis size (8), by nothing else of note
     close(ep(make_mesh(mesh_name), local_impl=impl)(*args), dense(*args), 1e-5)

@@ -381,7 +381,7 @@ V2_GROUPED = {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group":
 # ---- 5. MoE --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", SEEDS[:2])
-@pytest.mark.parametrize("moe_impl", ["dense", "ragged", "blocked"])
+@pytest.mark.parametrize("moe_impl", ["dense", "ragged", "windowed"])
 @pytest.mark.parametrize("version,overrides", [
     ("v3", {"n_group": 4, "topk_group": 2}),
     ("v3", {"n_group": 1, "topk_group": 1, "n_shared_experts": 2, "num_experts_per_tok": 3}),

@@ -117,9 +117,11 @@ def _ep_body(x, weights, experts, w1, w3, w2, *, axis: str, n: int, fp8: bool, i
         recv_ids = _all_to_all(send_ids, axis).reshape(-1, 1)
     with jax.named_scope("ep_experts"):
         # Each received slot is one assignment (K = 1) with gate 1, or 0 for an empty slot (its
-        # expert id 0 is a placeholder; its output is zero). Gates are applied on the sender.
+        # output is zero). Gates are applied on the sender. Empty slots, most of the buffer, are
+        # spread over the local experts, so that none of them gets a skewed load.
         valid = recv_ids >= 0
-        local_routing = Routing(valid.astype(jnp.float32), jnp.where(valid, recv_ids, 0), scores=None)
+        spread = jnp.arange(recv_ids.shape[0])[:, None] % num_local
+        local_routing = Routing(valid.astype(jnp.float32), jnp.where(valid, recv_ids, spread), scores=None)
         y = EXPERTS[impl](recv.reshape(n * a, d), local_routing, w1, w3, w2).reshape(n, a, d)
     with jax.named_scope("ep_combine"):
         back = _all_to_all(y.astype(jnp.bfloat16), axis).astype(dt) if fp8 else _all_to_all(y, axis)
@@ -129,7 +131,7 @@ def _ep_body(x, weights, experts, w1, w3, w2, *, axis: str, n: int, fp8: bool, i
 
 def moe_expert_parallel(x: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
                         mesh, expert_axis: str = "expert", token_axes: Sequence[str] | None = None,
-                        fp8_dispatch: bool = False, local_impl: str = "blocked") -> jax.Array:
+                        fp8_dispatch: bool = False, local_impl: str = "windowed") -> jax.Array:
     """What `EXPERTS[local_impl](x, routing, w1, w3, w2)` computes, with the experts split over
     `expert_axis` of `mesh` (a Mesh or AbstractMesh). x [T, D]; w1, w3 [E, D, F]; w2 [E, F, D].
 

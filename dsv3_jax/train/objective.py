@@ -30,10 +30,41 @@ class LossParts(NamedTuple):
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy of logits [..., vocab] against integer targets [...]."""
     # Flattened to [N, vocab]: XLA:CPU handles the 2-D backward without a transposing copy.
-    logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets.reshape(-1, 1), axis=-1))
+    return _mean_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _logsumexp_and_picked(logits, targets):
+    x = logits.astype(jnp.float32)
+    top = jnp.max(x, axis=-1)
+    lse = top + jnp.log(jnp.sum(jnp.exp(x - top[:, None]), axis=-1))
+    return lse, jnp.take_along_axis(x, targets[:, None], axis=-1)[:, 0]
+
+
+@jax.custom_vjp
+def _mean_cross_entropy(logits, targets):
+    lse, picked = _logsumexp_and_picked(logits, targets)
+    return jnp.mean(lse - picked)
+
+
+def _mean_cross_entropy_fwd(logits, targets):
+    lse, picked = _logsumexp_and_picked(logits, targets)
+    return jnp.mean(lse - picked), (logits, targets, lse)
+
+
+def _mean_cross_entropy_bwd(res, g):
+    """d/dlogits = (softmax - onehot) g / N in one pass over [N, vocab], the one-hot an iota compare:
+    autodiff of log_softmax + take_along_axis also zero-fills and scatters a [N, vocab] buffer and
+    makes two more passes (head + loss fwd+bwd of `small`: 138 -> 115 ms measured)."""
+    logits, targets, lse = res
+    n, v = logits.shape
+    onehot = jnp.arange(v)[None, :] == targets[:, None]
+    d = (jnp.exp(logits.astype(jnp.float32) - lse[:, None]) - onehot) * (g / n)
+    return d.astype(logits.dtype), None
+
+
+_mean_cross_entropy.defvjp(_mean_cross_entropy_fwd, _mean_cross_entropy_bwd)
 
 
 def routings(intermediates: dict) -> dict[str, Routing]:
