@@ -143,10 +143,16 @@ _GLOO_CHATTER = re.compile(r"\[Gloo\]( Rank)?\s*|\d+ is connected to \d+ peer ra
                            r"Expected number of connected peer ranks is : \d+\n?")
 
 
+def _without_chatter(text: str) -> str:
+    # Until nothing changes: removing one interleaved piece can join the halves of another.
+    while (cleaner := _GLOO_CHATTER.sub("", text)) != text:
+        text = cleaner
+    return text
+
+
 def _output(proc) -> tuple[str, str]:
     """(stdout, stderr) of a finished `_launch` process, without gloo's connection chatter."""
-    return tuple(_GLOO_CHATTER.sub("", open(f"{proc.logs}.{kind}", errors="replace").read())
-                 for kind in ("out", "err"))
+    return tuple(_without_chatter(open(f"{proc.logs}.{kind}", errors="replace").read()) for kind in ("out", "err"))
 
 
 def test_two_processes_match_one(runs, tmp_path, corpus):
