@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.5", "torch", "transformers>=5.0", "tensorboard>=2.16", "nbclient>=0.10",
-                "nbformat>=5.9", "ipykernel>=6.29"],
+                "nbformat>=5.9", "ipykernel>=6.29", "pytest-xdist>=3.5"],
         "gpu": ["jax[cuda12]>=0.6", "jax-triton>=0.3"],
     },
 )
