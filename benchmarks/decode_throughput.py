@@ -27,6 +27,7 @@ import time
 
 import jax
 import numpy as np
+from peer_device import torch_device, torch_sync
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.corpus import default_corpus_files, read_documents, split_documents
@@ -59,28 +60,30 @@ def load_peer(cfg: ModelConfig, variables: dict):
     with tempfile.TemporaryDirectory() as d:
         save_hf_checkpoint(cfg.replace(mtp_depth=0), variables, d)
         model = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
-    return model.eval()
+    return model.to(torch_device()).eval()
 
 
 def peer(model, cfg: ModelConfig, batch: int, length: int, new: int, repeats: int) -> dict:
     import torch
 
-    prompt = torch.tensor(_prompts(batch, length, cfg.vocab_size))
+    device = model.device.type
+    prompt = torch.tensor(_prompts(batch, length, cfg.vocab_size), device=device)
     mask = torch.ones_like(prompt)
     with torch.no_grad():
         model(prompt)  # warm-up
-        prefill = statistics.median(_timed(lambda: model(prompt)) for _ in range(repeats))
+        prefill = statistics.median(_timed(lambda: model(prompt), device) for _ in range(repeats))
         gen = lambda: model.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                      do_sample=False, pad_token_id=0)
-        total = statistics.median(_timed(gen) for _ in range(repeats))
+        total = statistics.median(_timed(gen, device) for _ in range(repeats))
         tokens = gen()[0, length:].tolist()
     return {"prefill_tokens_per_s": batch * length / prefill,
             "decode_tokens_per_s": batch * (new - 1) / max(total - prefill, 1e-9), "tokens": tokens}
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: str = "cpu") -> float:
     t = time.perf_counter()
     fn()
+    torch_sync(device)
     return time.perf_counter() - t
 
 

@@ -7,7 +7,10 @@ Measures, on this machine and in one process (so the ratio is fair on a noisy sh
   - the peer: transformers' DeepseekV3ForCausalLM, eager PyTorch, loss.backward() + AdamW step;
   - a breakdown of our step into parts (attention, MoE, dense FFN, head + loss, optimizer), each
     timed alone with its achieved GFLOP/s (XLA's own FLOP count) against the peak, to name the part
-    furthest from its limit.
+    furthest from its limit;
+  - the GEMMs of the step's own shapes (head, dense FFN, an expert window) in XLA and in torch on
+    the same device: matmuls are most of both steps, so their ratio bounds ours / peer.
+The peer runs where we run: on CUDA when JAX runs on a GPU and torch sees one, else on the CPU.
 
 Usage: python benchmarks/train_throughput.py [--batch 8] [--seq 256] [--repeats 5] [--json]
 """
@@ -24,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from peer_device import torch_device, torch_sync
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.costmodel import train_flops_per_token
 from dsv3_jax.layers.mla import MLA, QUERY_BLOCK_MIN_T, QUERY_BLOCKS, attend_naive, causal_mask
 from dsv3_jax.layers.mlp import MLP
-from dsv3_jax.layers.moe import MoE, resolve_moe_impl
+from dsv3_jax.layers.moe import MoE, resolve_moe_impl, window_rows
 from dsv3_jax.train.objective import cross_entropy
 from dsv3_jax.train.step import OptimConfig, init_state, jit_steps, make_optimizer
 
@@ -75,17 +79,54 @@ def peer(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float | None:
         return None
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
+    device = torch_device()
     hf = {k: v for k, v in cfg.replace(mtp_depth=0).to_hf().items() if k not in ("architectures", "model_type")}
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**hf))
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**hf)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
 
     def step():
         model(x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()
+        torch_sync(device)
 
     return batch * seq / median_time(step, repeats)
+
+
+def gemm_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, int, int]]:
+    """([batch,] M, K, N) of the step's main matmul kinds, forward; the backward's are their transposes.
+    The attention scores: one causal query block against all keys, batched over batch x heads."""
+    n, d = batch * seq, cfg.hidden_size
+    window = window_rows(n * cfg.num_experts_per_tok, cfg.n_routed_experts)
+    return {"head": (n, d, cfg.vocab_size), "dense ffn gate|up": (n, d, 2 * cfg.intermediate_size),
+            "expert window gate|up": (window, d, 2 * cfg.moe_intermediate_size),
+            "expert window down": (window, cfg.moe_intermediate_size, d),
+            "attention scores": (batch * cfg.num_heads, seq // QUERY_BLOCKS, cfg.qk_head_dim, seq)}
+
+
+def gemm_limits(shapes: dict, repeats: int) -> dict:
+    """GFLOP/s of each float32 ([batch,] M, K, N) matmul in XLA and in torch on the peer's device, same run."""
+    return {name: _gemm_row(shape, repeats) for name, shape in shapes.items()}
+
+
+def _gemm_row(shape: tuple, repeats: int) -> dict:
+    *lead, m, k, n = shape
+    flop = 2 * m * k * n * int(np.prod(lead))
+    rng = np.random.RandomState(0)
+    a, b = rng.randn(*lead, m, k).astype(np.float32), rng.randn(*lead, k, n).astype(np.float32)
+    f, ja, jb = jax.jit(jnp.matmul), jnp.asarray(a), jnp.asarray(b)
+    row = {"shape": list(shape), "xla_gflops": flop / median_time(lambda: f(ja, jb).block_until_ready(),
+                                                                  10 * repeats) / 1e9}
+    try:
+        import torch
+    except ImportError:
+        return row
+    device = torch_device()
+    ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+    row["torch_gflops"] = flop / median_time(lambda: (ta @ tb, torch_sync(device)), 10 * repeats) / 1e9
+    row["xla_over_torch"] = row["xla_gflops"] / row["torch_gflops"]
+    return row
 
 
 def _grad_timer(module: nn.Module, x: jax.Array, variables: dict, loss, repeats: int) -> tuple[float, float]:
@@ -176,10 +217,12 @@ def main() -> None:
     out["model_gflops_per_token"] = flops / 1e9
     out["mfu"] = flops * out["ours_tokens_per_s"] / (peak * 1e9)
     if out["peer_tokens_per_s"]:
+        out["peer_device"] = torch_device()
         out["ratio_vs_peer"] = out["ours_tokens_per_s"] / out["peer_tokens_per_s"]
         out["peer_mfu"] = flops * out["peer_tokens_per_s"] / (peak * 1e9)
     out["parts"] = {name: {"ms": t * 1e3, "gflops": f / 1e9, "fraction_of_peak": f / t / 1e9 / peak}
                     for name, (t, f) in breakdown(plain, a.batch, a.seq, a.repeats).items()}
+    out["gemm"] = gemm_limits(gemm_shapes(plain, a.batch, a.seq), a.repeats)
     print(json.dumps(out) if a.json else _text(out))
 
 
@@ -190,11 +233,17 @@ def _text(out: dict) -> str:
              f"ours (V3 objective, MTP 1):      {out['ours_with_mtp_tokens_per_s']:8.0f} tokens/s"]
     if out.get("peer_tokens_per_s"):
         lines += [f"transformers DeepseekV3 (torch): {out['peer_tokens_per_s']:8.0f} tokens/s   "
-                  f"MFU {out['peer_mfu']:.1%}",
+                  f"MFU {out['peer_mfu']:.1%}  (on {out['peer_device']})",
                   f"ratio ours / peer:               {out['ratio_vs_peer']:.2f}x"]
     lines.append("parts of our step (forward + backward alone; fraction of the matmul peak):")
     for name, r in out["parts"].items():
         lines.append(f"  {name:24s} {r['ms']:8.1f} ms  {r['gflops']:7.2f} GFLOP  {r['fraction_of_peak']:6.1%}")
+    lines.append("GEMMs of the step's shapes (float32 GFLOP/s; the peer's matmuls are torch's):")
+    for name, r in out["gemm"].items():
+        peer_part = ""
+        if "torch_gflops" in r:
+            peer_part = f"  torch {r['torch_gflops']:6.1f}  xla/torch {r['xla_over_torch']:.2f}"
+        lines.append(f"  {name:24s} {'x'.join(map(str, r['shape'])):>18s}  xla {r['xla_gflops']:6.1f}{peer_part}")
     return "\n".join(lines)
 
 
