@@ -1,3 +1,4 @@
+import gc
 import os
 
 import pytest
@@ -17,6 +18,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsv3_jax_test_xla_cache_")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session):
+    """Collect the session's garbage once, then freeze what is left. pytest collects garbage five more
+    times at exit (to report unraisable exceptions); with the ~1M objects a worker holds after its half
+    of the suite, each collect takes ~0.5 s, and a pytest-xdist worker that is not done 5 s after the
+    run ends is sent SIGINT by execnet (a KeyboardInterrupt warning at the end of the run). Here, in
+    a worker, this runs before the worker reports that it has finished."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
