@@ -8,8 +8,8 @@ Measures, on this machine and in one process (so the ratio is fair on a noisy sh
   - a breakdown of our step into parts (attention, MoE, dense FFN, head + loss, optimizer), each
     timed alone with its achieved GFLOP/s (XLA's own FLOP count) against the peak, to name the part
     furthest from its limit;
-  - the GEMMs of the step's own shapes (head, dense FFN, an expert window) in XLA and in torch on
-    the same device: matmuls are most of both steps, so their ratio bounds ours / peer.
+  - the GEMMs of the step's own shapes (head, dense FFN, an expert window, attention scores) in XLA
+    and in torch on the same device: matmuls are most of both steps, so their ratio bounds ours / peer.
 The peer runs where we run: on CUDA when JAX runs on a GPU and torch sees one, else on the CPU.
 
 Usage: python benchmarks/train_throughput.py [--batch 8] [--seq 256] [--repeats 5] [--json]
@@ -94,7 +94,7 @@ def peer(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float | None:
     return batch * seq / median_time(step, repeats)
 
 
-def gemm_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, int, int]]:
+def gemm_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
     """([batch,] M, K, N) of the step's main matmul kinds, forward; the backward's are their transposes.
     The attention scores: one causal query block against all keys, batched over batch x heads."""
     n, d = batch * seq, cfg.hidden_size
