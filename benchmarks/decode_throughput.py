@@ -10,11 +10,12 @@ transformers), greedy, no EOS, for each case (batch, prompt length) with 128 new
   - agree: how many leading greedy tokens of row 0 match between the two (a check that both
     run the same model; float32 rounding may part them after a while).
 Part 2, on --mtp_checkpoint (default: ./workdir, what `python train.py` writes): prompts cut from
-held-out text, greedy, plain vs --speculative=mtp: tokens/s, acceptance, tokens per step, and
-whether the outputs are identical (they must be).
+held-out text, greedy, plain vs --speculative=mtp at batch 1 (each prompt alone) and with all the
+prompts in one batch: tokens/s, the speed-up (median of --mtp_repeats interleaved repeats, and their
+range), acceptance, tokens per step, and whether the outputs are identical (they must be).
 
 Usage: python benchmarks/decode_throughput.py [--cases 1x128,8x128,1x1024,8x1024] [--new 128]
-       [--repeats 2] [--mtp_checkpoint workdir] [--no_peer] [--json]
+       [--repeats 2] [--mtp_checkpoint workdir] [--mtp_repeats 5] [--no_peer] [--json]
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.data.corpus import default_corpus_files, read_documents, split_documents
 from dsv3_jax.data.tokenizer import load_tokenizer
 from dsv3_jax.hf import save_hf_checkpoint
-from dsv3_jax.infer.engine import GenerateConfig, cache_bytes_per_token, generate
+from dsv3_jax.infer.engine import GenerateConfig, cache_bytes_per_token, generate, use_decode_xla_flags
 from dsv3_jax.infer.weights import load_checkpoint
 from dsv3_jax.model import init_variables
 
@@ -101,26 +102,36 @@ def heldout_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return [p for p in ids if len(p) == length][:count]
 
 
+def _decode_rate(results: list) -> float:
+    """Decode tokens per second over several generations together."""
+    return sum(r.new_tokens - len(r.tokens) for r in results) / sum(r.decode_s for r in results)
+
+
 def mtp(path: str, prompts: int, length: int, new: int, repeats: int) -> dict:
+    """Plain vs MTP decoding at batch 1 (every prompt alone, one after another) and at batch
+    `prompts` (all together). Interleaved repeats, so a burst of load on the machine hits both modes
+    alike; the speed-up is the median of the repeats' ratios, with their range."""
     cfg, variables, tok_spec = load_checkpoint(path)
     tokenizer = load_tokenizer(tok_spec or "byte")
     ps = heldout_prompts(tokenizer, prompts, length)
-    out = {"checkpoint": path, "prompts": len(ps), "prompt_tokens": length, "new": new}
+    out = {"checkpoint": path, "prompts": len(ps), "prompt_tokens": length, "new": new, "repeats": repeats}
     for batch in (1, len(ps)):
-        rows = ps[:batch]
-        res = {}
-        # Interleaved repeats, so a burst of load on the machine hits both modes alike.
+        groups = [ps[i: i + batch] for i in range(0, len(ps), batch)]
+        runs = {"none": [], "mtp": []}
         for _ in range(repeats):
-            for mode in ("none", "mtp"):
-                res.setdefault(mode, []).append(generate(cfg, variables, rows, GenerateConfig(
-                    max_new_tokens=new, speculative=mode, eos_id=tokenizer.eos_id)))
-        plain, spec = res["none"], res["mtp"]
-        tps = lambda rs: statistics.median(r.tokens_per_s for r in rs)
+            for mode, rs in runs.items():
+                rs.append([generate(cfg, variables, rows, GenerateConfig(
+                    max_new_tokens=new, speculative=mode, eos_id=tokenizer.eos_id)) for rows in groups])
+        ratios = [_decode_rate(m) / _decode_rate(p) for p, m in zip(runs["none"], runs["mtp"])]
+        plain, spec = runs["none"][0], runs["mtp"][0]
         out[f"batch{batch}"] = {
-            "plain_tokens_per_s": tps(plain), "mtp_tokens_per_s": tps(spec), "speedup": tps(spec) / tps(plain),
-            "acceptance_rate": spec[0].acceptance_rate, "accepted_per_step": spec[0].accepted_per_step,
-            "identical": spec[0].tokens == plain[0].tokens,
-            "sample": tokenizer.decode(rows[0][-40:]) + " ⟶ " + tokenizer.decode(spec[0].tokens[0][:60])}
+            "plain_tokens_per_s": statistics.median(map(_decode_rate, runs["none"])),
+            "mtp_tokens_per_s": statistics.median(map(_decode_rate, runs["mtp"])),
+            "speedup": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
+            "acceptance_rate": sum(r.accepted for r in spec) / sum(r.drafted for r in spec),
+            "accepted_per_step": sum(r.new_tokens - len(r.tokens) for r in spec) / sum(r.row_steps for r in spec),
+            "identical": all(p.tokens == m.tokens for p, m in zip(plain, spec)),
+            "sample": tokenizer.decode(ps[0][-40:]) + " ⟶ " + tokenizer.decode(spec[0].tokens[0][:60])}
     return out
 
 
@@ -134,8 +145,10 @@ def main() -> None:
     p.add_argument("--mtp_checkpoint", default="workdir")
     p.add_argument("--mtp_prompts", type=int, default=8)
     p.add_argument("--mtp_prompt_tokens", type=int, default=64)
+    p.add_argument("--mtp_repeats", type=int, default=5)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    use_decode_xla_flags()  # as infer.py runs; before jax's first computation
 
     cfg = ModelConfig.from_json(a.config)
     variables = init_variables(cfg, jax.random.PRNGKey(0))
@@ -155,7 +168,7 @@ def main() -> None:
         out["cases"][case] = row
         print(_case_line(case, row), flush=True)
     if os.path.isdir(a.mtp_checkpoint):
-        out["mtp"] = mtp(a.mtp_checkpoint, a.mtp_prompts, a.mtp_prompt_tokens, a.new, a.repeats)
+        out["mtp"] = mtp(a.mtp_checkpoint, a.mtp_prompts, a.mtp_prompt_tokens, a.new, a.mtp_repeats)
         print(_mtp_text(out["mtp"]), flush=True)
     else:
         print(f"(no {a.mtp_checkpoint}/: run `python train.py` first for the MTP part)")
@@ -176,11 +189,13 @@ def _case_line(case: str, row: dict) -> str:
 
 
 def _mtp_text(m: dict) -> str:
-    lines = [f"MTP on {m['checkpoint']} ({m['prompts']} held-out prompts of {m['prompt_tokens']} tokens):"]
+    lines = [f"MTP on {m['checkpoint']} ({m['prompts']} held-out prompts of {m['prompt_tokens']} tokens, "
+             f"median of {m['repeats']}):"]
     for k, r in m.items():
         if k.startswith("batch"):
+            lo, hi = r["speedup_range"]
             lines.append(f"  {k}: plain {r['plain_tokens_per_s']:.0f} tok/s, mtp {r['mtp_tokens_per_s']:.0f} tok/s "
-                         f"-> {r['speedup']:.2f}x; acceptance {r['acceptance_rate']:.0%}, "
+                         f"-> {r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}x); acceptance {r['acceptance_rate']:.0%}, "
                          f"{r['accepted_per_step']:.2f} tokens/step; identical: {r['identical']}")
     lines.append(f"  sample: {m['batch1']['sample']!r}")
     return "\n".join(lines)

@@ -23,7 +23,9 @@ from dsv3_jax.infer.engine import (
     Generator,
     cache_bytes_per_token,
     generate,
+    generator,
     pad_prompts,
+    use_decode_xla_flags,
     with_absorbed_weights,
 )
 from dsv3_jax.infer.sampling import Sampling, draw, log_probs
@@ -104,6 +106,16 @@ def test_decode_steps_compile_once(variables):
     for _ in range(3):
         state, _ = g.step(variables, state)
     assert g.step._cache_size() == 1 and g.prefill._cache_size() == 1
+
+
+def test_generate_again_with_the_same_settings_compiles_nothing(variables):
+    gen = GenerateConfig(max_new_tokens=6, speculative="mtp")
+    first = generate(CFG, variables, PROMPTS[:2], gen)
+    g = generator(CFG, gen, None)
+    other = generate(CFG, variables, [[3, 4], [5, 6, 7]], gen)  # other prompts, the same padded shapes
+    again = generate(CFG, variables, PROMPTS[:2], gen)
+    assert generator(CFG, gen, None) is g and g.step._cache_size() == 1 and len(g._compiled) == 2
+    assert other.compile_s < first.compile_s and again.tokens == first.tokens
 
 
 def test_ragged_batch_decodes_each_prompt_as_alone(variables, plain):
@@ -345,6 +357,33 @@ def test_infer_batch_from_a_prompts_file_with_fp8_weights(trained, tmp_path, cap
     assert out["text"][0].startswith(" brown")  # 8-bit weights still know the text
     assert out["kv_cache_bytes_per_token"] == CFG.kv_cache_bytes_per_token(2)  # bf16 compute and cache
     assert out["weights"] == "fp8" and out["weight_bytes"] < weight_bytes(load_checkpoint(trained, "bf16")[1])
+
+
+def test_decode_xla_flags_are_added_once_and_never_override_the_user():
+    env = {}
+    use_decode_xla_flags(env)
+    assert env["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+    use_decode_xla_flags(env)  # idempotent
+    assert env["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    use_decode_xla_flags(env)  # appended to the user's flags
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                        "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
+    env = {"XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=true"}
+    use_decode_xla_flags(env)  # the user's own setting stands
+    assert env["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+
+
+def test_infer_sets_the_decode_xla_flags_before_it_runs(monkeypatch):
+    class Flags(types.SimpleNamespace):
+        def __getitem__(self, name):  # absl's FLAGS["verbosity"].present
+            return types.SimpleNamespace(present=True)
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+    seen = []
+    monkeypatch.setattr(cli, "run", lambda f: seen.append(os.environ["XLA_FLAGS"]) or {"text": ""})
+    cli.main(["infer.py"], Flags(**vars(_flags(checkpoint="somewhere"))))
+    assert seen == ["--xla_cpu_use_thunk_runtime=true --xla_cpu_enable_concurrency_optimized_scheduler=false"]
 
 
 def test_infer_py_streams_and_reports_json(trained):

@@ -13,7 +13,14 @@ import jax
 from absl import flags, logging
 
 from dsv3_jax.data.tokenizer import load_tokenizer
-from dsv3_jax.infer.engine import GenerateConfig, GenerationError, Result, cache_bytes_per_token, generate
+from dsv3_jax.infer.engine import (
+    GenerateConfig,
+    GenerationError,
+    Result,
+    cache_bytes_per_token,
+    generate,
+    use_decode_xla_flags,
+)
 from dsv3_jax.infer.sampling import Sampling
 from dsv3_jax.infer.weights import WEIGHTS, CheckpointError, load_checkpoint, weight_bytes
 
@@ -129,6 +136,7 @@ def main(argv, f) -> None:
         sys.exit("infer.py: --checkpoint is required")
     if not f["verbosity"].present:  # orbax logs every restore at INFO
         logging.set_verbosity(logging.WARNING)
+    use_decode_xla_flags()  # before jax's first computation
     try:
         out = run(f)
     except (GenerationError, CheckpointError) as e:

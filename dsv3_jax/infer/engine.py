@@ -22,6 +22,8 @@ and keeps that state in its cache; this costs draft quality only (V3 has depth 1
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -38,6 +40,13 @@ from dsv3_jax.model import Transformer
 
 PREFILL_BUCKET = 64  # prompts are padded to a multiple of this: one compilation per bucket, not per length
 CACHE_BUCKET = 64
+# XLA:CPU's concurrency-optimised scheduler orders a program's operations for parallel execution, and
+# the thunk executor then hands the ready ones to other threads. A decode step is ~100-300 operations
+# of a few microseconds each, for which the hand-offs cost more than the work: in program order the
+# step runs faster (measured, interleaved: tiny batch 1 1.53x, small batch 8 1.23x, small batch 1
+# 1.08x; docs/PERFORMANCE.md). XLA reads this flag once per process, from XLA_FLAGS only (a jit's
+# compiler_options leave it unread), so the inference entry points set it before jax starts.
+DECODE_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 
 
 class GenerationError(ValueError):
@@ -134,6 +143,25 @@ class Generator:
         self.cache_dtype = jnp.dtype(cache_dtype or cfg.dtype)
         self.prefill = jax.jit(self._prefill, static_argnums=3)
         self.step = jax.jit(self._steps, donate_argnums=1)
+        self._compiled = {}  # signature of the arguments -> the AOT prefill, or True for a compiled step
+
+    def compiled_prefill(self, variables, tokens, lengths, cache_len: int):
+        """The prefill compiled ahead of time for these argument shapes (once per Generator), so that
+        its compilation is timed apart from its run -> (executable, whether it was compiled now)."""
+        key = ("prefill", cache_len, _signature((variables, tokens, lengths)))
+        fresh = key not in self._compiled
+        if fresh:
+            self._compiled[key] = self.prefill.lower(variables, tokens, lengths, cache_len).compile()
+        return self._compiled[key], fresh
+
+    def compile_step(self, variables, state: State) -> None:
+        """Compile the step for these argument shapes, if not yet, on a throwaway copy of the state.
+        The step itself is called through jit's C++ dispatch, several times faster per call than an
+        AOT `Compiled` object's Python path (it matters at a fraction of a millisecond per token)."""
+        key = ("step", _signature((variables, state)))
+        if key not in self._compiled:
+            jax.block_until_ready(self.step(variables, jax.tree.map(jnp.copy, state)))
+            self._compiled[key] = True
 
     # -- the pieces, traced once per shape ------------------------------------------------------
 
@@ -248,6 +276,16 @@ class Generator:
         return state, out
 
 
+def use_decode_xla_flags(environ=os.environ) -> None:
+    """Add DECODE_XLA_FLAGS to XLA_FLAGS, leaving any flag the user set there as it is. Takes effect
+    only if called before jax's first computation in the process (XLA parses XLA_FLAGS once)."""
+    current = environ.get("XLA_FLAGS", "").split()
+    named = {f.split("=", 1)[0] for f in current}
+    extra = [f for f in DECODE_XLA_FLAGS if f.split("=", 1)[0] not in named]
+    if extra:
+        environ["XLA_FLAGS"] = " ".join(current + extra)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -284,19 +322,33 @@ def cache_length(cfg: ModelConfig, prompt_tokens: int, max_new_tokens: int, dept
     return _round_up(max(prompt_tokens, max(prompt_tokens, 1) + max_new_tokens) + depth + 1, CACHE_BUCKET)
 
 
+@functools.lru_cache(maxsize=8)
+def generator(cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None) -> Generator:
+    """A Generator per (model config, generation config, cache dtype), kept across calls, so that
+    calling `generate` again with the same settings and shapes compiles nothing."""
+    return Generator(cfg, gen, cache_dtype)
+
+
+def _signature(tree) -> tuple:
+    """What a compiled program depends on in its arguments: their tree and leaf shapes and dtypes."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves)
+
+
 def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: GenerateConfig,
              on_tokens: Callable[[int, list[int]], None] | None = None, cache_dtype=None,
              warm_prefill: bool = False) -> Result:
     """Generate for a batch of prompts (token ids). `on_tokens(row, new_ids)` is called as tokens
-    arrive (streaming). Compilation is timed apart from prefill and decode; `warm_prefill` also runs
-    the prefill once untimed first (an executable's first run pays one-time costs: benchmarks)."""
+    arrive (streaming). Compilation is timed apart from prefill and decode, and happens once per
+    settings and shapes (later calls reuse it); `warm_prefill` also runs the prefill once untimed
+    first (an executable's first run pays one-time costs: benchmarks)."""
     validate_prompts(cfg, prompts, gen.max_new_tokens)
     variables = with_absorbed_weights(cfg, variables)
-    g = Generator(cfg, gen, cache_dtype)
+    g = generator(cfg, gen, None if cache_dtype is None else jnp.dtype(cache_dtype))
     tokens, lengths = pad_prompts(prompts)
     s = cache_length(cfg, tokens.shape[1], gen.max_new_tokens, g.depth)
     t0 = time.perf_counter()
-    prefill = g.prefill.lower(variables, tokens, lengths, s).compile()
+    prefill, _ = g.compiled_prefill(variables, tokens, lengths, s)
     if warm_prefill:
         jax.block_until_ready(prefill(variables, tokens, lengths))
     compile_s = time.perf_counter() - t0
@@ -305,11 +357,8 @@ def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: G
     state, first = prefill(variables, tokens, lengths)
     first = np.asarray(first)
     prefill_s = time.perf_counter() - t0
-    # The step is called through jit's C++ dispatch, several times faster per call than an AOT
-    # `Compiled` object's Python path (it matters at a fraction of a millisecond per token); its
-    # compilation happens here, on a throwaway copy of the state, and is counted as compile time.
     t0 = time.perf_counter()
-    jax.block_until_ready(g.step(variables, jax.tree.map(jnp.copy, state)))
+    g.compile_step(variables, state)
     compile_s += time.perf_counter() - t0
     out = [[int(t)] for t in first]
     for i, t in enumerate(out):
@@ -317,23 +366,35 @@ def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: G
     done = np.asarray(state.done)
     res = Result(out, prefill_s, 0.0, compile_s, 0, 0, 0)
     t0 = time.perf_counter()
-    while not done.all():
-        state, chunk = g.step(variables, state)
-        for o in np.asarray(chunk):
-            toks, count, acc, active, step_done = unpack_step(o)
-            if not active.any():  # a step the call did not run: every row was already done
-                break
-            done = step_done
-            res.steps += 1
-            res.row_steps += int(active.sum())
-            res.drafted += g.depth * int(active.sum())
-            res.accepted += int(acc[active].sum())
-            for i in np.flatnonzero(count):
-                new = toks[i, : count[i]].tolist()
-                out[i].extend(new)
-                on_tokens and on_tokens(i, new)
+    pending = None if done.all() else g.step(variables, state)
+    while pending is not None:
+        state, chunk = pending
+        # The next call goes out before this one's tokens are read: the device runs it while the
+        # host streams these. Once every row is done, that call's loop runs no step (a few us).
+        pending = g.step(variables, state)
+        if _take_chunk(np.asarray(chunk), g.depth, res, on_tokens):
+            pending = None
     res.decode_s = time.perf_counter() - t0
     return res
+
+
+def _take_chunk(chunk: np.ndarray, depth: int, res: Result, on_tokens) -> bool:
+    """Append one call's outputs [N, B, D+5] to `res` (and stream them) -> whether every row is done."""
+    done = False
+    for o in chunk:
+        toks, count, acc, active, step_done = unpack_step(o)
+        if not active.any():  # a step the call did not run: every row was already done
+            return True
+        done = bool(step_done.all())
+        res.steps += 1
+        res.row_steps += int(active.sum())
+        res.drafted += depth * int(active.sum())
+        res.accepted += int(acc[active].sum())
+        for i in np.flatnonzero(count):
+            new = toks[i, : count[i]].tolist()
+            res.tokens[i].extend(new)
+            on_tokens and on_tokens(i, new)
+    return done
 
 
 def with_absorbed_weights(cfg: ModelConfig, variables: dict) -> dict:
