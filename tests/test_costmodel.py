@@ -118,6 +118,7 @@ def test_text_report_names_every_model(capsys):
     for name in MODEL_NAMES:
         assert name in text
     assert "paper" in text and "gap" in text and "14.76" in text
+    assert "Node-limited" not in text and "mesh_axis_comm_bytes" not in text  # traffic only on request
 
 
 def test_module_entry_point():
