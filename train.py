@@ -4,6 +4,7 @@ Running the same command again resumes from the workdir's last checkpoint."""
 from absl import app, flags
 
 from dsv3_jax.parallel.distributed import HEARTBEAT_TIMEOUT_S, INITIALIZATION_TIMEOUT_S
+from dsv3_jax.runtime import choices
 from dsv3_jax.train import cli
 
 flags.DEFINE_string("config", "tiny", "preset name (configs/*.json) or a path to a ModelConfig JSON file")
@@ -23,6 +24,10 @@ flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16", "fp8"],
                   "fp32; bf16 activations; or fp8: bf16 plus E4M3 GEMMs (Fprop, Dgrad, Wgrad) in the linear layers, "
                   "1x128 activation and 128x128 weight scales, FP32 accumulation (embedding, head, router, norms "
                   "and attention core stay bf16 or fp32); master weights stay fp32 in all three")
+flags.DEFINE_enum("experts", "auto", list(choices("experts")),
+                  "how the routed experts run (all compute the same function): auto picks per platform and shape")
+flags.DEFINE_enum("attention", "auto", list(choices("attention")),
+                  "how MLA attends (all compute the same function): auto picks per platform and shape")
 flags.DEFINE_integer("sample_tokens", 160, "tokens of text to sample at the end (0: none); with several processes "
                      "the whole model is gathered onto every host for it")
 flags.DEFINE_string("mesh", "", "device mesh, e.g. 'data=2,expert=4' over the axes data, fsdp, expert, tensor "

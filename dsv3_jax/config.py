@@ -2,7 +2,9 @@
 
 `ModelConfig` is frozen and validated at construction; presets in `configs/*.json` hold only its
 field values. Quantities that follow from the fields (head sizes, KV-cache bytes, parameter counts,
-the softmax scale) are properties, never stored twice.
+the softmax scale) are properties, never stored twice. It says what a checkpoint's `config.json`
+says and nothing about how to run the model: that is `dsv3_jax.runtime.Runtime`. Translation to and
+from Hugging Face's `config.json` lives in `dsv3_jax.hf_config`.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ def _configs_dir() -> str:
 
 
 CONFIGS_DIR = _configs_dir()
+
+# How a run executed, written into model configs by versions before `Runtime` (dsv3_jax/runtime.py)
+# was split off. Files that carry them still load; the values say nothing about the model.
+LEGACY_RUNTIME_KEYS = ("dtype", "attention_impl", "moe_impl", "ep_fp8_dispatch", "fp8")
 
 ScoreFunc = Literal["sigmoid", "softmax"]
 GroupScore = Literal["top2_sum", "max"]
@@ -77,18 +83,8 @@ class ModelConfig:
     bias_update_speed: float = 0.001
     init_std: float = 0.006
     tie_word_embeddings: bool = False
-    # Numerics and implementation choices (do not change the function computed).
-    dtype: str = "float32"  # activation dtype; parameters are float32 masters
-    attention_impl: Literal["naive", "absorbed"] = "naive"
-    moe_impl: Literal["auto", "dense", "gather", "ragged", "windowed"] = "auto"
-    # Under an "expert" mesh axis: dispatch tokens as E4M3 with 1x128 scales, combine in BF16
-    # (paper s.3); off by default, as it changes the numbers (a few % error, tests/test_ep.py).
-    ep_fp8_dispatch: bool = False
-    # FP8 training GEMMs (report s.3.3): the linear layers (attention projections, dense FFN, shared and
-    # routed experts) run Fprop, Dgrad and Wgrad on E4M3 inputs, 1x128 activation and 128x128 weight
-    # scales; embedding, head, router, norms, MTP projection and attention core stay in `dtype`.
-    fp8: bool = False
-    name: str = "custom"
+    # A label (the preset's name), not part of the model: two configs that differ only here are equal.
+    name: str = dataclasses.field(default="custom", compare=False)
 
     def __post_init__(self):
         _validate(self)
@@ -189,12 +185,18 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    def differences(self, other: ModelConfig) -> list[str]:
+        """The fields in which two configs describe different models (`name` is only a label)."""
+        return sorted(f.name for f in dataclasses.fields(self)
+                      if f.compare and getattr(self, f.name) != getattr(other, f.name))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in LEGACY_RUNTIME_KEYS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"ModelConfig: unknown field(s) {unknown}")
@@ -213,17 +215,6 @@ class ModelConfig:
             values = json.load(f)
         values.setdefault("name", os.path.splitext(os.path.basename(path))[0])
         return cls.from_dict(values)
-
-    @classmethod
-    def from_hf(cls, hf: dict) -> ModelConfig:
-        from dsv3_jax.hf_config import config_from_hf
-
-        return config_from_hf(hf)
-
-    def to_hf(self) -> dict:
-        from dsv3_jax.hf_config import config_to_hf
-
-        return config_to_hf(self)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -273,14 +264,6 @@ def _validate(c: ModelConfig) -> None:
         _fail("mscale", (c.mscale, c.mscale_all_dim), "mscale and mscale_all_dim must be >= 0")
     if c.rms_norm_eps <= 0:
         _fail("rms_norm_eps", c.rms_norm_eps, "must be > 0")
-    if c.dtype not in ("float32", "bfloat16", "float16"):
-        _fail("dtype", c.dtype, "must be one of float32, bfloat16, float16")
-    if c.attention_impl not in ("naive", "absorbed"):
-        _fail("attention_impl", c.attention_impl, "must be 'naive' or 'absorbed'")
-    if not isinstance(c.fp8, bool):
-        _fail("fp8", c.fp8, "must be true or false")
-    if c.moe_impl not in ("auto", "dense", "gather", "ragged", "windowed"):
-        _fail("moe_impl", c.moe_impl, "must be 'auto', 'dense', 'gather', 'ragged' or 'windowed'")
 
 
 def _validate_moe(c: ModelConfig) -> None:

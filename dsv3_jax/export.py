@@ -103,7 +103,8 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[ModelConfi
         step = _pick_step(mgr, checkpoints, step)
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         try:
-            # "config" (the full config, runtime fields included) is written by newer runs.
+            # Runs before the Runtime split wrote the model fields under "model" and the full config,
+            # runtime fields included, under "config"; from_dict reads either (legacy keys dropped).
             cfg = ModelConfig.from_dict(meta.get("config", meta["model"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ExportError(f"{checkpoints}/{step}: its meta does not describe a model this code knows: {e}") from e

@@ -25,8 +25,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.common import Fp8Weight
+from dsv3_jax.hf_config import config_from_hf, config_to_hf
 from dsv3_jax.model import variable_shapes
+from dsv3_jax.ops.linear import Fp8Weight
 from dsv3_jax.safetensors_io import INDEX, SINGLE, SafetensorsDir
 from pallas_kernels.quant import dequantize_weight, quantize_weight
 
@@ -187,7 +188,7 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, keep_fp8: bool = False) -> 
 
     `keep_fp8`: weights stored in FP8 (with weight_scale_inv) become `Fp8Weight`s holding the file's
     8-bit values and scales, never expanded to full precision on the host; the rest load at `dtype`."""
-    cfg = ModelConfig.from_hf(read_hf_config(path))
+    cfg = config_from_hf(read_hf_config(path))
     files = SafetensorsDir(path)
     depth = _count_mtp_layers(cfg, files)
     if depth < cfg.mtp_depth:
@@ -295,7 +296,7 @@ def save_hf_checkpoint(cfg: ModelConfig, variables: dict, path: str, *, weights:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".hf-", dir=parent)
     try:
-        hf = cfg.to_hf()
+        hf = config_to_hf(cfg)
         if weights == "fp8":
             hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]}

@@ -11,31 +11,41 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.cache import LatentCache
 from dsv3_jax.layers.common import weight
-from dsv3_jax.layers.mla import MLA
+from dsv3_jax.layers.mla import ABSORBED, MLA
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax.layers.moe import MoE
 from dsv3_jax.layers.norm import RMSNorm
+from dsv3_jax.ops.linear import linear
+from dsv3_jax.parallel.rules import constrain
+from dsv3_jax.runtime import Runtime
+
+# Activations between blocks: rows over the batch mesh axes, sequence and model dims whole.
+ACTIVATION_AXES = ("batch", "seq", "act_embed")
 
 
 class Block(nn.Module):
     cfg: ModelConfig
     moe: bool
+    runtime: Runtime = Runtime()
 
-    @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: jax.Array | None = None,
+    def setup(self):
+        c, rt = self.cfg, self.runtime
+        self.attn_norm = RMSNorm(c.rms_norm_eps)
+        self.attn = MLA(c, rt)
+        self.ffn_norm = RMSNorm(c.rms_norm_eps)
+        self.ffn = MoE(c, rt) if self.moe else MLP(c.hidden_size, c.intermediate_size, c.init_std, rt)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None,
                  sorted_positions: bool = False):
         """-> x; or (x, updated cache) when given a latent cache (see MLA, also for sorted_positions)."""
-        c = self.cfg
-        attn = MLA(c, name="attn")(RMSNorm(c.rms_norm_eps, name="attn_norm")(x), positions, cache, sorted_positions)
+        x = constrain(x, ACTIVATION_AXES)
+        attn = self.attn(self.attn_norm(x), positions, cache, sorted_positions)
         if cache is not None:
             attn, cache = attn
         x = x + attn
-        h = RMSNorm(c.rms_norm_eps, name="ffn_norm")(x)
-        if self.moe:
-            x = x + MoE(c, name="ffn")(h)
-        else:
-            x = x + MLP(c.hidden_size, c.intermediate_size, c.init_std, c.fp8, name="ffn")(h)
+        x = constrain(x + self.ffn(self.ffn_norm(x)), ACTIVATION_AXES)
         return x if cache is None else (x, cache)
 
 
@@ -47,21 +57,27 @@ class MTPModule(nn.Module):
     """
 
     cfg: ModelConfig
+    runtime: Runtime = Runtime()
 
-    @nn.compact
-    def __call__(self, h: jax.Array, next_emb: jax.Array, positions: jax.Array, cache: jax.Array | None = None,
+    def setup(self):
+        c = self.cfg
+        self.enorm = RMSNorm(c.rms_norm_eps)
+        self.hnorm = RMSNorm(c.rms_norm_eps)
+        self.eh_proj = weight(self, "eh_proj", (2 * c.hidden_size, c.hidden_size), ("mtp_concat", "embed"),
+                              c.init_std)
+        self.block = Block(c, c.n_routed_experts > 0, self.runtime)
+        self.head_norm = RMSNorm(c.rms_norm_eps)
+
+    def __call__(self, h: jax.Array, next_emb: jax.Array, positions: jax.Array, cache: LatentCache | None = None,
                  sorted_positions: bool = False):
         """-> (out, normed); with a latent cache, (out, normed, updated cache)."""
-        c = self.cfg
-        e = RMSNorm(c.rms_norm_eps, name="enorm")(next_emb)
-        hn = RMSNorm(c.rms_norm_eps, name="hnorm")(h)
-        eh = weight(self, "eh_proj", (2 * c.hidden_size, c.hidden_size), ("mtp_concat", "embed"), c.init_std)
-        x = jnp.concatenate([e, hn], axis=-1) @ eh.astype(h.dtype)
-        out = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions, cache, sorted_positions)
+        # Kept in the activation dtype, never FP8 (the report keeps the MTP projection precise).
+        x = linear(jnp.concatenate([self.enorm(next_emb), self.hnorm(h)], axis=-1), self.eh_proj)
+        out = self.block(x, positions, cache, sorted_positions)
         if cache is not None:
             out, cache = out
-            return out, RMSNorm(c.rms_norm_eps, name="head_norm")(out), cache
-        return out, RMSNorm(c.rms_norm_eps, name="head_norm")(out)
+            return out, self.head_norm(out), cache
+        return out, self.head_norm(out)
 
 
 def _pick(x: jax.Array, at: jax.Array | None) -> jax.Array:
@@ -76,20 +92,21 @@ def _shift_left(tokens: jax.Array, k: int) -> jax.Array:
 
 class Transformer(nn.Module):
     cfg: ModelConfig
+    runtime: Runtime = Runtime()
 
     def setup(self):
-        c = self.cfg
+        c, rt = self.cfg, self.runtime
         emb_init = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed"))
         self.embed = self.param("embed", emb_init, (c.vocab_size, c.hidden_size), jnp.float32)
-        self.layers = [Block(c, moe=i >= c.first_k_dense, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.layers = [Block(c, i >= c.first_k_dense, rt, name=f"layers_{i}") for i in range(c.num_layers)]
         self.final_norm = RMSNorm(c.rms_norm_eps)
         if not c.tie_word_embeddings:
             head_init = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("embed", "vocab"))
             self.lm_head = self.param("lm_head", head_init, (c.hidden_size, c.vocab_size), jnp.float32)
-        self.mtp = [MTPModule(c, name=f"mtp_{k}") for k in range(c.mtp_depth)]
+        self.mtp = [MTPModule(c, rt, name=f"mtp_{k}") for k in range(c.mtp_depth)]
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embed, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        return jnp.take(self.embed, tokens, axis=0).astype(self.runtime.compute_dtype)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """The output head, kept in float32 (report s.3.3: the head stays in high precision)."""
@@ -121,10 +138,10 @@ class Transformer(nn.Module):
             return logits
         return logits, self.mtp_logits(tokens, h, positions, future, sorted_positions)
 
-    def step(self, tokens: jax.Array, positions: jax.Array, cache: tuple[jax.Array, ...],
+    def step(self, tokens: jax.Array, positions: jax.Array, cache: tuple[LatentCache, ...],
              logits_at: jax.Array | None = None):
         """Inference over a latent cache: tokens [B,T] at contiguous positions [B,T] (each row its own
-        start), one cache [B*S,C+R] per layer (S slots per row, flat).
+        start), one LatentCache per layer.
         -> (logits [B,T,V], last hidden [B,T,D], new cache).
         `logits_at` [B]: the head runs only at that index of each row (prefill), logits [B,1,V]."""
         x, new = self.embed_tokens(tokens), []
@@ -133,7 +150,7 @@ class Transformer(nn.Module):
             new.append(layer_cache)
         return self.logits(self.final_norm(_pick(x, logits_at))), x, tuple(new)
 
-    def mtp_step(self, depth: int, h: jax.Array, next_tokens: jax.Array, positions: jax.Array, cache: jax.Array,
+    def mtp_step(self, depth: int, h: jax.Array, next_tokens: jax.Array, positions: jax.Array, cache: LatentCache,
                  logits_at: jax.Array | None = None):
         """MTP depth `depth` (0-based) over a latent cache, for drafting: h [B,T,D] is the previous
         depth's output (the main model's for depth 0) at `positions`, next_tokens [B,T] the tokens
@@ -153,6 +170,17 @@ class Transformer(nn.Module):
         if not out:
             return jnp.zeros((0, *tokens.shape, self.cfg.vocab_size), jnp.float32)
         return jnp.stack(out)
+
+
+    def _absorb(self) -> None:
+        for block in [*self.layers, *(m.block for m in self.mtp)]:
+            block.attn.absorb()
+
+    def prepare_decode(self, variables: dict) -> dict:
+        """`variables` plus what decoding derives once from the weights instead of on every step:
+        each attention layer's wkv_b split into its absorbed halves (the ABSORBED collection)."""
+        _, derived = self.apply(variables, method=Transformer._absorb, mutable=[ABSORBED])
+        return {**variables, ABSORBED: derived[ABSORBED]}
 
 
 def init_variables(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:

@@ -7,8 +7,11 @@ import pytest
 from jax.sharding import AxisType
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.moe import EXPERTS, MoE, Routing
-from dsv3_jax.parallel.ep import dequantize_rows, moe_expert_parallel, quantize_rows
+from dsv3_jax.layers.moe import MoE
+from dsv3_jax.model import Transformer, init_variables
+from dsv3_jax.ops.experts import EXPERTS
+from dsv3_jax.parallel.ep import dequantize_rows, expert_parallel, quantize_rows
+from dsv3_jax.runtime import Runtime
 
 E, K, D, F = 32, 4, 160, 24  # D = 160: one full 128-wide FP8 tile and one partial
 MESHES = {"expert8": ((8,), ("expert",)), "data2_expert4": ((2, 4), ("data", "expert"))}
@@ -23,19 +26,19 @@ def problem(t, experts=None, seed=0):
     rng = np.random.RandomState(seed)
     if experts is None:
         experts = np.stack([rng.choice(E, K, replace=False) for _ in range(t)])
-    routing = Routing(jnp.asarray(rng.rand(t, K), jnp.float32), jnp.asarray(experts, jnp.int32), None)
+    gates, ids = jnp.asarray(rng.rand(t, K), jnp.float32), jnp.asarray(experts, jnp.int32)
     x = jnp.asarray(rng.randn(t, D), jnp.float32)
     w1, w3 = (jnp.asarray(rng.randn(E, D, F) * 0.1, jnp.float32) for _ in range(2))
     w2 = jnp.asarray(rng.randn(E, F, D) * 0.1, jnp.float32)
-    return x, routing, w1, w3, w2
+    return x, gates, ids, w1, w3, w2
 
 
-def ep(mesh, **kw):
-    return jax.jit(lambda x, r, w1, w3, w2: moe_expert_parallel(x, r, w1, w3, w2, mesh=mesh, **kw))
+def ep(mesh, local="windowed", **kw):
+    return jax.jit(lambda *a: expert_parallel(*a, mesh=mesh, local=EXPERTS[local], **kw))
 
 
-def dense(x, r, w1, w3, w2):
-    return EXPERTS["dense"](x, r, w1, w3, w2)
+def dense(*args):
+    return EXPERTS["dense"](*args)
 
 
 def close(a, b, tol):
@@ -43,24 +46,26 @@ def close(a, b, tol):
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-@pytest.mark.parametrize("impl", ["windowed", "dense"])
-def test_forward_matches_dense(mesh_name, impl):
+@pytest.mark.parametrize("local", list(EXPERTS))
+def test_forward_matches_dense(mesh_name, local):
+    """Any registered experts variant as the per-device function."""
     args = problem(8 * 37)  # divisible by the token-axis size (8), by nothing else of note
-    close(ep(make_mesh(mesh_name), local_impl=impl)(*args), dense(*args), 1e-5)
+    close(ep(make_mesh(mesh_name), local)(*args), dense(*args), 1e-5)
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_gradients_match_dense(mesh_name):
-    x, r, w1, w3, w2 = problem(8 * 37, seed=1)
+    x, gates, ids, w1, w3, w2 = problem(8 * 37, seed=1)
     mesh = make_mesh(mesh_name)
 
     def loss(fn):
         # Gate weights are differentiated too: on the EP path they are applied on the sender.
-        return lambda x, gates, w1, w3, w2: jnp.sum(fn(x, r._replace(weights=gates), w1, w3, w2) ** 2)
+        return lambda x, gates, w1, w3, w2: jnp.sum(fn(x, gates, ids, w1, w3, w2) ** 2)
 
-    args = (x, r.weights, w1, w3, w2)
+    args = (x, gates, w1, w3, w2)
     want = jax.grad(loss(dense), argnums=range(5))(*args)
-    got = jax.jit(jax.grad(loss(lambda *a: moe_expert_parallel(*a, mesh=mesh)), argnums=range(5)))(*args)
+    ep_fn = lambda *a: expert_parallel(*a, mesh=mesh, local=EXPERTS["windowed"])
+    got = jax.jit(jax.grad(loss(ep_fn), argnums=range(5)))(*args)
     for g, w in zip(got, want):
         close(g, w, 1e-5)
 
@@ -118,9 +123,9 @@ def test_program_has_all_to_all(mesh_name):
 def test_bad_arguments_are_refused():
     args = problem(8 * 4)
     with pytest.raises(ValueError, match="must include the expert axis"):
-        moe_expert_parallel(*args, mesh=make_mesh("data2_expert4"), token_axes=("data",))
+        expert_parallel(*args, mesh=make_mesh("data2_expert4"), local=dense, token_axes=("data",))
     with pytest.raises(ValueError, match="do not split"):
-        moe_expert_parallel(*args[:2], *(w[:12] for w in args[2:]), mesh=make_mesh("expert8"))
+        expert_parallel(*args[:3], *(w[:12] for w in args[3:]), mesh=make_mesh("expert8"), local=dense)
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
@@ -141,16 +146,14 @@ def test_moe_module_under_a_mesh_equals_single_device(mesh_name):
 
 def test_whole_model_logits_under_a_mesh_and_fp8_dispatch_flag():
     """The full tiny Transformer: same logits with and without an expert-parallel mesh; the
-    config's ep_fp8_dispatch flag really switches the dispatch to FP8 (close, not equal)."""
-    from dsv3_jax.model import Transformer, init_variables
-
+    runtime's ep_fp8_dispatch flag really switches the dispatch to FP8 (close, not equal)."""
     cfg = ModelConfig.from_json("tiny")
     variables = init_variables(cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.RandomState(7).randint(0, cfg.vocab_size, (8, 16)), jnp.int32)
     want = jax.jit(Transformer(cfg).apply)(variables, tokens)
     with jax.set_mesh(make_mesh("data2_expert4")):
         got = jax.jit(Transformer(cfg).apply)(variables, tokens)
-        fp8 = jax.jit(Transformer(cfg.replace(ep_fp8_dispatch=True)).apply)(variables, tokens)
+        fp8 = jax.jit(Transformer(cfg, Runtime(ep_fp8_dispatch=True)).apply)(variables, tokens)
     close(got, want, 1e-5)
     err = float(jnp.abs(fp8 - want).max() / jnp.abs(want).max())
     assert 0 < err < 5e-2

@@ -5,7 +5,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import logical_axes
+from dsv3_jax.model import logical_axes, variable_shapes
 from dsv3_jax.parallel.distributed import cluster_detected, maybe_initialize
 from dsv3_jax.parallel.mesh import MESH_AXES, make_mesh, parse_mesh
 from dsv3_jax.parallel.rules import RULES, batch_sharding, batch_shards, param_shardings, to_mesh_spec
@@ -51,17 +51,23 @@ def meshes():
 
 def test_size_one_axes_are_dropped(meshes):
     mesh = meshes["data=2,expert=4"]
-    assert to_mesh_spec(P("batch", "seq", "embed"), mesh) == P(("data", "expert"), None, None)
+    assert to_mesh_spec(P("batch", "seq", "act_embed"), mesh) == P(("data", "expert"), None, None)
     assert to_mesh_spec(P("expert", "embed", "mlp"), mesh) == P("expert", None, None)
+    # embed (fsdp) beside batch (data, fsdp, expert) is no collision where fsdp has size 1
+    assert to_mesh_spec(P("batch", "seq", "embed"), mesh) == P(("data", "expert"), None, None)
     assert to_mesh_spec(P("batch"), meshes["data=8"]) == P("data")
 
 
-def test_collision_keeps_the_first_dimension(meshes):
+def test_collision_is_an_error_naming_both_axes(meshes):
+    """Two logical axes that map to one mesh axis in one spec: the table must say which is split."""
     mesh = meshes["fsdp=2,expert=2,tensor=2"]
-    # batch asks for fsdp and expert first, so a later embed dim (also fsdp) is left whole.
-    assert to_mesh_spec(P("batch", "seq", "embed"), mesh) == P(("fsdp", "expert"), None, None)
-    assert to_mesh_spec(P("embed", "batch"), mesh) == P("fsdp", "expert")
-    assert to_mesh_spec(P("heads", "mlp"), mesh) == P("tensor", None)
+    assert to_mesh_spec(P("batch", "seq", "act_embed"), mesh) == P(("fsdp", "expert"), None, None)
+    for spec, a, b, axis in [(P("batch", "seq", "embed"), "batch", "embed", "fsdp"),
+                             (P("embed", "batch"), "embed", "batch", "fsdp"),
+                             (P("heads", "mlp"), "heads", "mlp", "tensor")]:
+        with pytest.raises(ValueError, match=f"'{a}' and '{b}' both map to mesh axis '{axis}'"):
+            to_mesh_spec(spec, mesh)
+    # The same logical axis twice shards only its first dimension (one name, no ambiguity).
     assert to_mesh_spec(P("embed", "embed"), mesh) == P("fsdp", None)
 
 
@@ -87,7 +93,7 @@ def test_every_logical_name_of_the_model_has_a_rule():
 
 def test_named_parameter_shardings(meshes):
     cfg = ModelConfig.from_json("tiny")
-    sh = param_shardings(cfg, meshes["fsdp=2,expert=2,tensor=2"])
+    sh = param_shardings(logical_axes(cfg), variable_shapes(cfg), meshes["fsdp=2,expert=2,tensor=2"])
     p = sh["params"]
     assert isinstance(p["embed"], NamedSharding)
     assert p["embed"].spec == P("tensor", "fsdp")  # [vocab, embed]
@@ -97,7 +103,7 @@ def test_named_parameter_shardings(meshes):
     assert p["layers_1"]["ffn"]["router"].spec == P("fsdp", "expert")
     assert p["layers_0"]["attn"]["wkv_b"].spec == P(None, "tensor", None)  # [kv_lora, heads, kv_dim]
     assert sh["router"]["layers_1"]["ffn"]["bias"].spec == P()
-    ep = param_shardings(cfg, meshes["data=2,expert=4"])["params"]
+    ep = param_shardings(logical_axes(cfg), variable_shapes(cfg), meshes["data=2,expert=4"])["params"]
     assert ep["layers_1"]["ffn"]["w1"].spec == P("expert", None, None)
     assert ep["mtp_0"]["block"]["ffn"]["w3"].spec == P("expert", None, None)
     assert ep["embed"].spec == P(None, None)

@@ -22,7 +22,8 @@ from dsv3_jax.infer.engine import (
     use_decode_xla_flags,
 )
 from dsv3_jax.infer.sampling import Sampling
-from dsv3_jax.infer.weights import WEIGHTS, CheckpointError, load_checkpoint, weight_bytes
+from dsv3_jax.infer.weights import WEIGHTS, CheckpointError, load_checkpoint, runtime_for, weight_bytes
+from dsv3_jax.runtime import choices
 
 
 def define_flags() -> None:
@@ -41,6 +42,10 @@ def define_flags() -> None:
     flags.DEFINE_enum("weights", "fp32", list(WEIGHTS), "weight precision in memory (fp8: E4M3, 128x128 scales)")
     flags.DEFINE_integer("steps_per_call", 8, "decode steps per call into the compiled program (the text streams "
                          "a chunk at a time)")
+    flags.DEFINE_enum("experts", "auto", list(choices("experts")),
+                      "how the routed experts run (all compute the same function): auto picks per platform and shape")
+    flags.DEFINE_enum("attention", "auto", list(choices("attention")),
+                      "how MLA attends (all compute the same function): auto picks per platform and shape")
     flags.DEFINE_bool("json", False, "print one JSON object with the results as the last line")
 
 
@@ -85,12 +90,12 @@ def _decode(tokenizer, ids: list[int], eos_id) -> str:
     return tokenizer.decode([t for t in ids if t != eos_id])
 
 
-def _summary(res: Result, texts: list[str], cfg, variables, prompts) -> dict:
+def _summary(res: Result, texts: list[str], cfg, rt, variables, prompts) -> dict:
     out = {"text": texts[0] if len(texts) == 1 else texts,
            "tokens": res.tokens[0] if len(res.tokens) == 1 else res.tokens,
            "tokens_per_s": res.tokens_per_s, "prefill_s": res.prefill_s, "decode_s": res.decode_s,
            "compile_s": res.compile_s, "prefill_tokens_per_s": sum(map(len, prompts)) / res.prefill_s,
-           "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, cfg.dtype),
+           "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, rt.dtype),
            "weight_bytes": weight_bytes(variables), "batch": len(prompts)}
     if res.acceptance_rate is not None:
         out.update(acceptance_rate=res.acceptance_rate, accepted_per_step=res.accepted_per_step)
@@ -99,6 +104,10 @@ def _summary(res: Result, texts: list[str], cfg, variables, prompts) -> dict:
 
 def run(f) -> dict:
     cfg, variables, tok_spec = load_checkpoint(f.checkpoint, f.weights)
+    try:
+        rt = runtime_for(f.weights, experts=f.experts, attention=f.attention)
+    except ValueError as e:
+        raise GenerationError(str(e)) from e
     spec = f.tokenizer or tok_spec
     if spec is None:
         raise GenerationError(f"--checkpoint {f.checkpoint} names no tokenizer: pass --tokenizer")
@@ -113,16 +122,16 @@ def run(f) -> dict:
         raise GenerationError(f"--{e}") from e
     gen = GenerateConfig(f.max_new_tokens, sampling, f.speculative, tokenizer.eos_id, f.seed, f.steps_per_call)
     stream = _Stream(tokenizer, tokenizer.eos_id) if len(prompts) == 1 else None
-    res = generate(cfg, variables, prompts, gen, on_tokens=stream)
+    res = generate(cfg, variables, prompts, gen, on_tokens=stream, runtime=rt)
     texts = [_decode(tokenizer, ids, tokenizer.eos_id) for ids in res.tokens]
     if stream is None:
         for i, t in enumerate(texts):
             print(f"[{i}] {t}")
     else:
         print()
-    out = {**_summary(res, texts, cfg, variables, prompts), "weights": f.weights}
+    out = {**_summary(res, texts, cfg, rt, variables, prompts), "weights": f.weights}
     if f.speculative == "mtp" and f.compare_plain:
-        plain = generate(cfg, variables, prompts, dataclasses.replace(gen, speculative="none"))
+        plain = generate(cfg, variables, prompts, dataclasses.replace(gen, speculative="none"), runtime=rt)
         out.update(plain_tokens_per_s=plain.tokens_per_s,
                    speedup=res.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else None,
                    same_as_plain=plain.tokens == res.tokens)

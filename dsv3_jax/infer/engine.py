@@ -34,9 +34,9 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.sampling import Sampling, draw, greedy, log_probs
-from dsv3_jax.layers.common import Fp8Weight
-from dsv3_jax.layers.mla import absorbed_weights
+from dsv3_jax.layers.cache import LatentCache
 from dsv3_jax.model import Transformer
+from dsv3_jax.runtime import Runtime
 
 PREFILL_BUCKET = 64  # prompts are padded to a multiple of this: one compilation per bucket, not per length
 CACHE_BUCKET = 64
@@ -75,8 +75,8 @@ class GenerateConfig:
 
 
 class State(NamedTuple):
-    cache: tuple[jax.Array, ...]  # per layer [B*S, C+R]: S slots per row, stored flat (mla.write_cache)
-    mtp_cache: tuple[jax.Array, ...]  # per MTP depth [B*S, C+R]
+    cache: tuple[LatentCache, ...]  # per layer: S slots per row
+    mtp_cache: tuple[LatentCache, ...]  # per MTP depth
     last: jax.Array  # [B] the newest token, not yet in the main cache
     length: jax.Array  # [B] tokens in the main cache = the position of `last`
     drafts: jax.Array  # [B, D] tokens drafted after `last`
@@ -133,14 +133,14 @@ def _rows(x: jax.Array, idx: jax.Array) -> jax.Array:
 class Generator:
     """Jitted prefill and step functions for one model, batch size and cache length."""
 
-    def __init__(self, cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None):
+    def __init__(self, cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None, runtime: Runtime = Runtime()):
         self.cfg, self.gen = cfg, gen
         self.depth = cfg.mtp_depth if gen.speculative == "mtp" else 0
         if gen.speculative == "mtp" and not cfg.mtp_depth:
             raise GenerationError("--speculative=mtp needs MTP modules, and this model has none (mtp_depth 0)")
-        self.model = Transformer(cfg)
+        self.model = Transformer(cfg, runtime)
         self.greedy = gen.sampling.temperature == 0
-        self.cache_dtype = jnp.dtype(cache_dtype or cfg.dtype)
+        self.cache_dtype = jnp.dtype(cache_dtype or runtime.dtype)
         self.prefill = jax.jit(self._prefill, static_argnums=3)
         self.step = jax.jit(self._steps, donate_argnums=1)
         self._compiled = {}  # signature of the arguments -> the AOT prefill, or True for a compiled step
@@ -165,8 +165,8 @@ class Generator:
 
     # -- the pieces, traced once per shape ------------------------------------------------------
 
-    def _empty_cache(self, batch: int, length: int, n: int) -> tuple[jax.Array, ...]:
-        return tuple(jnp.zeros((batch * length, self.cfg.kv_cache_dim), self.cache_dtype) for _ in range(n))
+    def _empty_cache(self, batch: int, length: int, n: int) -> tuple[LatentCache, ...]:
+        return tuple(LatentCache.empty(batch, length, self.cfg.kv_cache_dim, self.cache_dtype) for _ in range(n))
 
     def _draft(self, variables, mtp_cache, h, ext, positions, at, key):
         """The MTP chain over a window: h [B,W,D] main hidden at `positions` [B,W]; ext [B, W+D+1] the
@@ -323,10 +323,10 @@ def cache_length(cfg: ModelConfig, prompt_tokens: int, max_new_tokens: int, dept
 
 
 @functools.lru_cache(maxsize=8)
-def generator(cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None) -> Generator:
-    """A Generator per (model config, generation config, cache dtype), kept across calls, so that
-    calling `generate` again with the same settings and shapes compiles nothing."""
-    return Generator(cfg, gen, cache_dtype)
+def generator(cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None, runtime: Runtime = Runtime()) -> Generator:
+    """A Generator per (model config, generation config, cache dtype, runtime), kept across calls, so
+    that calling `generate` again with the same settings and shapes compiles nothing."""
+    return Generator(cfg, gen, cache_dtype, runtime)
 
 
 def _signature(tree) -> tuple:
@@ -337,14 +337,15 @@ def _signature(tree) -> tuple:
 
 def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: GenerateConfig,
              on_tokens: Callable[[int, list[int]], None] | None = None, cache_dtype=None,
-             warm_prefill: bool = False) -> Result:
+             warm_prefill: bool = False, runtime: Runtime = Runtime()) -> Result:
     """Generate for a batch of prompts (token ids). `on_tokens(row, new_ids)` is called as tokens
     arrive (streaming). Compilation is timed apart from prefill and decode, and happens once per
     settings and shapes (later calls reuse it); `warm_prefill` also runs the prefill once untimed
-    first (an executable's first run pays one-time costs: benchmarks)."""
+    first (an executable's first run pays one-time costs: benchmarks). `runtime`: how the model
+    computes (`infer.weights.runtime_for` matches it to the weights' precision)."""
     validate_prompts(cfg, prompts, gen.max_new_tokens)
-    variables = with_absorbed_weights(cfg, variables)
-    g = generator(cfg, gen, None if cache_dtype is None else jnp.dtype(cache_dtype))
+    g = generator(cfg, gen, None if cache_dtype is None else jnp.dtype(cache_dtype), runtime)
+    variables = g.model.prepare_decode(variables)
     tokens, lengths = pad_prompts(prompts)
     s = cache_length(cfg, tokens.shape[1], gen.max_new_tokens, g.depth)
     t0 = time.perf_counter()
@@ -395,24 +396,6 @@ def _take_chunk(chunk: np.ndarray, depth: int, res: Result, on_tokens) -> bool:
             res.tokens[i].extend(new)
             on_tokens and on_tokens(i, new)
     return done
-
-
-def with_absorbed_weights(cfg: ModelConfig, variables: dict) -> dict:
-    """`variables` plus the "absorbed" collection: for every attention layer, wkv_b's halves heads
-    first (mla.absorbed_weights), which the decode steps then read instead of re-deriving per step."""
-    def walk(tree: dict) -> dict:
-        out = {}
-        for name, sub in tree.items():
-            if name == "attn" and "wkv_b" in sub:
-                w = sub["wkv_b"]
-                w = w.dequantize(jnp.dtype(cfg.dtype)) if isinstance(w, Fp8Weight) else w
-                w_k, w_v = absorbed_weights(w, cfg.v_head_dim)
-                out[name] = {"w_k": w_k, "w_v": w_v}
-            elif isinstance(sub, dict) and (found := walk(sub)):
-                out[name] = found
-        return out
-
-    return {**variables, "absorbed": walk(variables["params"])}
 
 
 def cache_bytes_per_token(cfg: ModelConfig, cache_dtype) -> int:

@@ -22,7 +22,8 @@ import numpy as np
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.export import CONFIG_FILE, INFO_FILE, ORBAX_DIR, ExportError, load_exported, restore_variables
 from dsv3_jax.hf import layout, load_hf_checkpoint
-from dsv3_jax.layers.common import Fp8Weight
+from dsv3_jax.ops.linear import Fp8Weight
+from dsv3_jax.runtime import Runtime
 
 WEIGHTS = ("fp32", "bf16", "fp8")
 COMPUTE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
@@ -54,8 +55,15 @@ def _tokenizer_of(path: str, fmt: str, recorded: str | None) -> str | None:
     return recorded
 
 
+def runtime_for(weights: str, **choices) -> Runtime:
+    """The runtime that serves weights loaded as `weights`: computing in their dtype (bfloat16 for
+    fp8), never with FP8 *training* GEMMs (a run trained with --precision=fp8 is served like any)."""
+    return Runtime(dtype=COMPUTE_DTYPE[weights], **choices)
+
+
 def load_checkpoint(path: str, weights: str = "fp32") -> tuple[ModelConfig, dict, str | None]:
-    """-> (ModelConfig with the compute dtype set, variables, tokenizer spec or None)."""
+    """-> (ModelConfig, variables as `weights` asks, tokenizer spec or None); serve them with
+    `runtime_for(weights)`."""
     if weights not in WEIGHTS:
         raise CheckpointError(f"--weights={weights!r}: expected one of {list(WEIGHTS)}")
     fmt = detect_format(path)
@@ -70,8 +78,7 @@ def load_checkpoint(path: str, weights: str = "fp32") -> tuple[ModelConfig, dict
             cfg, variables = load_hf_checkpoint(path, keep_fp8=weights == "fp8")
     except (ExportError, FileNotFoundError, ValueError) as e:
         raise CheckpointError(f"--checkpoint {path}: {e}") from e
-    cfg, variables = convert_weights(cfg, variables, weights)
-    return cfg, variables, _tokenizer_of(path, fmt, recorded)
+    return cfg, convert_weights(cfg, variables, weights), _tokenizer_of(path, fmt, recorded)
 
 
 def _read_info(path: str) -> dict:
@@ -87,11 +94,8 @@ def _linear_paths(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, bool]]:
     return {e.path: (e.in_dims, e.expert is not None) for e in layout(cfg) if e.fp8}
 
 
-def convert_weights(cfg: ModelConfig, variables: dict, weights: str) -> tuple[ModelConfig, dict]:
-    """Cast or quantise loaded variables for `weights` and set the compute dtype to match."""
-    # fp8 in the config means FP8 *training* GEMMs (a run trained with --precision=fp8 records it);
-    # inference keeps its weights as asked here and computes in the matching dtype.
-    cfg = cfg.replace(dtype=COMPUTE_DTYPE[weights], fp8=False)
+def convert_weights(cfg: ModelConfig, variables: dict, weights: str) -> dict:
+    """Cast or quantise loaded variables for `weights` (compute with `runtime_for(weights)`)."""
     linear = _linear_paths(cfg) if weights == "fp8" else {}
     low = jnp.float32 if weights == "fp32" else jnp.bfloat16
 
@@ -108,7 +112,7 @@ def convert_weights(cfg: ModelConfig, variables: dict, weights: str) -> tuple[Mo
             return x
         return x.astype(low)
 
-    return cfg, jax.tree_util.tree_map_with_path(convert, variables, is_leaf=lambda x: isinstance(x, Fp8Weight))
+    return jax.tree_util.tree_map_with_path(convert, variables, is_leaf=lambda x: isinstance(x, Fp8Weight))
 
 
 def weight_bytes(variables: dict) -> int:

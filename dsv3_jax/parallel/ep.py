@@ -15,7 +15,7 @@ and, on dispatch only, the local expert id of every slot [n, A] int32 (-1: empty
 
 Dropless, so exact: the buffer for each destination holds A = Tl*K rows, the worst case where all
 of a device's assignments choose experts on one device, so no assignment is ever dropped and the
-result equals the single-device `EXPERTS[impl]`. (`route` picks K distinct experts, so Tl*min(K, El)
+result equals the local expert function run on one device. (`route` picks K distinct experts, so Tl*min(K, El)
 rows would also do; Tl*K keeps any routing exact, repeated experts included.) The price is memory
 and receiver FLOPs: send and receive buffers are n times the rows actually routed (n*Tl*K*D
 elements each), and the receiver's expert matmuls run over all n*A slots, because shapes are
@@ -29,17 +29,25 @@ adversarial routing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.layers.moe import EXPERTS, Routing
 from pallas_kernels.quant import BLOCK, E4M3, E4M3_MAX, MIN_AMAX
 
 # Mesh axes over which tokens are split, in the order the mesh lists them.
 TOKEN_AXES = ("data", "fsdp", "expert")
+EXPERT_AXIS = "expert"
+# The experts' function: (x [T, D], gates [T, K], expert ids [T, K], w1, w3, w2) -> [T, D]
+# (`dsv3_jax.ops.experts` holds the variants).
+LocalExperts = Callable[..., jax.Array]
+
+
+def expert_axis_size(mesh, axis: str = EXPERT_AXIS) -> int:
+    """How many devices the experts are split over in `mesh` (1: no expert parallelism)."""
+    return mesh.shape.get(axis, 1)
 
 
 def default_token_axes(mesh, names: Sequence[str] = TOKEN_AXES) -> tuple[str, ...]:
@@ -93,7 +101,7 @@ _all_to_all_fp8.defvjp(_all_to_all_fp8_fwd, _all_to_all_fp8_bwd)
 
 # ---- the EP layer -------------------------------------------------------------------------------
 def _layout(experts: jax.Array, num_local: int, n: int):
-    """experts [Tl, K] -> per assignment: destination device, slot there, local expert id."""
+    """expert ids [Tl, K] -> per assignment: destination device, slot there, local expert id."""
     flat = experts.reshape(-1)
     dest, local = flat // num_local, flat % num_local
     # Slot = how many earlier assignments of this device go to the same destination.
@@ -102,16 +110,16 @@ def _layout(experts: jax.Array, num_local: int, n: int):
     return dest, slot, local
 
 
-def _ep_body(x, weights, experts, w1, w3, w2, *, axis: str, n: int, fp8: bool, impl: str):
-    """Per device: x [Tl, D], weights/experts [Tl, K] (global ids), w* [El, ...] -> [Tl, D]."""
-    tl, k = experts.shape
+def _ep_body(x, gates, ids, w1, w3, w2, *, axis: str, n: int, fp8: bool, local: LocalExperts):
+    """Per device: x [Tl, D], gates/ids [Tl, K] (global ids), w* [El, ...] -> [Tl, D]."""
+    tl, k = ids.shape
     d, dt, num_local = x.shape[1], x.dtype, w1.shape[0]
     a = tl * k  # worst case per destination: every assignment of this device goes there
     with jax.named_scope("ep_layout"):
-        dest, slot, local = _layout(experts, num_local, n)
+        dest, slot, local_id = _layout(ids, num_local, n)
         token = jnp.arange(a) // k
         send = jnp.zeros((n, a, d), dt).at[dest, slot].set(x[token])
-        send_ids = jnp.full((n, a), -1, jnp.int32).at[dest, slot].set(local)
+        send_ids = jnp.full((n, a), -1, jnp.int32).at[dest, slot].set(local_id)
     with jax.named_scope("ep_dispatch"):
         recv = _all_to_all_fp8(send, axis) if fp8 else _all_to_all(send, axis)
         recv_ids = _all_to_all(send_ids, axis).reshape(-1, 1)
@@ -121,50 +129,50 @@ def _ep_body(x, weights, experts, w1, w3, w2, *, axis: str, n: int, fp8: bool, i
         # spread over the local experts, so that none of them gets a skewed load.
         valid = recv_ids >= 0
         spread = jnp.arange(recv_ids.shape[0])[:, None] % num_local
-        local_routing = Routing(valid.astype(jnp.float32), jnp.where(valid, recv_ids, spread), scores=None)
-        y = EXPERTS[impl](recv.reshape(n * a, d), local_routing, w1, w3, w2).reshape(n, a, d)
+        y = local(recv.reshape(n * a, d), valid.astype(jnp.float32), jnp.where(valid, recv_ids, spread),
+                  w1, w3, w2).reshape(n, a, d)
     with jax.named_scope("ep_combine"):
         back = _all_to_all(y.astype(jnp.bfloat16), axis).astype(dt) if fp8 else _all_to_all(y, axis)
         per_assignment = back[dest, slot].reshape(tl, k, d)
-        return jnp.einsum("tkd,tk->td", per_assignment, weights.astype(dt))
+        return jnp.einsum("tkd,tk->td", per_assignment, gates.astype(dt))
 
 
-def moe_expert_parallel(x: jax.Array, routing: Routing, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
-                        mesh, expert_axis: str = "expert", token_axes: Sequence[str] | None = None,
-                        fp8_dispatch: bool = False, local_impl: str = "windowed") -> jax.Array:
-    """What `EXPERTS[local_impl](x, routing, w1, w3, w2)` computes, with the experts split over
-    `expert_axis` of `mesh` (a Mesh or AbstractMesh). x [T, D]; w1, w3 [E, D, F]; w2 [E, F, D].
+def _pad_tokens(shards: int, *arrays):
+    """Zero rows appended so that the token count divides by `shards` (zero gates: no effect)."""
+    pad = -arrays[0].shape[0] % shards
+    return tuple(jnp.pad(a, ((0, pad), (0, 0))) for a in arrays) if pad else arrays
+
+
+def expert_parallel(x: jax.Array, gates: jax.Array, ids: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
+                    *, mesh, local: LocalExperts, expert_axis: str = EXPERT_AXIS,
+                    token_axes: Sequence[str] | None = None, fp8_dispatch: bool = False,
+                    check_vma: bool = True) -> jax.Array:
+    """What `local(x, gates, ids, w1, w3, w2)` computes, with the experts split over `expert_axis` of
+    `mesh` (a Mesh or AbstractMesh). x [T, D]; gates, ids [T, K]; w1, w3 [E, D, F]; w2 [E, F, D].
 
     Tokens and routing are split over `token_axes` (default: the mesh's data, fsdp and expert
     axes), which must include `expert_axis`: each expert-axis device dispatches its own tokens.
     T need not divide by their size: zero tokens with zero gates pad it, then are cut off.
+    `check_vma` off for a local function whose collectives-free body jax's varying-axes check
+    refuses (the FP8 grouped GEMM reference scans with an accumulator created unvarying).
     """
     token_axes = default_token_axes(mesh) if token_axes is None else tuple(token_axes)
     if expert_axis not in token_axes:
-        raise ValueError(f"moe_expert_parallel: token_axes {token_axes} must include the expert axis "
+        raise ValueError(f"expert_parallel: token_axes {token_axes} must include the expert axis "
                          f"{expert_axis!r} (each expert-axis device dispatches its own tokens)")
     missing = [a for a in token_axes if a not in mesh.axis_names]
     if missing:
-        raise ValueError(f"moe_expert_parallel: axes {missing} are not in the mesh {mesh.axis_names}")
+        raise ValueError(f"expert_parallel: axes {missing} are not in the mesh {mesh.axis_names}")
     n, e = mesh.shape[expert_axis], w1.shape[0]
     if e % n:
-        raise ValueError(f"moe_expert_parallel: {e} experts do not split over {n} devices of {expert_axis!r}")
-    if local_impl not in EXPERTS:
-        raise ValueError(f"moe_expert_parallel: local_impl {local_impl!r} not in {sorted(EXPERTS)}")
+        raise ValueError(f"expert_parallel: {e} experts do not split over {n} devices of {expert_axis!r}")
     t = x.shape[0]
     shards = 1
     for a in token_axes:
         shards *= mesh.shape[a]
-    pad = -t % shards
-    weights, experts = routing.weights, routing.experts
-    if pad:
-        x = jnp.pad(x, ((0, pad), (0, 0)))
-        weights = jnp.pad(weights, ((0, pad), (0, 0)))
-        experts = jnp.pad(experts, ((0, pad), (0, 0)))
+    x, gates, ids = _pad_tokens(shards, x, gates, ids.astype(jnp.int32))
     tok, ex = P(token_axes, None), P(expert_axis, None, None)
-    body = functools.partial(_ep_body, axis=expert_axis, n=n, fp8=fp8_dispatch, impl=local_impl)
-    # The FP8 expert GEMMs (pallas_kernels.fp8_gemm's plain-jnp path) scan with an accumulator created
-    # unvarying over the mesh, which the varying-axes check refuses; that path runs with it off.
+    body = functools.partial(_ep_body, axis=expert_axis, n=n, fp8=fp8_dispatch, local=local)
     out = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, ex, ex, ex), out_specs=tok,
-                        check_vma=local_impl != "fp8")(x, weights, experts.astype(jnp.int32), w1, w3, w2)
+                        check_vma=check_vma)(x, gates, ids, w1, w3, w2)
     return out[:t]

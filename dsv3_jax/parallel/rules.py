@@ -9,8 +9,10 @@ expert axis carries distinct rows of the batch, not copies.
 Resolution of one array's spec (`to_mesh_spec`), dimension by dimension, left to right:
 - a name missing from `RULES` is an error (a typo must not silently replicate a weight);
 - mesh axes of size 1 (or absent from the mesh) are dropped;
-- collisions: a mesh axis may shard only one dimension of an array, so the FIRST dimension that
-  asks for it keeps it and later dimensions drop it (they are replicated over that axis);
+- collisions: a mesh axis may shard only one dimension of an array, so two logical axes of one spec
+  whose rules share a mesh axis (of size > 1 in the mesh) are an error naming both: the table, not
+  the order of dimensions, must say which one is split (one logical axis named twice shards its
+  first dimension only);
 - with `shape` given, mesh axes are kept left to right only while their product divides the
   dimension; the rest are dropped, so a dimension too small or odd for the mesh is replicated
   rather than rejected by jit.
@@ -22,14 +24,13 @@ import math
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import logical_axes, variable_shapes
-
 MeshAxes = str | tuple[str, ...] | None
 
 RULES: dict[str, MeshAxes] = {
     "batch": ("data", "fsdp", "expert"),
     "embed": "fsdp",
+    # The model dimension of activations: whole (fsdp splits weights; activations split by batch).
+    "act_embed": None,
     "heads": "tensor",
     "mlp": "tensor",
     "vocab": "tensor",
@@ -61,7 +62,19 @@ def _mesh_axes_of(logical, rules: dict[str, MeshAxes]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def to_mesh_spec(logical_spec: PartitionSpec | tuple, mesh: Mesh, shape: tuple[int, ...] | None = None,
+def _check_collisions(logical_spec: tuple, mesh, rules: dict[str, MeshAxes]) -> None:
+    owner: dict[str, object] = {}
+    for logical in logical_spec:
+        for axis in _mesh_axes_of(logical, rules):
+            if mesh.shape.get(axis, 1) == 1:
+                continue
+            if axis in owner and owner[axis] != logical:
+                raise ValueError(f"spec {logical_spec}: logical axes {owner[axis]!r} and {logical!r} both map to "
+                                 f"mesh axis {axis!r}; an array dimension pair cannot share one mesh axis")
+            owner[axis] = logical
+
+
+def to_mesh_spec(logical_spec: PartitionSpec | tuple, mesh, shape: tuple[int, ...] | None = None,
                  rules: dict[str, MeshAxes] | None = None) -> PartitionSpec:
     """Logical names -> a PartitionSpec of mesh axes for `mesh` (see the module docstring)."""
     rules = RULES if rules is None else rules
@@ -69,13 +82,14 @@ def to_mesh_spec(logical_spec: PartitionSpec | tuple, mesh: Mesh, shape: tuple[i
     if shape is not None and len(shape) < len(logical_spec):
         raise ValueError(f"spec {logical_spec} names {len(logical_spec)} dimensions, the shape {shape} has "
                          f"{len(shape)}")
-    used: set[str] = set()
+    _check_collisions(logical_spec, mesh, rules)
+    used: set[str] = set()  # one logical axis named twice shards only its first dimension
     entries = []
     for dim, logical in enumerate(logical_spec):
         kept: list[str] = []
         for axis in _mesh_axes_of(logical, rules):
             size = mesh.shape.get(axis, 1)
-            if size == 1 or axis in used:
+            if size == 1 or axis in used or axis in kept:
                 continue
             if shape is not None and shape[dim] % (math.prod(mesh.shape[a] for a in kept) * size):
                 continue
@@ -85,16 +99,24 @@ def to_mesh_spec(logical_spec: PartitionSpec | tuple, mesh: Mesh, shape: tuple[i
     return PartitionSpec(*entries)
 
 
+def constrain(x: jax.Array, logical_spec: tuple) -> jax.Array:
+    """`x` constrained to the sharding its logical axes give on the current mesh (`jax.set_mesh`), so
+    the compiler's layout of activations stays the table's on real meshes; as it is without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, to_mesh_spec(logical_spec, mesh, x.shape))
+
+
 def _is_spec(x) -> bool:
     return isinstance(x, PartitionSpec)
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
-    """NamedShardings for the whole variables tree ({"params": ..., "router": ...})."""
-    shapes = variable_shapes(cfg)
+def param_shardings(axes: dict, shapes: dict, mesh: Mesh) -> dict:
+    """NamedShardings for a variables tree, from the same tree of logical PartitionSpecs (the model's
+    `logical_axes(cfg)`) and of shapes (`variable_shapes(cfg)`)."""
     return jax.tree_util.tree_map(
-        lambda spec, x: NamedSharding(mesh, to_mesh_spec(spec, mesh, x.shape)),
-        logical_axes(cfg), shapes, is_leaf=_is_spec)
+        lambda spec, x: NamedSharding(mesh, to_mesh_spec(spec, mesh, x.shape)), axes, shapes, is_leaf=_is_spec)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

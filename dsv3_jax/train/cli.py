@@ -16,7 +16,8 @@ def config_from_flags(f) -> TrainConfig:
                        steps=f.steps, batch_size=f.batch_size, seq_len=f.seq_len, lr=f.lr,
                        warmup_steps=f.warmup_steps, seed=f.seed, checkpoint_every=f.checkpoint_every,
                        eval_every=f.eval_every, precision=f.precision,
-                       stop_after=f.stop_after, sample_tokens=f.sample_tokens, mesh=f.mesh)
+                       stop_after=f.stop_after, sample_tokens=f.sample_tokens, mesh=f.mesh, experts=f.experts,
+                       attention=f.attention)
 
 
 def _abandon_run(e: Exception) -> None:

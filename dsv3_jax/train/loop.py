@@ -40,6 +40,7 @@ from dsv3_jax.data import (
 )
 from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
 from dsv3_jax.parallel.rules import batch_sharding, batch_shards
+from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.plots import write_plots
 from dsv3_jax.train.progress import Progress
@@ -55,8 +56,6 @@ from dsv3_jax.train.step import (
 
 # --precision -> (activation dtype, FP8 GEMMs in the linear layers). Master weights stay float32 in all.
 PRECISIONS = {"fp32": ("float32", False), "bf16": ("bfloat16", False), "fp8": ("bfloat16", True)}
-# Fields that change how, not what, the model computes: a checkpoint may resume under other values.
-RUNTIME_FIELDS = ("dtype", "attention_impl", "moe_impl", "ep_fp8_dispatch", "fp8", "name")
 
 
 class TrainingError(RuntimeError):
@@ -89,6 +88,9 @@ class TrainConfig:
     # count). "": one process trains on one device, as without a mesh; several processes put all
     # devices on data.
     mesh: str = ""
+    # Variants of the ops (dsv3_jax.runtime.Runtime): "auto" or a registered name.
+    experts: str = "auto"
+    attention: str = "auto"
 
 
 def model_config(tc: TrainConfig) -> ModelConfig:
@@ -101,8 +103,18 @@ def model_config(tc: TrainConfig) -> ModelConfig:
     if tc.seq_len > cfg.max_position_embeddings:
         raise TrainingError(f"--seq_len={tc.seq_len} is above the config's max_position_embeddings "
                             f"({cfg.max_position_embeddings})")
+    return cfg
+
+
+def runtime(tc: TrainConfig) -> Runtime:
+    """How the run computes: --precision, --experts and --attention (a checkpoint is not tied to them)."""
+    if tc.precision not in PRECISIONS:
+        raise TrainingError(f"--precision={tc.precision!r}: expected one of {sorted(PRECISIONS)}")
     dtype, fp8 = PRECISIONS[tc.precision]
-    return cfg.replace(dtype=dtype, fp8=fp8)
+    try:
+        return Runtime(dtype=dtype, fp8=fp8, experts=tc.experts, attention=tc.attention)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
 
 
 def _data(tc: TrainConfig, cfg: ModelConfig):
@@ -132,19 +144,16 @@ def _manager(tc: TrainConfig) -> ocp.CheckpointManager:
                                  item_names=("state", "data", "meta"))
 
 
-def _identity(cfg: ModelConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
-
-
 def _restore(mgr, cfg: ModelConfig, abstract: TrainState, batches) -> TrainState | None:
     """The latest checkpoint's state, laid out as `abstract` says (shapes, dtypes, shardings), or None."""
     step = mgr.latest_step()
     if step is None:
         return None
     meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta["model"] != _identity(cfg):
-        diff = sorted(k for k in _identity(cfg) if meta["model"].get(k) != _identity(cfg)[k])
-        raise TrainingError(f"the workdir holds a checkpoint of another model config (fields differ: {diff}); "
+    saved = ModelConfig.from_dict(meta["model"])
+    if saved != cfg:
+        raise TrainingError(f"the workdir holds a checkpoint of another model config (fields differ: "
+                            f"{cfg.differences(saved)}); "
                             "use a new --workdir or the same --config")
     got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                     data=ocp.args.JsonRestore()))
@@ -214,7 +223,7 @@ def _initial_state(mgr, cfg: ModelConfig, optim: OptimConfig, seed: int, batches
 
 def _save(mgr, step: int, state: TrainState, batches, cfg: ModelConfig, tokenizer: str) -> None:
     # The tokenizer spec travels with the weights, so infer.py and export find it without a flag.
-    meta = {"model": _identity(cfg), "config": cfg.to_dict(), "step": step,
+    meta = {"model": cfg.to_dict(), "step": step,
             "tokenizer": tokenizer if tokenizer == "byte" else os.path.abspath(tokenizer)}
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            data=ocp.args.JsonSave(batches.state()),
@@ -264,7 +273,7 @@ def param_specs(state: TrainState) -> dict[str, object]:
 
 
 def run(tc: TrainConfig) -> dict:
-    cfg = model_config(tc)
+    cfg, rt = model_config(tc), runtime(tc)
     tokenizer, batches, held = _data(tc, cfg)
     optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps)
     layout = make_layout(tc, cfg, optim)
@@ -272,7 +281,7 @@ def run(tc: TrainConfig) -> dict:
     mgr = _manager(tc)
     with layout.context():
         state = _initial_state(mgr, cfg, optim, tc.seed, batches, layout)
-        state, summary = _train(tc, cfg, optim, state, batches, held, mgr, layout)
+        state, summary = _train(tc, cfg, rt, optim, state, batches, held, mgr, layout)
     mgr.wait_until_finished()
     mgr.close()
     if layout.mesh is not None:
@@ -282,16 +291,16 @@ def run(tc: TrainConfig) -> dict:
         summary["plots"] = write_plots(tc.workdir)
     if tc.sample_tokens:
         summary["sample"] = sample_text(cfg, _local_state(state), tokenizer, tc.sample_prompt, tc.sample_tokens,
-                                        seed=tc.seed)
+                                        seed=tc.seed, runtime=rt)
     return summary
 
 
-def _train(tc: TrainConfig, cfg: ModelConfig, optim: OptimConfig, state: TrainState, batches, held, mgr,
-           layout: Layout) -> tuple[TrainState, dict]:
+def _train(tc: TrainConfig, cfg: ModelConfig, rt: Runtime, optim: OptimConfig, state: TrainState, batches, held,
+           mgr, layout: Layout) -> tuple[TrainState, dict]:
     """Steps from the state's step up to tc.steps (or tc.stop_after of them), checkpointing and logging."""
     start = int(state.step)
     primary = jax.process_index() == 0
-    train, evaluate = jit_steps(cfg, optim, layout.state, layout.batch)
+    train, evaluate = jit_steps(cfg, optim, layout.state, layout.batch, rt)
     share = tc.batch_size // jax.process_count()
     lo = jax.process_index() * share
     held = [layout.put(b[lo:lo + share], tc.batch_size) for b in held]

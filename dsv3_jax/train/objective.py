@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.moe import Routing
 from dsv3_jax.model import Transformer
+from dsv3_jax.ops import dispatch
+from dsv3_jax.runtime import Runtime
 
 
 class LossParts(NamedTuple):
@@ -29,42 +31,10 @@ class LossParts(NamedTuple):
     balance: jax.Array  # sum over MoE layers of the sequence-wise balance loss
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def cross_entropy(logits: jax.Array, targets: jax.Array, runtime: Runtime = Runtime()) -> jax.Array:
     """Mean next-token cross-entropy of logits [..., vocab] against integer targets [...]."""
     # Flattened to [N, vocab]: XLA:CPU handles the 2-D backward without a transposing copy.
-    return _mean_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def _logsumexp_and_picked(logits, targets):
-    x = logits.astype(jnp.float32)
-    top = jnp.max(x, axis=-1)
-    lse = top + jnp.log(jnp.sum(jnp.exp(x - top[:, None]), axis=-1))
-    return lse, jnp.take_along_axis(x, targets[:, None], axis=-1)[:, 0]
-
-
-@jax.custom_vjp
-def _mean_cross_entropy(logits, targets):
-    lse, picked = _logsumexp_and_picked(logits, targets)
-    return jnp.mean(lse - picked)
-
-
-def _mean_cross_entropy_fwd(logits, targets):
-    lse, picked = _logsumexp_and_picked(logits, targets)
-    return jnp.mean(lse - picked), (logits, targets, lse)
-
-
-def _mean_cross_entropy_bwd(res, g):
-    """d/dlogits = (softmax - onehot) g / N in one pass over [N, vocab], the one-hot an iota compare:
-    autodiff of log_softmax + take_along_axis also zero-fills and scatters a [N, vocab] buffer and
-    makes two more passes (head + loss fwd+bwd of `small`: 138 -> 115 ms measured)."""
-    logits, targets, lse = res
-    n, v = logits.shape
-    onehot = jnp.arange(v)[None, :] == targets[:, None]
-    d = (jnp.exp(logits.astype(jnp.float32) - lse[:, None]) - onehot) * (g / n)
-    return d.astype(logits.dtype), None
-
-
-_mean_cross_entropy.defvjp(_mean_cross_entropy_fwd, _mean_cross_entropy_bwd)
+    return dispatch.cross_entropy_fn(runtime)(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def routings(intermediates: dict) -> dict[str, Routing]:
@@ -100,18 +70,18 @@ def expert_load(r: Routing, num_experts: int) -> jax.Array:
     return counts / counts.sum()
 
 
-def compute_loss(params, router, window: jax.Array, cfg: ModelConfig):
+def compute_loss(params, router, window: jax.Array, cfg: ModelConfig, runtime: Runtime = Runtime()):
     """window [B, T + 1 + D] -> (LossParts, {layer: Routing})."""
     d = cfg.mtp_depth
     t = window.shape[1] - 1 - d
     tokens = window[:, :t]
     variables = {"params": params, **({"router": router} if router else {})}
-    (logits, mtp_logits), state = Transformer(cfg).apply(
+    (logits, mtp_logits), state = Transformer(cfg, runtime).apply(
         variables, tokens, return_mtp=True, future=window[:, : t + d], mutable=["intermediates"])
-    ce = cross_entropy(logits, window[:, 1: t + 1])
+    ce = cross_entropy(logits, window[:, 1: t + 1], runtime)
     mtp = jnp.zeros(())
     if d:
-        mtp = jnp.mean(jnp.stack([cross_entropy(mtp_logits[k - 1], window[:, k + 1: t + k + 1])
+        mtp = jnp.mean(jnp.stack([cross_entropy(mtp_logits[k - 1], window[:, k + 1: t + k + 1], runtime)
                                   for k in range(1, d + 1)]))
     routes = routings(state.get("intermediates", {}))
     balance = sum((balance_loss(r, window.shape[0], cfg) for r in routes.values()), jnp.zeros(()))

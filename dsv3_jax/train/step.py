@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import init_variables, variable_shapes
+from dsv3_jax.model import init_variables, logical_axes, variable_shapes
 from dsv3_jax.parallel.rules import param_shardings, replicated
+from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.objective import compute_loss, expert_load, update_router_bias
 
 
@@ -61,7 +62,7 @@ def init_state(cfg: ModelConfig, optim: OptimConfig, seed: int) -> TrainState:
 def state_shardings(cfg: ModelConfig, optim: OptimConfig, mesh: jax.sharding.Mesh) -> TrainState:
     """A TrainState of NamedShardings: parameters by the rules table, each optimizer moment like
     its parameter, scalars (step, Adam's count) replicated, router biases replicated."""
-    variables = param_shardings(cfg, mesh)
+    variables = param_shardings(logical_axes(cfg), variable_shapes(cfg), mesh)
     params = variables["params"]
     optimizer = make_optimizer(optim)
     abstract_opt = jax.eval_shape(optimizer.init, variable_shapes(cfg)["params"])
@@ -78,10 +79,11 @@ def init_state_sharded(cfg: ModelConfig, optim: OptimConfig, seed: int, sharding
     return jax.jit(lambda: init_state(cfg, optim, seed), out_shardings=shardings)()
 
 
-def train_step(state: TrainState, window: jax.Array, cfg: ModelConfig, optim: OptimConfig):
+def train_step(state: TrainState, window: jax.Array, cfg: ModelConfig, optim: OptimConfig,
+               runtime: Runtime = Runtime()):
     """One optimizer step plus the bias update; returns (new state, metrics)."""
     def loss_fn(params):
-        parts, routes = compute_loss(params, state.router, window, cfg)
+        parts, routes = compute_loss(params, state.router, window, cfg, runtime)
         return parts.loss, (parts, routes)
 
     (_, (parts, routes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -99,25 +101,25 @@ def train_step(state: TrainState, window: jax.Array, cfg: ModelConfig, optim: Op
     return new, metrics
 
 
-def eval_step(state: TrainState, window: jax.Array, cfg: ModelConfig) -> dict:
-    parts, _ = compute_loss(state.params, state.router, window, cfg)
+def eval_step(state: TrainState, window: jax.Array, cfg: ModelConfig, runtime: Runtime = Runtime()) -> dict:
+    parts, _ = compute_loss(state.params, state.router, window, cfg, runtime)
     return {"eval_loss": parts.ce, "eval_mtp_loss": parts.mtp}
 
 
 def jit_steps(cfg: ModelConfig, optim: OptimConfig, shardings: TrainState | None = None,
-              batch_sharding: jax.sharding.NamedSharding | None = None):
+              batch_sharding: jax.sharding.NamedSharding | None = None, runtime: Runtime = Runtime()):
     """The two steps, jitted once per (config, optimizer); the state buffers are donated.
 
     With `shardings` (from `state_shardings`) and `batch_sharding`, the state keeps its layout from
     step to step and the metrics come back replicated, so every process can read them.
     """
     if shardings is None:
-        train = jax.jit(lambda s, w: train_step(s, w, cfg, optim), donate_argnums=0)
-        evaluate = jax.jit(lambda s, w: eval_step(s, w, cfg))
+        train = jax.jit(lambda s, w: train_step(s, w, cfg, optim, runtime), donate_argnums=0)
+        evaluate = jax.jit(lambda s, w: eval_step(s, w, cfg, runtime))
         return train, evaluate
     metrics = replicated(batch_sharding.mesh)
-    train = jax.jit(lambda s, w: train_step(s, w, cfg, optim), in_shardings=(shardings, batch_sharding),
+    train = jax.jit(lambda s, w: train_step(s, w, cfg, optim, runtime), in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, metrics), donate_argnums=0)
-    evaluate = jax.jit(lambda s, w: eval_step(s, w, cfg), in_shardings=(shardings, batch_sharding),
+    evaluate = jax.jit(lambda s, w: eval_step(s, w, cfg, runtime), in_shardings=(shardings, batch_sharding),
                        out_shardings=metrics)
     return train, evaluate

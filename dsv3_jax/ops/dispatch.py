@@ -1,0 +1,138 @@
+"""Which variant of an operation runs, per platform and shape: every threshold lives here.
+
+The platform is the compile target's (`platform`), never the host's: a program built on a CPU host
+for GPU or TPU devices gets their choices. Each threshold carries a one-line reason; the
+measurements behind the CPU ones are in docs/PERFORMANCE.md ("What decides the CPU paths").
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import jax
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.ops.attention import AttentionOptions
+from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY, CrossEntropyFn
+from dsv3_jax.ops.experts import EXPERTS, ExpertsFn
+from dsv3_jax.ops.linear import dense, fp8_ragged_matmul
+from dsv3_jax.parallel.ep import expert_axis_size, expert_parallel
+from pallas_kernels import mla_decode as mla_decode_kernel
+from pallas_kernels.backends import resolve_backend
+
+if TYPE_CHECKING:
+    from dsv3_jax.runtime import Runtime
+
+# ---- experts (CPU; accelerators take `ragged`, grouped matmuls) -----------------------------------
+# `gather` up to this many (token, expert) pairs per expert on average: on `small` decoding (E=16,
+# K=4) it beat dense by 7-10% at 16, 32 and 64 pairs.
+GATHER_MAX_PAIRS_PER_EXPERT = 4
+# ... and only from this many bytes of expert weights: below about a cache's worth, reading all
+# experts costs little and dense's one batched matmul beats gather's many small ones.
+GATHER_MIN_BYTES = 1 << 20
+# `dense` below this many tokens: a prefill of 128-256 tokens ran 1.6x faster dense than windowed
+# (its fixed costs: the sort, slicing every expert matrix), 1024 tokens 1.16x faster windowed.
+DENSE_MAX_TOKENS = 512
+# ---- attention ----------------------------------------------------------------------------------
+# Query windows up to this long (a token and its drafts) attend over the latent, absorbed; longer
+# ones (prefill) are compute-bound and expand keys and values per head, as training does.
+DECODE_MAX_T = 8
+# The blocked core's causal query blocks (CPU): 4 blocks measured best at T = 256 on `small`
+# (attention fwd+bwd per layer 85 -> 53 ms; 2 blocks 64 ms, 8 blocks 62 ms), worth it from T = 128.
+QUERY_BLOCKS = 4
+QUERY_BLOCK_MIN_T = 128
+
+
+def platform(rt: Runtime) -> str:
+    """The compile target's platform: the runtime's, else the current mesh's devices', else the
+    default device's (where a plain jit compiles). "gpu" for CUDA and ROCm devices."""
+    name = rt.platform
+    if name is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+        name = device.platform if device is not None else jax.devices()[0].platform
+    return "gpu" if name in ("cuda", "rocm") else name
+
+
+def kernel_backend(rt: Runtime) -> str:
+    """The pallas_kernels backend for the target: the runtime's, or "auto" resolved for its platform."""
+    return resolve_backend(rt.kernel_backend, platform=platform(rt))
+
+
+def fp8_backend(rt: Runtime) -> str:
+    """The backend of the linear layers' FP8 GEMMs; "xla" (unused) when the runtime has none."""
+    return kernel_backend(rt) if rt.fp8 else "xla"
+
+
+# ---- experts ------------------------------------------------------------------------------------
+def experts_variant(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> str:
+    """`num_tokens` None: not known here (expert parallelism: each device's share varies)."""
+    if rt.experts != "auto":
+        return rt.experts
+    if rt.fp8 or platform(rt) != "cpu":
+        return "ragged"  # grouped matmuls; the one path with FP8 GEMMs
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    weight_bytes = 3 * e * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    few = num_tokens is not None and num_tokens * k <= GATHER_MAX_PAIRS_PER_EXPERT * e
+    if few and weight_bytes >= GATHER_MIN_BYTES:
+        return "gather"  # decoding: bound by reading weights; gather reads only the chosen experts
+    if num_tokens is not None and num_tokens < DENSE_MAX_TOKENS:
+        return "dense"
+    return "windowed"  # XLA:CPU runs 2-D matmuls ~2x faster than batched or ragged ones
+
+
+def experts_fn(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> ExpertsFn:
+    fn = EXPERTS[experts_variant(rt, cfg, num_tokens)]
+    if rt.fp8:  # Runtime allows fp8 only with the ragged path: the same path, FP8 grouped GEMMs
+        fn = functools.partial(fn, gmm=fp8_ragged_matmul(kernel_backend(rt)))
+    return fn
+
+
+def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> jax.Array:
+    """The routed experts on x [T, D]: expert-parallel when the current mesh has an expert axis
+    (`with jax.set_mesh(mesh):`), else on this device; the same function either way."""
+    w1, w3, w2 = (dense(w, x.dtype) for w in (w1, w3, w2))
+    mesh = jax.sharding.get_abstract_mesh()
+    if expert_axis_size(mesh) > 1:
+        return expert_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=experts_fn(rt, cfg, None),
+                               fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not rt.fp8)
+    return experts_fn(rt, cfg, x.shape[0])(x, gates, ids, w1, w3, w2)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+def kernel_refusal(backend: str, q_shape, kv_shape, kv_dtype, v_dim: int) -> str | None:
+    """Why the latent-decode kernel cannot take this call (None: it can)."""
+    if backend == "xla":
+        return "the kernel backend resolves to 'xla' on this platform"
+    return mla_decode_kernel.supports(q_shape, kv_shape, kv_dtype, v_dim=v_dim, backend=backend)
+
+
+def attention(rt: Runtime, cfg: ModelConfig, *, cached: bool, q_shape, kv_shape, kv_dtype,
+              sorted_positions: bool) -> tuple[str, AttentionOptions]:
+    """The attention variant (a key of ATTENTION) and its options for queries [B,T,H,C+R] over latent rows [B,S,C+R]
+    (`cached`: a cache; `sorted_positions`: uncached with positions increasing along T)."""
+    backend, t = kernel_backend(rt) if cached else fp8_backend(rt), q_shape[1]
+    name = rt.attention
+    refusal = kernel_refusal(backend, q_shape, kv_shape, kv_dtype, cfg.kv_lora_rank) if cached else \
+        "it reads a cache, and this attention has none"
+    if name == "auto":
+        if cached and t <= DECODE_MAX_T:
+            name = "absorbed" if refusal else "latent_kernel"
+        else:
+            name = "naive"
+    elif name == "latent_kernel" and refusal:
+        raise ValueError(f"attention 'latent_kernel' cannot run here: {refusal}")
+    on_cpu = platform(rt) == "cpu"
+    blocks = QUERY_BLOCKS if on_cpu and sorted_positions and t >= QUERY_BLOCK_MIN_T else 1
+    # The blocked core's hand-written backward saves XLA:CPU ~3 passes over the scores; on
+    # accelerators the plain core leaves the softmax to XLA's fusions.
+    core = "blocked" if on_cpu else "plain"
+    return name, AttentionOptions(cfg.softmax_scale, core, blocks, rt.fp8, backend)
+
+
+# ---- cross-entropy ------------------------------------------------------------------------------
+def cross_entropy_fn(rt: Runtime) -> CrossEntropyFn:
+    """`onepass` everywhere: its backward is one pass over [N, V] (the head + loss fwd+bwd of `small`
+    on CPU 138 -> 115 ms) and keeps no log-softmax buffer."""
+    del rt
+    return CROSS_ENTROPY["onepass"]

@@ -1,0 +1,98 @@
+"""The matmuls of the linear layers, and the 8-bit weight they accept.
+
+`linear` runs in the activation dtype, or with `fp8` as FP8 training GEMMs (V3 report s.3.3): Fprop,
+Dgrad and Wgrad on E4M3 inputs, activations scaled per 1x128 tile, weights per 128x128 block, FP32
+accumulation promoted every 128 of K (`pallas_kernels.fp8_gemm`). The float32 master weights are
+quantised where they are used, so parameters and their gradients stay float32. Only the linear
+layers come here with `fp8`; the embedding, output head, router, norms, MTP projection and the
+attention core keep their higher-precision matmuls, as the report keeps them.
+
+An `Fp8Weight` (inference with 8-bit weights, as DeepSeek ships them) is accepted wherever a weight
+is: it stays 8-bit in memory and is dequantised here, where it is used.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
+from pallas_kernels.quant import dequantize_weight, quantize_weight
+
+# Grouped matmul: rows of x [M, K] sorted by group, group sizes [G], w [G, K, N] -> [M, N].
+GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@flax.struct.dataclass
+class Fp8Weight:
+    """A linear weight held as E4M3 with one float32 scale per 128x128 block (V3 report s.3.3), as
+    DeepSeek ships it. The blocks tile the checkpoint's [out, in] matrix (per expert for stacked
+    experts); the 8-bit values are kept in our leaf's layout, so Flax sees the shape it expects.
+    """
+
+    q: jax.Array  # our leaf's shape, float8_e4m3fn
+    scale: jax.Array  # [E?, ceil(out/128), ceil(in/128)] float32
+    in_dims: int = flax.struct.field(pytree_node=False, default=1)  # leading dims of ours that form `in`
+    stacked: bool = flax.struct.field(pytree_node=False, default=False)  # the first axis indexes experts
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    def _as_matrix(self, x: jax.Array) -> jax.Array:
+        """Our layout -> [E?, out, in]."""
+        lead = x.shape[:1] if self.stacked else ()
+        k = math.prod(x.shape[len(lead): len(lead) + self.in_dims])
+        return jnp.swapaxes(x.reshape(*lead, k, -1), -1, -2)
+
+    def dequantize(self, dtype) -> jax.Array:
+        deq = lambda q, s: dequantize_weight(q, s, dtype)
+        if self.stacked:
+            deq = jax.vmap(deq)
+        return jnp.swapaxes(deq(self._as_matrix(self.q), self.scale), -1, -2).reshape(self.q.shape)
+
+    @classmethod
+    def quantize(cls, w: jax.Array, in_dims: int = 1, stacked: bool = False) -> Fp8Weight:
+        """From one of our full-precision leaves."""
+        layout = cls(w, jnp.zeros(()), in_dims, stacked)
+        quant = jax.vmap(quantize_weight) if stacked else quantize_weight
+        q, s = quant(layout._as_matrix(w))
+        return cls(jnp.swapaxes(q, -1, -2).reshape(w.shape), s, in_dims, stacked)
+
+    @classmethod
+    def from_file(cls, q, scale, shape: tuple[int, ...], in_dims: int = 1, stacked: bool = False) -> Fp8Weight:
+        """From a checkpoint's 8-bit [E?, out, in] values and block scales, kept 8-bit."""
+        return cls(jnp.swapaxes(jnp.asarray(q), -1, -2).reshape(shape), jnp.asarray(scale, jnp.float32),
+                   in_dims, stacked)
+
+
+def dense(w: jax.Array | Fp8Weight, dtype) -> jax.Array:
+    """A weight as an array: an `Fp8Weight` dequantised to `dtype`; an array as it is (callers cast)."""
+    return w.dequantize(dtype) if isinstance(w, Fp8Weight) else w
+
+
+def linear(x: jax.Array, w: jax.Array | Fp8Weight, *, in_dims: int = 1, fp8: bool = False,
+           backend: str = "xla") -> jax.Array:
+    """x [..., I] @ w [I_1..I_in_dims, O...] -> [..., O...] in x's dtype, I = I_1 * ... * I_in_dims.
+
+    One 2-D matmul whatever the ranks: XLA:CPU lays out 3-D forms' backward with transposes.
+    `fp8`: FP8 GEMMs on `backend` (a concrete `pallas_kernels` backend name)."""
+    w = dense(w, x.dtype)
+    k, out = math.prod(w.shape[:in_dims]), w.shape[in_dims:]
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
+    y = fp8_linear(x2, w2, backend=backend) if fp8 else x2 @ w2.astype(x.dtype)
+    return y.reshape(*x.shape[:-1], *out)
+
+
+def ragged_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The full-precision grouped matmul (`GroupedMatmul`), in x's dtype."""
+    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+
+
+def fp8_ragged_matmul(backend: str) -> GroupedMatmul:
+    """The FP8 grouped matmul (`GroupedMatmul`): E4M3 inputs in Fprop, Dgrad and Wgrad, 1x128 activation
+    tiles, 128x128 blocks per expert weight, on `backend`."""
+    return lambda x, w, group_sizes: fp8_grouped_linear(x, w, group_sizes, backend=backend)
