@@ -1,7 +1,7 @@
 """Tokenizers: raw UTF-8 bytes, or a Hugging Face `tokenizer.json` (trained here or downloaded).
 
-Both satisfy `Tokenizer`: `vocab_size`, `eos_id`, `encode`, `decode`. The `tokenizers` library is
-imported only when a `tokenizer.json` is used, so byte-level training needs nothing beyond numpy.
+Both satisfy `Tokenizer`: `vocab_size`, `eos_id`, `encode`, `decode` (the second through the
+`tokenizers` library, a dependency of the package).
 
 Train a byte-level BPE on your files (default: the standard-library corpus):
 
@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 from typing import Protocol, runtime_checkable
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv3_jax.data.corpus import default_corpus_files, read_documents, resolve_files
 
@@ -59,8 +62,6 @@ class HFTokenizer:
     the data pipeline places end-of-text itself."""
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer as _HFTokenizer
-
         self.path = path
         self._tok = _HFTokenizer.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -104,9 +105,6 @@ def train_bpe(files: list[str], vocab_size: int, out_path: str) -> HFTokenizer:
     Byte-level pre-tokenisation makes the 256 byte symbols the base alphabet, so every text encodes
     and decodes back exactly; "<|endoftext|>" is the one special token and the end-of-text id.
     """
-    from tokenizers import Tokenizer as _HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 1:
         raise ValueError(f"vocab_size = {vocab_size}: a byte-level BPE needs at least "

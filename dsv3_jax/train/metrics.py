@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import numpy as np
+from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -144,8 +145,6 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             purge = None if resume_step is None else resume_step + 1
             # Event files are named by the second they were opened in; the nanosecond suffix keeps
             # a restart within that second from overwriting the previous file, and still sorts it
