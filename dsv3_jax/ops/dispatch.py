@@ -2,7 +2,7 @@
 
 The platform is the compile target's (`platform`), never the host's: a program built on a CPU host
 for GPU or TPU devices gets their choices. Each threshold carries a one-line reason; the
-measurements behind the CPU ones are in docs/PERFORMANCE.md ("What decides the CPU paths").
+measurements behind them are in docs/PERFORMANCE.md ("Dispatch thresholds").
 """
 from __future__ import annotations
 
@@ -23,24 +23,14 @@ from pallas_kernels.backends import resolve_backend
 if TYPE_CHECKING:
     from dsv3_jax.runtime import Runtime
 
-# ---- experts (CPU; accelerators take `ragged`, grouped matmuls) -----------------------------------
-# `gather` up to this many (token, expert) pairs per expert on average: on `small` decoding (E=16,
-# K=4) it beat dense by 7-10% at 16, 32 and 64 pairs.
-GATHER_MAX_PAIRS_PER_EXPERT = 4
-# ... and only from this many bytes of expert weights: below about a cache's worth, reading all
-# experts costs little and dense's one batched matmul beats gather's many small ones.
-GATHER_MIN_BYTES = 1 << 20
-# `dense` below this many tokens: a prefill of 128-256 tokens ran 1.6x faster dense than windowed
-# (its fixed costs: the sort, slicing every expert matrix), 1024 tokens 1.16x faster windowed.
-DENSE_MAX_TOKENS = 512
-# ---- attention ----------------------------------------------------------------------------------
-# Query windows up to this long (a token and its drafts) attend over the latent, absorbed; longer
-# ones (prefill) are compute-bound and expand keys and values per head, as training does.
-DECODE_MAX_T = 8
-# The blocked core's causal query blocks (CPU): 4 blocks measured best at T = 256 on `small`
-# (attention fwd+bwd per layer 85 -> 53 ms; 2 blocks 64 ms, 8 blocks 62 ms), worth it from T = 128.
-QUERY_BLOCKS = 4
-QUERY_BLOCK_MIN_T = 128
+# Thresholds of the CPU paths (accelerators take `ragged` experts and the `plain` core). Each has a
+# one-line reason; the measurements are in docs/PERFORMANCE.md, "Dispatch thresholds".
+GATHER_MAX_PAIRS_PER_EXPERT = 4  # gather while decoding: per pair it reads one expert, dense all E
+GATHER_MIN_BYTES = 1 << 20  # below ~a cache of expert weights, dense's one batched matmul wins
+DENSE_MAX_TOKENS = 512  # below this, windowed's fixed costs (sort, slicing every expert) dominate
+DECODE_MAX_T = 8  # longer query windows (prefill) are compute-bound: expand keys/values per head
+QUERY_BLOCKS = 4  # causal query blocks of the blocked core: skip the masked key blocks
+QUERY_BLOCK_MIN_T = 128  # shorter sequences gain too little to pay the block loop
 
 
 def platform(rt: Runtime) -> str:
@@ -78,7 +68,7 @@ def experts_variant(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> st
         return "gather"  # decoding: bound by reading weights; gather reads only the chosen experts
     if num_tokens is not None and num_tokens < DENSE_MAX_TOKENS:
         return "dense"
-    return "windowed"  # XLA:CPU runs 2-D matmuls ~2x faster than batched or ragged ones
+    return "windowed"  # XLA:CPU runs 2-D matmuls faster than batched or ragged ones of the same size
 
 
 def experts_fn(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> ExpertsFn:
@@ -132,7 +122,6 @@ def attention(rt: Runtime, cfg: ModelConfig, *, cached: bool, q_shape, kv_shape,
 
 # ---- cross-entropy ------------------------------------------------------------------------------
 def cross_entropy_fn(rt: Runtime) -> CrossEntropyFn:
-    """`onepass` everywhere: its backward is one pass over [N, V] (the head + loss fwd+bwd of `small`
-    on CPU 138 -> 115 ms) and keeps no log-softmax buffer."""
+    """`onepass` everywhere: its backward is one pass over [N, V] and keeps no log-softmax buffer."""
     del rt
     return CROSS_ENTROPY["onepass"]
