@@ -31,9 +31,14 @@ from peer_device import torch_device, torch_sync
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.costmodel import train_flops_per_token
-from dsv3_jax.layers.mla import MLA, QUERY_BLOCK_MIN_T, QUERY_BLOCKS, attend_naive, causal_mask
+from dsv3_jax.hf_config import config_to_hf
+from dsv3_jax.layers.mla import MLA
 from dsv3_jax.layers.mlp import MLP
-from dsv3_jax.layers.moe import MoE, resolve_moe_impl, window_rows
+from dsv3_jax.layers.moe import MoE
+from dsv3_jax.ops import dispatch
+from dsv3_jax.ops.attention import ATTENTION, KvWeights
+from dsv3_jax.ops.experts import window_rows
+from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.objective import cross_entropy
 from dsv3_jax.train.step import OptimConfig, init_state, jit_steps, make_optimizer
 
@@ -80,7 +85,7 @@ def peer(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float | None:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch_device()
-    hf = {k: v for k, v in cfg.replace(mtp_depth=0).to_hf().items() if k not in ("architectures", "model_type")}
+    hf = {k: v for k, v in config_to_hf(cfg.replace(mtp_depth=0)).items() if k not in ("architectures", "model_type")}
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**hf)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
@@ -102,7 +107,7 @@ def gemm_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, 
     return {"head": (n, d, cfg.vocab_size), "dense ffn gate|up": (n, d, 2 * cfg.intermediate_size),
             "expert window gate|up": (window, d, 2 * cfg.moe_intermediate_size),
             "expert window down": (window, cfg.moe_intermediate_size, d),
-            "attention scores": (batch * cfg.num_heads, seq // QUERY_BLOCKS, cfg.qk_head_dim, seq)}
+            "attention scores": (batch * cfg.num_heads, seq // dispatch.QUERY_BLOCKS, cfg.qk_head_dim, seq)}
 
 
 def gemm_limits(shapes: dict, repeats: int) -> dict:
@@ -163,18 +168,19 @@ def _mla_part(cfg, x, pos, repeats):
 
 
 def _attention_core_part(cfg, batch, seq, repeats):
-    """Scores, causal softmax and the value sum alone (attend_naive), without the projections."""
+    """The attention op alone (expansion through wkv_b, scores, causal softmax, value sum) as the
+    model's training call dispatches it, without the projections."""
     rng = np.random.RandomState(0)
     h = cfg.num_heads
     shapes = [(batch, seq, h, cfg.qk_nope_head_dim), (batch, seq, h, cfg.qk_rope_head_dim),
-              (batch, seq, cfg.kv_lora_rank), (batch, seq, cfg.qk_rope_head_dim),
-              (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim)]
+              (batch, seq, cfg.kv_cache_dim), (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim)]
     args = [jnp.asarray(rng.randn(*s) * 0.1, jnp.float32) for s in shapes]
     pos = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    mask = causal_mask(pos, pos)
-    blocks = QUERY_BLOCKS if seq >= QUERY_BLOCK_MIN_T else 1  # as the model's training path
-    core = lambda *a: jnp.sum(attend_naive(*a, mask, cfg.softmax_scale, cfg.v_head_dim, query_blocks=blocks))
-    f = jax.jit(jax.grad(core, argnums=(0, 1, 2, 3, 4)))
+    name, opts = dispatch.attention(Runtime(), cfg, cached=False, q_shape=(batch, seq, h, cfg.kv_cache_dim),
+                                    kv_shape=(batch, seq, cfg.kv_cache_dim), kv_dtype=jnp.float32,
+                                    sorted_positions=True)
+    core = lambda qn, qp, kv, w: jnp.sum(ATTENTION[name](qn, qp, kv, pos, pos, KvWeights(w), opts))
+    f = jax.jit(jax.grad(core, argnums=(0, 1, 2, 3)))
     flops = f.lower(*args).compile().cost_analysis().get("flops", 0.0)
     return median_time(lambda: jax.block_until_ready(f(*args)), repeats), flops
 
@@ -208,7 +214,8 @@ def main() -> None:
     cfg = ModelConfig.from_json(a.config)
     peak = matmul_peak()
     plain = cfg.replace(mtp_depth=0)
-    out = {"config": a.config, "batch": a.batch, "seq": a.seq, "moe_impl": resolve_moe_impl(cfg),
+    experts = dispatch.experts_variant(Runtime(), cfg, a.batch * a.seq)
+    out = {"config": a.config, "batch": a.batch, "seq": a.seq, "moe_impl": experts,
            "devices": str(jax.devices()), "matmul_peak_gflops": peak}
     out["ours_tokens_per_s"] = ours(plain, a.batch, a.seq, a.repeats)
     out["ours_with_mtp_tokens_per_s"] = ours(cfg, a.batch, a.seq, a.repeats)
