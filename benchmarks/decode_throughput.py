@@ -37,6 +37,9 @@ from dsv3_jax.hf import save_hf_checkpoint
 from dsv3_jax.infer.engine import GenerateConfig, cache_bytes_per_token, generate, use_decode_xla_flags
 from dsv3_jax.infer.weights import load_checkpoint
 from dsv3_jax.model import init_variables
+from dsv3_jax.runtime import Runtime
+
+RUNTIME = Runtime()  # float32 activations and cache, as the peer runs; dispatch picks the variants
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -45,7 +48,7 @@ def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 
 def ours(cfg: ModelConfig, variables: dict, batch: int, length: int, new: int, repeats: int) -> dict:
     runs = [generate(cfg, variables, _prompts(batch, length, cfg.vocab_size), GenerateConfig(max_new_tokens=new),
-                     warm_prefill=True) for _ in range(repeats)]
+                     warm_prefill=True, runtime=RUNTIME) for _ in range(repeats)]
     return {"prefill_tokens_per_s": batch * length / statistics.median(r.prefill_s for r in runs),
             "decode_tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
             "compile_s": runs[0].compile_s, "tokens": runs[0].tokens[0]}
@@ -121,7 +124,8 @@ def mtp(path: str, prompts: int, length: int, new: int, repeats: int) -> dict:
         for _ in range(repeats):
             for mode, rs in runs.items():
                 rs.append([generate(cfg, variables, rows, GenerateConfig(
-                    max_new_tokens=new, speculative=mode, eos_id=tokenizer.eos_id)) for rows in groups])
+                    max_new_tokens=new, speculative=mode, eos_id=tokenizer.eos_id), runtime=RUNTIME)
+                    for rows in groups])
         ratios = [_decode_rate(m) / _decode_rate(p) for p, m in zip(runs["none"], runs["mtp"])]
         plain, spec = runs["none"][0], runs["mtp"][0]
         out[f"batch{batch}"] = {
@@ -153,7 +157,7 @@ def main() -> None:
     cfg = ModelConfig.from_json(a.config)
     variables = init_variables(cfg, jax.random.PRNGKey(0))
     out = {"config": a.config, "backend": jax.default_backend(), "new_tokens": a.new,
-           "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, cfg.dtype), "cases": {}}
+           "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, RUNTIME.dtype), "cases": {}}
     model = None if a.no_peer else load_peer(cfg, variables)
     for case in a.cases.split(","):
         batch, length = (int(x) for x in case.split("x"))

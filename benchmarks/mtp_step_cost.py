@@ -30,9 +30,8 @@ from dsv3_jax.infer.engine import (
     cache_length,
     pad_prompts,
     use_decode_xla_flags,
-    with_absorbed_weights,
 )
-from dsv3_jax.model import init_variables
+from dsv3_jax.model import Transformer, init_variables
 
 PROMPT_TOKENS = 64
 CALLS = 16  # timed calls per measurement: 128 steps
@@ -69,7 +68,8 @@ def new_tokens(cfg: ModelConfig) -> int:
 
 
 def measure(cfg: ModelConfig, batch: int, repeats: int) -> dict:
-    variables = with_absorbed_weights(cfg, init_variables(cfg, jax.random.PRNGKey(0)))
+    # The absorbed attention weights derived once, as generate() does before it steps.
+    variables = Transformer(cfg).prepare_decode(init_variables(cfg, jax.random.PRNGKey(0)))
     prompts = np.random.RandomState(0).randint(1, cfg.vocab_size, (batch, PROMPT_TOKENS)).tolist()
     room = new_tokens(cfg)
     gens = {"plain": Generator(cfg, GenerateConfig(max_new_tokens=room)),

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from dsv3_jax.config import ModelConfig, list_presets
+from dsv3_jax.hf_config import config_from_hf, config_to_hf
 
 PRESETS = ["deepseek_v3_671b", "deepseek_v2_236b", "deepseek_v2_lite_16b", "small", "tiny"]
 
@@ -28,7 +29,7 @@ def test_small_matches_the_benchmark_yardstick():
         bench = json.load(f)
     ours = ModelConfig.from_json("small")
     # Only the init and the balancing speed (tuned for short runs) are ours; the shape is the yardstick's.
-    assert ModelConfig.from_hf(bench).replace(name="small", init_std=0.02, bias_update_speed=0.01) == ours
+    assert config_from_hf(bench).replace(init_std=0.02, bias_update_speed=0.01) == ours
 
 
 def test_v3_derived_figures():
@@ -68,26 +69,40 @@ def test_unknown_field_and_missing_preset():
         ModelConfig.from_json("no_such_preset")
 
 
+def test_legacy_runtime_keys_load_and_say_nothing_about_the_model():
+    c = ModelConfig.from_json("tiny")
+    legacy = {"dtype": "bfloat16", "attention_impl": "absorbed", "moe_impl": "ragged", "fp8": True,
+              "ep_fp8_dispatch": True}
+    assert ModelConfig.from_dict({**c.to_dict(), **legacy}) == c
+    assert not set(legacy) & set(c.to_dict())
+
+
+def test_name_is_a_label_and_differences_name_the_fields():
+    c = ModelConfig.from_json("tiny")
+    assert c.replace(name="other") == c and c.differences(c.replace(name="other")) == []
+    assert c.differences(c.replace(hidden_size=2 * c.hidden_size, rope_theta=1.0)) == ["hidden_size", "rope_theta"]
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_hf_config_round_trip(name):
     c = ModelConfig.from_json(name)
-    assert ModelConfig.from_hf(c.to_hf()).replace(name=name) == c
+    assert config_from_hf(config_to_hf(c)) == c
 
 
 def test_from_hf_reads_old_rope_scaling_and_remote_code_keys():
-    hf = ModelConfig.from_json("deepseek_v2_236b").to_hf()
+    hf = config_to_hf(ModelConfig.from_json("deepseek_v2_236b"))
     rope = hf.pop("rope_parameters")
     hf["rope_theta"] = rope.pop("rope_theta")
     rope["type"] = rope.pop("rope_type")
     hf["rope_scaling"] = rope
-    c = ModelConfig.from_hf(hf)
+    c = config_from_hf(hf)
     assert c.rope_factor == 40 and c.mscale_all_dim == 0.707 and c.topk_group == 3
     assert c.group_score == "max" and c.routed_scaling_factor == 16.0
 
 
 def test_from_hf_rejects_what_it_cannot_represent():
-    hf = ModelConfig.from_json("tiny").to_hf()
+    hf = config_to_hf(ModelConfig.from_json("tiny"))
     with pytest.raises(ValueError, match="model_type 'llama'"):
-        ModelConfig.from_hf({**hf, "model_type": "llama"})
+        config_from_hf({**hf, "model_type": "llama"})
     with pytest.raises(ValueError, match="topk_group = 9"):
-        ModelConfig.from_hf({**hf, "topk_group": 9})
+        config_from_hf({**hf, "topk_group": 9})

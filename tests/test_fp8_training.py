@@ -1,4 +1,4 @@
-"""FP8 training (ModelConfig.fp8, --precision=fp8): which matmuls go through the E4M3 GEMMs, how close
+"""FP8 training (Runtime.fp8, --precision=fp8): which matmuls go through the E4M3 GEMMs, how close
 the numbers stay to BF16, and the training loop at fp8 (V3 report s.3.3)."""
 import collections
 import json
@@ -16,10 +16,12 @@ from dsv3_jax.layers.mla import MLA
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax.layers.moe import MoE
 from dsv3_jax.model import Transformer, init_variables, variable_shapes
-from dsv3_jax.train.loop import RUNTIME_FIELDS, TrainConfig, model_config, run
+from dsv3_jax.runtime import Runtime
+from dsv3_jax.train.loop import TrainConfig, TrainingError, model_config, run, runtime
 
 CFG = ModelConfig.from_json("tiny")
-BF16 = CFG.replace(dtype="bfloat16")
+FP32 = Runtime()
+BF16 = Runtime(dtype="bfloat16")
 FP8 = BF16.replace(fp8=True)
 DENSE, GROUPED, KGROUPED = "_fp8_gemm", "_fp8_grouped_gemm", "fp8_kgrouped_gemm_reference"
 ATTENTION = ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo")
@@ -87,21 +89,29 @@ def _linear_weights(params) -> tuple[list, list]:
     return sorted(dense), sorted(grouped)
 
 
-def test_config_field_and_precision_flag():
-    with pytest.raises(ValueError, match="ModelConfig.fp8"):
-        CFG.replace(fp8=1)
-    assert "fp8" in RUNTIME_FIELDS  # checkpoints are not tied to it
-    cfg = model_config(TrainConfig(workdir="unused", precision="fp8"))
-    assert (cfg.dtype, cfg.fp8) == ("bfloat16", True)
-    cfg = model_config(TrainConfig(workdir="unused", precision="bf16"))
-    assert (cfg.dtype, cfg.fp8) == ("bfloat16", False)
+def test_runtime_field_and_precision_flag():
+    with pytest.raises(ValueError, match="Runtime.fp8"):
+        Runtime(fp8=1)
+    with pytest.raises(ValueError, match="Runtime.experts = 'dense'"):
+        Runtime(fp8=True, experts="dense")  # FP8 runs the routed experts on the ragged path
+    # Checkpoints are not tied to the precision: it is no field of the model's identity.
+    assert "fp8" not in CFG.to_dict()
+    tc = lambda **kw: TrainConfig(workdir="unused", **kw)
+    assert model_config(tc(precision="fp8")) == model_config(tc(precision="fp32"))
+    assert runtime(tc(precision="fp8")) == FP8
+    assert runtime(tc(precision="bf16")) == BF16
+    assert runtime(tc(precision="fp32")) == FP32
+    with pytest.raises(TrainingError, match="--precision"):
+        runtime(tc(precision="fp4"))
+    with pytest.raises(TrainingError, match="ragged"):
+        runtime(tc(precision="fp8", experts="dense"))
 
 
 def test_forward_takes_fp8_gemms_for_linear_layers_only():
     """Exactly one FP8 GEMM per linear layer in the forward pass (main model and MTP block), with that
     layer's weight shape; the router, head and MTP projection have shapes of their own and are absent."""
     tokens = _tokens()
-    fwd = lambda cfg: lambda v, t: Transformer(cfg).apply(v, t, return_mtp=True)
+    fwd = lambda rt: lambda v, t: Transformer(CFG, rt).apply(v, t, return_mtp=True)
     counts, shapes = _fp8_gemms(fwd(FP8), SHAPES, tokens)
     dense, grouped = _linear_weights(SHAPES["params"])
     # tiny: 3 attentions x 5, one dense FFN x 3, two shared experts x 3; two MoE layers x 3 grouped
@@ -112,7 +122,7 @@ def test_forward_takes_fp8_gemms_for_linear_layers_only():
     counts16, _ = _fp8_gemms(fwd(BF16), SHAPES, tokens)
     assert not counts16  # no FP8 at all when the flag is off
     # The absorbed path folds wkv_b into the attention core's einsums, which stay in BF16.
-    absorbed, _ = _fp8_gemms(fwd(FP8.replace(attention_impl="absorbed")), SHAPES, tokens)
+    absorbed, _ = _fp8_gemms(fwd(FP8.replace(attention="absorbed")), SHAPES, tokens)
     assert absorbed[DENSE] == len(dense) - 3 and absorbed[GROUPED] == len(grouped)
 
 
@@ -120,7 +130,7 @@ def test_backward_runs_dgrad_and_wgrad_in_fp8():
     tokens = _tokens()
 
     def loss(params, router):
-        logits, mtp = Transformer(FP8).apply({"params": params, "router": router}, tokens, return_mtp=True)
+        logits, mtp = Transformer(CFG, FP8).apply({"params": params, "router": router}, tokens, return_mtp=True)
         return jnp.mean(logits ** 2) + jnp.mean(mtp ** 2)
 
     counts, _ = _fp8_gemms(jax.grad(loss), SHAPES["params"], SHAPES["router"])
@@ -131,8 +141,8 @@ def test_backward_runs_dgrad_and_wgrad_in_fp8():
 
 def test_logits_close_to_bf16_but_not_equal(variables):
     tokens = _tokens()
-    logits = {name: jax.jit(Transformer(cfg).apply)(variables, tokens)
-              for name, cfg in (("fp32", CFG), ("bf16", BF16), ("fp8", FP8))}
+    logits = {name: jax.jit(Transformer(CFG, rt).apply)(variables, tokens)
+              for name, rt in (("fp32", FP32), ("bf16", BF16), ("fp8", FP8))}
     err = _rel(logits["fp8"], logits["bf16"])
     assert err < 0.05  # relative Frobenius error of the logits, FP8 vs BF16 (measured 3.1%)
     # Quantisation really happened: FP8 is further from FP32 than BF16 is (measured 3.1% vs 0.4%).
@@ -157,12 +167,12 @@ def test_layer_gradients_close_to_bf16(layer):
     x = jnp.asarray(rng.randn(2, 32, CFG.hidden_size), jnp.bfloat16)
     cotangent = jnp.asarray(rng.randn(*x.shape), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (2, 32))
-    make = {"attention": lambda c: MLA(c), "moe": lambda c: MoE(c),
-            "dense_ffn": lambda c: MLP(c.hidden_size, c.intermediate_size, c.init_std, c.fp8)}[layer]
+    make = {"attention": lambda rt: MLA(CFG, rt), "moe": lambda rt: MoE(CFG, rt),
+            "dense_ffn": lambda rt: MLP(CFG.hidden_size, CFG.intermediate_size, CFG.init_std, rt)}[layer]
     if layer == "attention":
-        mods = {n: (lambda m: _Bound(m, positions))(make(c)) for n, c in (("bf16", BF16), ("fp8", FP8))}
+        mods = {n: (lambda m: _Bound(m, positions))(make(rt)) for n, rt in (("bf16", BF16), ("fp8", FP8))}
     else:
-        mods = {n: make(c) for n, c in (("bf16", BF16), ("fp8", FP8))}
+        mods = {n: make(rt) for n, rt in (("bf16", BF16), ("fp8", FP8))}
     variables = nn.unbox(jax.jit(mods["bf16"].init)(jax.random.PRNGKey(3), x))
     if layer == "moe":
         variables = {**variables, "router": {"bias": 0.05 * jax.random.normal(jax.random.PRNGKey(4), (8,))}}
@@ -203,17 +213,18 @@ def test_expert_parallel_fp8_matches_single_device():
     """Under an expert mesh the local experts run the same FP8 grouped GEMMs. Float32 activations, so
     that only FP8 rounding differs: the same loss and input gradient; weight gradients close (Wgrad's
     1x128 tiles along the tokens hold other rows per device; measured ~3%)."""
-    cfg = FP8.replace(dtype="float32", hidden_size=32, moe_intermediate_size=16, n_routed_experts=16,
+    cfg = CFG.replace(hidden_size=32, moe_intermediate_size=16, n_routed_experts=16,
                       num_experts_per_tok=4, n_group=1, topk_group=1, n_shared_experts=0)
+    fp8 = Runtime(fp8=True)  # float32 activations
     rng = np.random.RandomState(6)
     x = jnp.asarray(rng.randn(2, 16, 32), jnp.float32)
     cotangent = jnp.asarray(rng.randn(2, 16, 32), jnp.float32)
-    variables = nn.unbox(jax.jit(MoE(cfg).init)(jax.random.PRNGKey(0), x))
+    variables = nn.unbox(jax.jit(MoE(cfg, fp8).init)(jax.random.PRNGKey(0), x))
 
-    def loss(cfg):
-        return lambda p, x: jnp.sum(MoE(cfg).apply({**variables, "params": p}, x) * cotangent)
+    def loss(rt):
+        return lambda p, x: jnp.sum(MoE(cfg, rt).apply({**variables, "params": p}, x) * cotangent)
 
-    grad = jax.jit(jax.value_and_grad(loss(cfg), argnums=(0, 1)))
+    grad = jax.jit(jax.value_and_grad(loss(fp8), argnums=(0, 1)))
     want_loss, (want_g, want_dx) = grad(variables["params"], x)
     with jax.set_mesh(jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)):
         assert "all_to_all" in grad.lower(variables["params"], x).as_text()
@@ -222,7 +233,7 @@ def test_expert_parallel_fp8_matches_single_device():
     assert _rel(got_dx, want_dx) < 1e-5 and _rel(got_g["router"], want_g["router"]) < 1e-5
     for name in ("w1", "w2", "w3"):
         assert _rel(got_g[name], want_g[name]) < 0.06, name
-    f32_loss = jax.jit(loss(cfg.replace(fp8=False)))(variables["params"], x)
+    f32_loss = jax.jit(loss(fp8.replace(fp8=False)))(variables["params"], x)
     assert abs(float(f32_loss - want_loss)) > 1e-3 * abs(float(want_loss))  # the flag reaches the experts
 
 

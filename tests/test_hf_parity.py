@@ -10,6 +10,7 @@ from hf_models import YARN, build, logits, rel_err
 
 from dsv3_jax.hf import load_hf_checkpoint
 from dsv3_jax.model import Transformer
+from dsv3_jax.runtime import Runtime
 
 CASES = {
     "v3_grouped_bias": ("v3", {}),
@@ -56,5 +57,5 @@ def test_absorbed_and_ragged_paths_match_transformers(tmp_path):
     model.save_pretrained(tmp_path)
     cfg, variables = load_hf_checkpoint(str(tmp_path))
     tokens = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 24)).astype(np.int32)
-    ours = Transformer(cfg.replace(attention_impl="absorbed", moe_impl="ragged")).apply(variables, tokens)
+    ours = Transformer(cfg, Runtime(attention="absorbed", experts="ragged")).apply(variables, tokens)
     assert rel_err(ours, logits(model, tokens)) < 1e-4

@@ -26,13 +26,13 @@ from dsv3_jax.infer.engine import (
     generator,
     pad_prompts,
     use_decode_xla_flags,
-    with_absorbed_weights,
 )
 from dsv3_jax.infer.sampling import Sampling, draw, log_probs
-from dsv3_jax.infer.weights import CheckpointError, convert_weights, load_checkpoint, weight_bytes
-from dsv3_jax.layers.common import Fp8Weight
-from dsv3_jax.layers.mla import attend_cached, write_cache
+from dsv3_jax.infer.weights import CheckpointError, convert_weights, load_checkpoint, runtime_for, weight_bytes
+from dsv3_jax.layers.cache import LatentCache
 from dsv3_jax.model import Transformer, init_variables
+from dsv3_jax.ops.linear import Fp8Weight
+from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.loop import TrainConfig, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,11 @@ def variables():
     return init_variables(CFG, jax.random.PRNGKey(0))
 
 
-_apply = jax.jit(lambda cfg, v, tokens: Transformer(cfg).apply(v, tokens), static_argnums=0)
+_jit_apply = jax.jit(lambda cfg, rt, v, tokens: Transformer(cfg, rt).apply(v, tokens), static_argnums=(0, 1))
+
+
+def _apply(cfg, v, tokens, runtime=Runtime()):
+    return _jit_apply(cfg, runtime, v, tokens)
 
 
 def _greedy_full_forward(variables, prompt, n, width=96):
@@ -75,7 +79,7 @@ def test_cached_logits_match_the_full_forward(variables, absorbed):
     cache = g._empty_cache(2, 64, CFG.num_layers)
     pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
     step = jax.jit(lambda v, t, p, c: Transformer(CFG).apply(v, t, p, c, method=Transformer.step))
-    v = with_absorbed_weights(CFG, variables) if absorbed else variables
+    v = Transformer(CFG).prepare_decode(variables) if absorbed else variables
     logits, _, cache = step(v, tokens[:, :5], pos, cache)
     got = [logits]
     for i in range(5, 9):
@@ -84,19 +88,42 @@ def test_cached_logits_match_the_full_forward(variables, absorbed):
     np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, rtol=1e-4, atol=1e-5)
 
 
+def _primitives(jaxpr) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else (p,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    names |= _primitives(sub)
+    return names
+
+
 @pytest.mark.parametrize("t", [1, 2])
-def test_decode_attention_through_the_kernel_equals_the_xla_path(t):
-    """The model's cached attention through the Pallas latent-decode kernel (interpret mode, the
-    code the GPU backends share) gives the XLA path's output, rows of different lengths included."""
-    c, r, h, n, v, s = CFG.kv_lora_rank, CFG.qk_rope_head_dim, 4, 8, 8, 96
-    ks = jax.random.split(jax.random.PRNGKey(3), 4)
-    q_nope, q_pe = jax.random.normal(ks[0], (3, t, h, n)), jax.random.normal(ks[1], (3, t, h, r))
-    cache = jax.random.normal(ks[2], (3, s, c + r))
-    wkv_b = jax.random.normal(ks[3], (c, h, n + v)) * 0.3
+def test_decode_attention_through_the_kernel_equals_the_xla_path(variables, t):
+    """The model's cached decode through the Pallas latent-decode kernel (interpret mode, the code
+    the GPU backends share; dispatch picks it for decode windows) gives the XLA path's logits and
+    cache, rows of different lengths included."""
+    s = 96
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (3, s), 0, CFG.vocab_size)
+    g = Generator(CFG, GenerateConfig())
+    prefill = jax.jit(lambda v, t, p, c: Transformer(CFG).apply(v, t, p, c, method=Transformer.step))
+    cache = g._empty_cache(3, s, CFG.num_layers)
+    _, _, cache = prefill(variables, tokens, jnp.broadcast_to(jnp.arange(s), (3, s)), cache)  # every slot filled
     positions = jnp.array([0, 40, 90])[:, None] + jnp.arange(t)
-    args = (q_nope, q_pe, cache, positions, wkv_b, 0.3, v)
-    np.testing.assert_allclose(attend_cached(*args, backend="interpret"), attend_cached(*args, backend="xla"),
-                               rtol=1e-5, atol=1e-5)
+    window = tokens[:, :t]
+    out = {}
+    for name, rt in (("kernel", Runtime(kernel_backend="interpret")), ("xla", Runtime())):
+        step = lambda v, w, p, c, rt=rt: Transformer(CFG, rt).apply(v, w, p, c, method=Transformer.step)
+        prims = _primitives(jax.make_jaxpr(step)(variables, window, positions, cache).jaxpr)
+        assert ("pallas_call" in prims) == (name == "kernel"), name
+        out[name] = jax.jit(step)(variables, window, positions, cache)
+    (logits_k, h_k, cache_k), (logits_x, h_x, cache_x) = out["kernel"], out["xla"]
+    np.testing.assert_allclose(logits_k, logits_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h_k, h_x, rtol=1e-5, atol=1e-5)
+    for a, b in zip(cache_k, cache_x, strict=True):
+        np.testing.assert_allclose(a.rows, b.rows, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_steps_compile_once(variables):
@@ -111,10 +138,10 @@ def test_decode_steps_compile_once(variables):
 def test_generate_again_with_the_same_settings_compiles_nothing(variables):
     gen = GenerateConfig(max_new_tokens=6, speculative="mtp")
     first = generate(CFG, variables, PROMPTS[:2], gen)
-    g = generator(CFG, gen, None)
+    g = generator(CFG, gen, None, Runtime())
     other = generate(CFG, variables, [[3, 4], [5, 6, 7]], gen)  # other prompts, the same padded shapes
     again = generate(CFG, variables, PROMPTS[:2], gen)
-    assert generator(CFG, gen, None) is g and g.step._cache_size() == 1 and len(g._compiled) == 2
+    assert generator(CFG, gen, None, Runtime()) is g and g.step._cache_size() == 1 and len(g._compiled) == 2
     assert other.compile_s < first.compile_s and again.tokens == first.tokens
 
 
@@ -161,7 +188,9 @@ def test_cache_write_stays_inside_each_row():
     """The flat cache [B*S, C+R]: a window running past its row's S slots is cut there, never
     written into the next row's slots."""
     new = jnp.ones((2, 3, 2)) * jnp.array([1.0, 2.0])[:, None, None]
-    out = np.asarray(write_cache(jnp.zeros((2 * 4, 2)), new, jnp.array([2, 1])))[:, 0]
+    cache = LatentCache.empty(2, 4, 2, jnp.float32).write(new, jnp.array([2, 1]))
+    assert cache.rows.shape == (2 * 4, 2) and cache.slots == 4 and cache.view().shape == (2, 4, 2)
+    out = np.asarray(cache.rows)[:, 0]
     np.testing.assert_array_equal(out, [0, 0, 1, 1, 0, 2, 2, 2])
 
 
@@ -171,8 +200,9 @@ def test_cache_holds_the_latent_only_and_its_bytes_match_the_cost_model(variable
         g = Generator(CFG, GenerateConfig(), cache_dtype=dtype)
         state, _ = jax.eval_shape(functools.partial(g._prefill, cache_len=128), variables, tokens, lengths)
         # Stored flat: 128 slots for each of the 3 rows, each slot the latent and the rope key only.
-        assert [c.shape for c in state.cache] == [(3 * 128, CFG.kv_lora_rank + CFG.qk_rope_head_dim)] * 2
-        per_token = sum(c.size * c.dtype.itemsize for c in state.cache) // (3 * 128)
+        assert [c.rows.shape for c in state.cache] == [(3 * 128, CFG.kv_lora_rank + CFG.qk_rope_head_dim)] * 2
+        assert [c.slots for c in state.cache] == [128] * 2
+        per_token = sum(c.rows.size * c.rows.dtype.itemsize for c in state.cache) // (3 * 128)
         assert per_token == cache_bytes_per_token(CFG, dtype) == CFG.kv_cache_bytes_per_token(jnp.dtype(dtype).itemsize)
     v3 = ModelConfig.from_json("deepseek_v3_671b")
     assert cache_bytes_per_token(v3, jnp.bfloat16) == v3.kv_cache_bytes_per_token() == 70_272
@@ -272,8 +302,9 @@ def test_speculative_sampling_runs_to_length(trained):
 # -- FP8 and BF16 weights --------------------------------------------------------------------------
 
 def test_fp8_weights_are_8_bit_and_close(variables):
-    cfg8, v8 = convert_weights(CFG, variables, "fp8")
-    cfg16, v16 = convert_weights(CFG, variables, "bf16")
+    v8 = convert_weights(CFG, variables, "fp8")
+    v16 = convert_weights(CFG, variables, "bf16")
+    assert runtime_for("fp8") == runtime_for("bf16") == Runtime(dtype="bfloat16")  # never FP8 training GEMMs
     w1 = v8["params"]["layers_1"]["ffn"]["w1"]
     assert isinstance(w1, Fp8Weight) and w1.q.dtype == jnp.float8_e4m3fn
     assert w1.q.shape == (CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size)  # our layout
@@ -282,10 +313,11 @@ def test_fp8_weights_are_8_bit_and_close(variables):
     assert weight_bytes(v8) < weight_bytes(v16) < weight_bytes(variables)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 16), 0, CFG.vocab_size)
     ref = _apply(CFG, variables, tokens)
-    for cfg, v, bound in ((cfg16, v16, 0.03), (cfg8, v8, 0.08), (CFG, convert_weights(CFG, variables, "fp8")[1], 0.08)):
-        got = _apply(cfg, v, tokens)
+    # bf16 and fp8 weights at the runtime that serves them (bf16 compute), and fp8 weights at fp32 compute.
+    for rt, v, bound in ((runtime_for("bf16"), v16, 0.03), (runtime_for("fp8"), v8, 0.08), (Runtime(), v8, 0.08)):
+        got = _apply(CFG, v, tokens, rt)
         rel = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
-        assert rel < bound, (cfg.dtype, rel)
+        assert rel < bound, (rt.dtype, rel)
 
 
 def test_fp8_hugging_face_checkpoint_loads_without_expansion(variables, tmp_path):
@@ -305,7 +337,8 @@ def test_fp8_hugging_face_checkpoint_loads_without_expansion(variables, tmp_path
                                   raw.view(np.uint8))
     cfg_full, v_full, _ = load_checkpoint(str(hf), "bf16")  # the same file, dequantised at load
     tokens = jnp.arange(12)[None] % CFG.vocab_size
-    a, b = _apply(cfg8, v8, tokens), _apply(cfg_full, v_full, tokens)
+    assert cfg8 == cfg_full
+    a, b = _apply(cfg8, v8, tokens, runtime_for("fp8")), _apply(cfg_full, v_full, tokens, runtime_for("bf16"))
     assert float(jnp.abs(a - b).max()) < 0.05 * float(jnp.abs(b).max())
 
 
@@ -330,7 +363,7 @@ def test_every_checkpoint_layout_loads_the_same_model(trained, tmp_path):
 def _flags(**kw):
     base = dict(checkpoint=None, prompt=[], prompts_file=None, prompt_ids=[], tokenizer=None, max_new_tokens=16,
                 temperature=0.0, top_p=1.0, top_k=0, seed=0, speculative="none", compare_plain=True,
-                weights="fp32", steps_per_call=8, json=True)
+                weights="fp32", steps_per_call=8, experts="auto", attention="auto", json=True)
     return types.SimpleNamespace(**{**base, **kw})
 
 

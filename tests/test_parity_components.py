@@ -26,11 +26,14 @@ from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.hf_config import config_from_hf
 from dsv3_jax.layers import rope
 from dsv3_jax.layers.mla import MLA
 from dsv3_jax.layers.moe import MoE, route
 from dsv3_jax.layers.norm import rms_norm
 from dsv3_jax.model import Block
+from dsv3_jax.ops.experts import EXPERTS
+from dsv3_jax.runtime import Runtime
 
 SEEDS = [0, 1, 2]
 TOL = 1e-4  # max |ours - reference| <= TOL * max(1, max |reference|)
@@ -75,7 +78,7 @@ def configs(version: str = "v3", rope_kind: str = "default", **overrides):
     hf = (DeepseekV3Config if version == "v3" else DeepseekV2Config)(**values)
     hf._attn_implementation = "eager"
     hf._experts_implementation = "eager"
-    return hf, ModelConfig.from_hf(hf.to_dict())
+    return hf, config_from_hf(hf.to_dict())
 
 
 def to_np(t) -> np.ndarray:
@@ -238,7 +241,7 @@ def test_yarn_attention_factor_without_mscale(mscale_all_dim):
     params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
               "original_max_position_embeddings": ORIGINAL_MAX_POS, "mscale_all_dim": mscale_all_dim}
     hf = DeepseekV3Config(**{**SIZES, "rope_parameters": params})
-    cfg = ModelConfig.from_hf(hf.to_dict())
+    cfg = config_from_hf(hf.to_dict())
     rot = rotary(hf, "v3")
     assert cfg.softmax_scale == pytest.approx(hf_v3.DeepseekV3Attention(hf, 0).scaling, rel=1e-6)
     assert cfg.rope_attention_factor == pytest.approx(rot.attention_scaling, rel=1e-6)
@@ -273,7 +276,7 @@ def test_apply_rope(rope_kind, seed):
 
 # ---- 3. MLA --------------------------------------------------------------------------------
 
-def run_mla(hf, cfg, version: str, seed: int):
+def run_mla(hf, cfg, version: str, seed: int, runtime: Runtime = Runtime()):
     attn_cls = hf_v3.DeepseekV3Attention if version == "v3" else hf_v2.DeepseekV2Attention
     attn = randomise(attn_cls(hf, layer_idx=0), seed)
     x, positions = inputs(seed)
@@ -285,8 +288,8 @@ def run_mla(hf, cfg, version: str, seed: int):
             ref, _ = attn(x, attention_mask=causal_additive_mask(x.shape[1]), position_embeddings=emb)
     params = {"params": mla_params(attn, cfg)}
     xj, pj = jnp.asarray(to_np(x)), jnp.asarray(to_np(positions), jnp.int32)
-    check_tree(MLA(cfg), params, xj, pj)
-    return MLA(cfg).apply(params, xj, pj), ref
+    check_tree(MLA(cfg, runtime), params, xj, pj)
+    return MLA(cfg, runtime).apply(params, xj, pj), ref
 
 
 @pytest.mark.parametrize("seed", SEEDS[:2])
@@ -297,7 +300,7 @@ def run_mla(hf, cfg, version: str, seed: int):
 def test_mla(version, q_lora_rank, rope_kind, impl, seed):
     hf, cfg = configs(version, rope_kind, q_lora_rank=q_lora_rank)
     assert cfg.q_lora_rank == (q_lora_rank or 0)
-    ours, ref = run_mla(hf, cfg.replace(attention_impl=impl), version, seed)
+    ours, ref = run_mla(hf, cfg, version, seed, Runtime(attention=impl))
     assert float(torch.max(torch.abs(ref))) > 0.1  # not a trivially small output
     assert_close(ours, ref, what=f"MLA {version} {impl}")
 
@@ -381,13 +384,13 @@ V2_GROUPED = {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group":
 # ---- 5. MoE --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", SEEDS[:2])
-@pytest.mark.parametrize("moe_impl", ["dense", "ragged", "windowed"])
+@pytest.mark.parametrize("experts", EXPERTS.names)
 @pytest.mark.parametrize("version,overrides", [
     ("v3", {"n_group": 4, "topk_group": 2}),
     ("v3", {"n_group": 1, "topk_group": 1, "n_shared_experts": 2, "num_experts_per_tok": 3}),
     ("v2", {**V2_GROUPED, "routed_scaling_factor": 2.0}),
 ], ids=["v3-grouped", "v3-2shared", "v2-grouped"])
-def test_moe(version, overrides, moe_impl, seed):
+def test_moe(version, overrides, experts, seed):
     hf, cfg = configs(version, **overrides)
     moe = randomise((hf_v3.DeepseekV3MoE if version == "v3" else hf_v2.DeepseekV2Moe)(hf), seed)
     x, _ = inputs(seed, t=8)
@@ -395,11 +398,11 @@ def test_moe(version, overrides, moe_impl, seed):
         ref = moe(x)
     params, router = moe_variables(moe, cfg)
     variables = {"params": params, **({"router": router} if router else {})}
-    cfg = cfg.replace(moe_impl=moe_impl)
+    runtime = Runtime(experts=experts)
     xj = jnp.asarray(to_np(x))
-    check_tree(MoE(cfg), variables, xj)
-    ours = MoE(cfg).apply(variables, xj)
-    assert_close(ours, ref, what=f"MoE {version} {moe_impl}")
+    check_tree(MoE(cfg, runtime), variables, xj)
+    ours = MoE(cfg, runtime).apply(variables, xj)
+    assert_close(ours, ref, what=f"MoE {version} {experts}")
 
 
 # ---- 6. Decoder block ----------------------------------------------------------------------
