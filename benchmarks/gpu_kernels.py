@@ -22,9 +22,10 @@ divided by R. Every kernel output is checked against a float32 reference with De
 measure, diff = 1 - 2 sum(xy) / sum(x^2 + y^2) (limits 1e-3 / 1e-5). Each case runs under a try and a
 timeout (`--case_timeout_s`; it can only interrupt Python, so a case still blocked 60 s later, e.g. on a hung
 kernel, makes a watchdog print the report so far and exit with status 3), so one failing kernel is reported with
-its error and the rest still run. Kernels run first, then the baselines; `--budget_s` (default 450 s) bounds the
-whole run, later cases being reported as skipped. Sizing: estimated (not yet measured) at 3-5 minutes on an
-H200, most of it compiling.
+its error and the rest still run. A case its backend does not take (the op's `supports(...)`, asked up front) is
+reported as not supported, with the reason, and not run. Kernels run first, then the baselines; `--budget_s`
+(default 450 s) bounds the whole run, later cases being reported as skipped. Sizing: estimated (not yet
+measured) at 3-5 minutes on an H200, most of it compiling.
 
 Usage:
   python benchmarks/gpu_kernels.py [--only gemm|mla] [--backend mosaic_gpu[,triton,...]] [--triton] [--json]
@@ -62,7 +63,9 @@ from jax import lax
 
 from pallas_kernels.backends import BACKENDS
 from pallas_kernels.fp8_gemm import fp8_gemm
+from pallas_kernels.fp8_gemm import supports as gemm_supports
 from pallas_kernels.mla_decode import mla_decode
+from pallas_kernels.mla_decode import supports as mla_supports
 from pallas_kernels.quant import BLOCK, E4M3, dequantize_act, dequantize_weight, quantize_act, quantize_weight
 
 S = jax.ShapeDtypeStruct
@@ -166,6 +169,7 @@ class Case:
     diff_max: float | None = None
     published: dict = dataclasses.field(default_factory=dict)
     baseline: bool = False
+    refusal: str | None = None  # why the backend does not take this case (its op's `supports`); not run then
 
     @property
     def in_bytes(self) -> int:
@@ -233,7 +237,7 @@ def gemm_case(m: int, n: int, k: int, backend: str, layer: str = "", published: 
     specs = (S((m, k), E4M3), S((m, kb), F32), S((n, k), E4M3), S((nb, kb), F32))
     return Case("gemm", backend, shape, gemm_flops(m, n, k), gemm_bytes(m, n, k), specs, S((m, n), BF16),
                 functools.partial(fp8_gemm, backend=backend), _gemm_make(m, n, k), _gemm_reference,
-                GEMM_DIFF_MAX, pub)
+                GEMM_DIFF_MAX, pub, refusal=gemm_supports((m, k), (n, k), backend=backend))
 
 
 def _mla_make(batch: int, cache: int, heads: int, sq: int, c: int, r: int):
@@ -258,7 +262,8 @@ def mla_case(batch: int, cache: int, heads: int, sq: int, backend: str, c: int =
     flops, nbytes = mla_flops(batch, cache, heads, sq, c, r), mla_bytes(batch, cache, heads, sq, c, r)
     return Case("mla", backend, shape, flops, nbytes, specs, S((batch, sq, heads, c), BF16), fn,
                 _mla_make(batch, cache, heads, sq, c, r), check, None if baseline else MLA_DIFF_MAX, pub,
-                baseline=baseline)
+                baseline=baseline,
+                refusal=mla_supports(specs[0].shape, specs[1].shape, BF16, v_dim=c, backend=backend))
 
 
 def gemm_cases(backends, xla: bool = True) -> list[Case]:
@@ -478,6 +483,10 @@ def run_cases(cases: list[Case], opts: Opts, peaks: dict, deadline: float, dry: 
     for case in cases:
         rec = base_record(case)
         records.append(rec)
+        if case.refusal:
+            rec.update(status="unsupported", error=case.refusal)
+            _log(f"  {case.label()}: not supported: {case.refusal}")
+            continue
         left = deadline - time.perf_counter()
         if left < 5:
             rec.update(status="skipped", error=f"the run's budget of {opts.budget_s:.0f} s was spent")
@@ -524,7 +533,7 @@ def _fmt(v, spec: str = "n") -> str:
 
 FAILED = ("error", "timeout", "skipped", "hung")
 _MARK = {"error": "ERR", "timeout": "TIMEOUT", "skipped": "SKIP", "hung": "HUNG", "pending": "?", "shape_ok": "-",
-         "lowered_ok": "-"}
+         "lowered_ok": "-", "unsupported": "N/A"}
 
 
 def _cell(rec: dict | None, key: str, spec: str = "n") -> str:
@@ -626,6 +635,10 @@ def mla_table(records: list[dict], backends: list[str]) -> str:
     return _table(headers, rows)
 
 
+def _shape_text(r: dict) -> str:
+    return f"{r['kind']} {' '.join(str(r[k]) for k in ('m', 'n', 'k', 'batch', 'cache', 'heads', 'sq') if k in r)}"
+
+
 def format_report(rep: dict) -> str:
     p = rep["peaks"]
     dry = f" (DRY RUN: real shapes checked, not timed; stand-ins timed on {rep['platform']})" if rep["dry_run"] else ""
@@ -656,11 +669,14 @@ def format_report(rep: dict) -> str:
         out += [mla_table(mla, ["interpret"])] if mla else []
     failures = [r for r in rep["gemm"] + rep["mla"] + rep["standin"] if r["status"] in FAILED]
     if failures:
-        out += ["", "Failures:"] + [
-            f"  {r['kind']} {' '.join(str(r[k]) for k in ('m', 'n', 'k', 'batch', 'cache', 'heads', 'sq') if k in r)}"
-            f" [{r['backend']}]: {r['status']}: {r['error']}" for r in failures]
+        out += ["", "Failures:"] + [f"  {_shape_text(r)} [{r['backend']}]: {r['status']}: {r['error']}"
+                                    for r in failures]
+    refused = [r for r in rep["gemm"] + rep["mla"] if r["status"] == "unsupported"]
+    if refused:
+        out += ["", "Not supported (not run):"] + [f"  {_shape_text(r)} [{r['backend']}]: {r['error']}"
+                                                  for r in refused]
     out += ["", "* = host overhead over 20% of the timed call; WRONG = diff over the reference's limit; "
-            "ERR/TIMEOUT/SKIP: see Failures", f"total wall time: {rep['wall_s']:.1f} s"]
+            "ERR/TIMEOUT/SKIP: see Failures; N/A: see Not supported", f"total wall time: {rep['wall_s']:.1f} s"]
     return "\n".join(out)
 
 

@@ -4,9 +4,14 @@
 - `fp8_gemm`: dequant(a) @ dequant(b).T with FP32 promotion every 128 of K (DeepGEMM's recipe),
   a grouped variant for MoE experts, and `fp8_linear` / `fp8_grouped_linear` (custom_vjp: Fprop,
   Dgrad and Wgrad in FP8) for training.
-- `mla_decode`: absorbed-MLA decode over the latent cache (FlashMLA's design), dense and paged.
+- `mla_decode`: absorbed-MLA decode over a dense latent cache (FlashMLA's design: the kernels read the
+  cache through a block table of pages).
 
-Each kernel takes `backend=`: "interpret" (the Pallas interpreter, CPU), "mosaic_gpu" (Hopper),
-"triton" (other GPUs), "xla" (the plain-jnp reference beside each kernel), "auto" (the fastest for
-the platform; `backends.resolve_backend`). This package never imports `dsv3_jax`.
+Each op is a package: `__init__` holds the public wrappers, their validation and `supports(...)` (why a call
+cannot run on a backend, asked up front; the wrappers raise exactly those reasons), and one module per
+backend: "interpret" (the Pallas interpreter, CPU), "mosaic_gpu" (Hopper), "triton" (other GPUs), "xla"
+(`reference`, plain jnp). `backends` holds the table of which module implements each op on each backend,
+`resolve_backend` ("auto": the fastest for a platform), the device facts grids are sized by, and the settings
+of JAX's GPU interpreter; `interpreter_shims` what the Mosaic GPU kernels trace differently under that
+interpreter. This package never imports `dsv3_jax`.
 """

@@ -1,17 +1,59 @@
-"""Backend names shared by the kernels, and how "auto" picks one.
+"""Kernel backends: their names, which module implements each op on each, how "auto" picks one, the device
+facts the kernels size their grids by, and the settings of JAX's GPU interpreter.
 
 - "interpret": `pl.pallas_call(..., interpret=True)`; the kernel body run by XLA on any platform (CPU tests).
 - "mosaic_gpu": Pallas' Mosaic GPU lowering (Hopper and later: TMA copies, wgmma).
 - "triton": Pallas' Triton lowering (any CUDA GPU).
-- "xla": the plain-jnp `*_reference` of each kernel file.
+- "xla": the plain-jnp `*_reference` of each op.
 - "auto": "mosaic_gpu" on a GPU of compute capability >= 9.0, "triton" on other GPUs, "xla" elsewhere.
+
+This module imports no op: the table names modules, and each op's package imports the ones it lists.
 """
 from __future__ import annotations
 
 import jax
 
+try:  # private in jax 0.10; without it only the configs that ask for the GPU interpreter fail
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+except ImportError:  # pragma: no cover - depends on the installed jax
+    InterpretGPUParams = None
+
 BACKENDS = ("interpret", "mosaic_gpu", "triton", "xla", "auto")
-_HOPPER = 9.0
+HOPPER = 9.0  # compute capability from which "auto" picks Mosaic GPU (TMA, wgmma)
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+# (op, backend) -> the module that implements the op there. The functions each module provides are listed in
+# its op's package docstring (the same names in every backend). A backend is a module plus one line per op.
+KERNELS = {
+    ("fp8_gemm", "interpret"): "pallas_kernels.fp8_gemm.interpret",
+    ("fp8_gemm", "mosaic_gpu"): "pallas_kernels.fp8_gemm.mosaic_gpu",
+    ("fp8_gemm", "triton"): "pallas_kernels.fp8_gemm.triton",
+    ("fp8_gemm", "xla"): "pallas_kernels.fp8_gemm.reference",
+    ("mla_decode", "interpret"): "pallas_kernels.mla_decode.interpret",
+    ("mla_decode", "mosaic_gpu"): "pallas_kernels.mla_decode.mosaic_gpu",
+    ("mla_decode", "triton"): "pallas_kernels.mla_decode.triton",
+    ("mla_decode", "xla"): "pallas_kernels.mla_decode.reference",
+}
+
+# Backends whose kernels JAX's GPU interpreter can run on the CPU (the configs' `interpret=` switch).
+GPU_INTERPRETED = ("mosaic_gpu",)
+
+# SMs per device kind, for sizing persistent grids and decode splits where the device does not report
+# `core_count` (a host lowering for a GPU it does not have). The longest key found in `device_kind` wins.
+SMS_BY_DEVICE_KIND = {"H100": 132, "H100 PCIe": 114, "H200": 132, "H800": 132, "H800 PCIe": 114, "A100": 108}
+FALLBACK_SMS = 132  # H100/H200 SXM, the GPU the Mosaic kernels are written for
+
+
+def kernels(op: str) -> dict[str, str]:
+    """backend -> module implementing `op` there."""
+    return {backend: module for (name, backend), module in KERNELS.items() if name == op}
+
+
+def backend_refusal(backend) -> str | None:
+    """Why `backend` is not a backend name (None: it is)."""
+    if backend in BACKENDS:
+        return None
+    return f"unknown backend {backend!r}; valid backends are {', '.join(map(repr, BACKENDS))}"
 
 
 def _compute_capability(device) -> float:
@@ -21,13 +63,54 @@ def _compute_capability(device) -> float:
         return 0.0
 
 
-def resolve_backend(backend: str) -> str:
-    """Validate `backend` and turn "auto" into a concrete name for the default device."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends are {', '.join(map(repr, BACKENDS))}")
+def resolve_backend(backend: str, platform: str | None = None, compute_capability: float | None = None) -> str:
+    """Validate `backend` and turn "auto" into a concrete backend for `platform`.
+
+    platform None: the default device's platform and compute capability (direct library use). A GPU platform
+    without `compute_capability`: the default device's when that is a GPU, else unknown, which picks "triton"
+    (it lowers for any CUDA GPU).
+    """
+    reason = backend_refusal(backend)
+    if reason:
+        raise ValueError(reason)
     if backend != "auto":
         return backend
-    device = jax.devices()[0]
-    if device.platform != "gpu":
+    if platform is None:
+        platform = jax.devices()[0].platform
+    if platform not in _GPU_PLATFORMS:
         return "xla"
-    return "mosaic_gpu" if _compute_capability(device) >= _HOPPER else "triton"
+    if compute_capability is None:
+        device = jax.devices()[0]
+        compute_capability = _compute_capability(device) if device.platform in _GPU_PLATFORMS else 0.0
+    return "mosaic_gpu" if float(compute_capability) >= HOPPER else "triton"
+
+
+def num_sms(device=None) -> int:
+    """SMs of `device` (default: the default device): as it reports them, else by its kind, else FALLBACK_SMS."""
+    device = jax.devices()[0] if device is None else device
+    reported = getattr(device, "core_count", None)
+    if reported:
+        return reported
+    kinds = [kind for kind in SMS_BY_DEVICE_KIND if kind in getattr(device, "device_kind", "")]
+    return SMS_BY_DEVICE_KIND[max(kinds, key=len)] if kinds else FALLBACK_SMS
+
+
+def is_interpret_params(value) -> bool:
+    return InterpretGPUParams is not None and isinstance(value, InterpretGPUParams)
+
+
+def gpu_interpret_params(setting, *, detect_races: bool):
+    """A config's `interpret` -> `plgpu.kernel(interpret=...)`: None compiles for the GPU.
+
+    True runs JAX's GPU interpreter with uninitialised shared memory read as NaN, so a read before a write
+    shows in the output, and with `detect_races` recording unsynchronised accesses between warpgroups and TMA
+    copies (`jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks.get_races()`); InterpretGPUParams are used as given.
+    """
+    if setting is False or setting is None:
+        return None
+    if InterpretGPUParams is None:  # pragma: no cover - depends on the installed jax
+        raise NotImplementedError("interpret=True needs JAX's Mosaic GPU interpreter "
+                                  "(jax._src.pallas.mosaic_gpu.interpret), which this jax lacks")
+    if is_interpret_params(setting):
+        return setting
+    return InterpretGPUParams(detect_races=detect_races, uninitialized_memory="nan")

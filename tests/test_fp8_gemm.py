@@ -12,6 +12,7 @@ bits (the very reason for promotion every 128 of K), so they get 2^-10 instead o
 The Mosaic GPU kernel run on CPU by JAX's GPU interpreter multiplies in f32: it keeps the 2^-24 bound.
 """
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import pytest
 
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels.backends import BACKENDS, resolve_backend
+from pallas_kernels.fp8_gemm.tiles import aligned_layout
 from pallas_kernels.quant import E4M3_MAX, dequantize_act, dequantize_weight, quantize_act, quantize_weight
 
 
@@ -175,7 +177,7 @@ def test_grouped_gemm(sizes, m):
 # `Fp8GemmConfig(interpret=True)` runs the Hopper kernel of backend "mosaic_gpu" on CPU: TMA copies, the
 # warp-specialised pipeline's barriers, three warpgroups as threads, E4M3 wgmma (the interpreter multiplies
 # in numpy with an f32 result: exact products, f32 sums, so the 2^-24 bound holds), the promotion and the
-# persistent tile loop (`_mosaic_gemm` lists the three spots traced differently for the interpreter).
+# persistent tile loop (`interpreter_shims` lists the spots traced differently for the interpreter).
 # Each case compiles and runs its own simulation (3-4 s on 2 idle cores): the smallest shapes that turn every loop.
 
 
@@ -246,7 +248,7 @@ def test_mosaic_gpu_interpreted_grouped(gpu_interpreter):
 
 
 def test_aligned_layout():
-    layout = jax.jit(fg._aligned_layout, static_argnums=(1, 2, 3))
+    layout = jax.jit(aligned_layout, static_argnums=(1, 2, 3))
     dest, tile_group, num_tiles, t = layout(jnp.asarray([3, 0, 5, 1], jnp.int32), 12, 4, 4)
     # groups start on 4-row tiles: rows 0-2 -> 0-2, rows 3-7 -> 4-8, row 8 -> 12, rows 9-11 past the groups
     np.testing.assert_array_equal(dest, [0, 1, 2, 4, 5, 6, 7, 8, 12, t * 4, t * 4, t * 4])
@@ -282,6 +284,44 @@ def test_bad_backend_and_shapes_are_refused():
         fg.Fp8GemmConfig(block_n=0)
     with pytest.raises(ValueError, match=r"x must be \[M, K\] and w \[K, N\], got x \(8, 200\) and w \(130, 200\)"):
         fg.fp8_linear(a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+# supports(...) asked up front agrees with the wrappers both ways: what it refuses raises that reason, what it
+# takes runs (b [N, K]: fp8_gemm; b [G, N, K]: fp8_grouped_gemm). (b shape, backend, config, part of the reason
+# or None.) The GPU backends' accepted configs are lowered for CUDA in test_kernel_lowering.
+SUPPORT_CASES = {
+    "interpret_ragged": ((130, 200), "interpret", fg.Fp8GemmConfig(block_m=48, block_n=80), None),
+    "xla_grouped": ((2, 130, 200), "xla", None, None),
+    "interpret_grouped": ((2, 130, 200), "interpret", fg.Fp8GemmConfig(block_m=16, block_n=256), None),
+    "k_mismatch": ((130, 100), "interpret", None, "K of a (64, 200) and b (130, 100) differ (200 vs 100)"),
+    "unknown_backend": ((130, 200), "tpu", None, "unknown backend 'tpu'"),
+    "interpret_config": ((130, 200), "interpret", fg.Fp8GemmConfig(interpret=True), "needs backend='mosaic_gpu'"),
+    "triton_tile": ((2, 130, 200), "triton", fg.Fp8GemmConfig(block_m=48), "triton: block_m must be a power of two"),
+    "mosaic_block_m": ((130, 200), "mosaic_gpu", fg.Fp8GemmConfig(block_m=64), "mosaic_gpu: block_m must be 128"),
+    "mosaic_block_n": ((2, 130, 200), "mosaic_gpu", fg.Fp8GemmConfig(block_n=96), "mosaic_gpu: block_n must be"),
+}
+
+
+@pytest.mark.parametrize("case", SUPPORT_CASES)
+def test_supports_agrees_with_the_gemms(case):
+    b_shape, backend, config, want = SUPPORT_CASES[case]
+    reason = fg.supports((64, 200), b_shape, backend=backend, config=config)
+    a, sa = quantize_act(jnp.asarray(_rand((64, 200), 51)))
+    g, n, k = (1, *b_shape) if len(b_shape) == 2 else b_shape
+    b, sb = jax.vmap(quantize_weight)(jnp.asarray(_rand((g * n, k), 52)).reshape(g, n, k))
+    sizes = jnp.asarray([30, 20], jnp.int32)
+    run = lambda be, cfg: (fg.fp8_gemm(a, sa, b[0], sb[0], out_dtype=jnp.float32, backend=be, config=cfg)
+                           if len(b_shape) == 2 else
+                           fg.fp8_grouped_gemm(a, sa, b, sb, sizes, out_dtype=jnp.float32, backend=be, config=cfg))
+    if want is None:
+        assert reason is None
+        out, ref = np.asarray(run(backend, config)), np.asarray(run("xla", None))
+        assert out.shape == (64, b_shape[-2])
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    else:
+        assert reason is not None and want in reason and "\n" not in reason
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            run(backend, config)
 
 
 # ------------------------------------------------------------------------------------------- gradients

@@ -132,6 +132,23 @@ def test_one_failing_case_is_reported_and_the_rest_still_run():
         args=dict(backends=["interpret"]), wall_s=1.0))
 
 
+def test_a_case_its_backend_refuses_is_reported_and_not_run():
+    case = gk.mla_case(2, 128, 4, 2, "mosaic_gpu", c=64, r=32)  # Mosaic GPU needs v_dim a multiple of 128
+    assert case.refusal and "v_dim a multiple of 128" in case.refusal
+    case.make = lambda key: (_ for _ in ()).throw(AssertionError("a refused case must not run"))
+    opts = gk.Opts(iters=1, warmup=0, rotate_bytes=1, min_call_s=0.0, max_copies=2, case_timeout_s=30.0)
+    recs = gk.run_cases([case], opts, {}, time.perf_counter() + 60, False, [])
+    assert recs[0]["status"] == "unsupported" and recs[0]["error"] == case.refusal
+    gk.annotate(recs, {})
+    text = gk.format_report(dict(
+        peaks=dict(bw_bytes_per_s=None, bf16_flops_per_s=None, roundtrip_s=None, errors=[]), dry_run=False,
+        card="x", platform="gpu", date="d", jax_version="v", jaxlib_version="v", gemm=[], mla=recs, standin=[],
+        args=dict(backends=["mosaic_gpu"]), wall_s=1.0))
+    assert "Not supported (not run):" in text and case.refusal in text and "Failures:" not in text
+    assert "N/A" in next(line for line in text.splitlines() if line.startswith("| 2 | 128 |"))
+    assert gk.mla_case(2, 128, 4, 2, "interpret", c=64, r=32).refusal is None
+
+
 def test_watchdog_reports_a_hung_case_then_exits():
     fired, codes = [], []
     dog = gk.Watchdog(0.0, fired.append, exit_fn=codes.append)

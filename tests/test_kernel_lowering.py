@@ -8,6 +8,7 @@ Call targets (found by experiment on jax 0.10.2): Mosaic GPU kernels become `sta
 @mosaic_gpu_v2`; Pallas Triton kernels `@__gpu$xla.gpu.triton` (jaxlib <= 0.10.2; later jaxlib compiles
 Triton itself and emits `triton_kernel_call_ffi`).
 """
+import functools
 import re
 
 import jax
@@ -77,6 +78,9 @@ def test_fp8_linear_grad_lowers(backend):
 # -------------------------------------------------------------------------------------------- mla_decode
 
 from pallas_kernels import mla_decode as md  # noqa: E402
+from pallas_kernels.mla_decode import mosaic_gpu as md_mosaic  # noqa: E402
+from pallas_kernels.mla_decode import plan as md_plan  # noqa: E402
+from pallas_kernels.mla_decode import triton as md_triton  # noqa: E402
 
 # FlashMLA's benchmark shapes: batch 128, cache 4096, C = 512, R = 64, bfloat16.
 _MLA_KW = dict(v_dim=512, softmax_scale=576**-0.5)
@@ -105,24 +109,80 @@ def test_mla_decode_lowers(backend, heads, sq, splits):
 
 
 @pytest.mark.parametrize("backend", ["mosaic_gpu", "triton"])
-def test_mla_decode_paged_lowers(backend):
-    args = (S((128, 2, 128, 576), jnp.bfloat16), S((8192, md.PAGE_SIZE, 576), jnp.bfloat16),
+def test_mla_decode_block_table_lowers(backend):
+    """The kernels' own block-table path (pages shared by all sequences; the public entry's table is the identity)."""
+    module = {"mosaic_gpu": md_mosaic, "triton": md_triton}[backend]
+    config = md.MlaDecodeConfig()
+    args = (S((128, 2, 128, 576), jnp.bfloat16), S((8192, config.block_s, 576), jnp.bfloat16),
             S((128, 64), jnp.int32), S((128,), jnp.int32))
-    fn = lambda *a: md.mla_decode_paged(*a, backend=backend, **_MLA_KW)
+    layout = module.make_plan(args[0].shape, (128, 64 * config.block_s, 576), 512, config)
+    fn = lambda *a: md_plan.decode_pages(*a, softmax_scale=_MLA_KW["softmax_scale"], plan=layout,
+                                         run=functools.partial(module.run, config=config))
     _check_mla_kernel(_export_for_cuda(fn, args, backend), backend)
 
 
 def test_mla_decode_mosaic_smem_estimate_is_exact():
-    """`_check_backend_limits` rejects configs by `_mosaic_smem_bytes`: the kernel must use exactly that much."""
+    """`mosaic_gpu.refusal` rejects configs by `smem_bytes`: the kernel must use exactly that much."""
     from jax.experimental.mosaic.gpu import core as mgpu_core
 
     args = (S((2, 1, 64, 576), jnp.bfloat16), S((2, 256, 576), jnp.bfloat16), S((2,), jnp.int32))
     config = md.MlaDecodeConfig(num_splits=1)
-    plan = md._make_plan(args[0].shape, 576, 512, config.block_s, 256 // config.block_s, "mosaic_gpu", config)
-    need = md._mosaic_smem_bytes(plan, 2, min(config.num_stages, plan.steps))
+    plan = md_mosaic.make_plan(args[0].shape, args[1].shape, 512, config)
+    need = md_mosaic.smem_bytes(plan, 2, md_mosaic.stages(plan, config))
     assert need <= md.SMEM_BYTES
     fn = lambda *a: md.mla_decode(*a, backend="mosaic_gpu", config=config, **_MLA_KW)
     with mgpu_core.artificial_shared_memory_limit(need - 1), pytest.raises(ValueError, match="shared memory"):
         _export_for_cuda(fn, args, "mosaic_gpu")
     with mgpu_core.artificial_shared_memory_limit(need):
         _check_mla_kernel(_export_for_cuda(fn, args, "mosaic_gpu"), "mosaic_gpu")
+
+
+# ----------------------------------------------------------------------- supports() agrees with the lowering
+
+# What `supports` takes on a GPU backend lowers for CUDA; what it refuses raises its reason before lowering.
+
+
+def _lowers_unless_refused(fn, args, backend: str, reason: str | None, want: str | None) -> None:
+    """`reason` (from supports) is None when `want` is, else contains it; `fn` lowers, or raises `reason`."""
+    if want is None:
+        assert reason is None
+        _export_for_cuda(fn, args, backend)
+    else:
+        assert reason is not None and want in reason
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            _export_for_cuda(fn, args, backend)
+
+
+_GEMM_SUPPORT = [
+    ("mosaic_gpu", fg.Fp8GemmConfig(block_n=192, num_stages=2), None),
+    ("mosaic_gpu", fg.Fp8GemmConfig(block_n=320), "mosaic_gpu: block_n must be a multiple of 64 and <= 256"),
+    ("triton", fg.Fp8GemmConfig(block_m=32, block_n=64), None),
+    ("triton", fg.Fp8GemmConfig(block_n=8), "triton: block_n must be a power of two >= 16, got 8"),
+]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["dense", "grouped"])
+@pytest.mark.parametrize("backend,config,want", _GEMM_SUPPORT)
+def test_fp8_gemm_supports_agrees_with_lowering(backend, config, want, grouped):
+    args = _GROUPED_ARGS if grouped else _GEMM_ARGS
+    reason = fg.supports(args[0].shape, args[2].shape, backend=backend, config=config)
+    gemm = fg.fp8_grouped_gemm if grouped else fg.fp8_gemm
+    _lowers_unless_refused(lambda *a: gemm(*a, backend=backend, config=config), args, backend, reason, want)
+
+
+_MLA_SUPPORT = [  # q [B, Sq, H, C+R], cache [B, S, C+R], v_dim, backend, config, part of the reason or None
+    ((4, 1, 16, 320), (4, 512, 320), 256, "mosaic_gpu", md.MlaDecodeConfig(block_s=128, num_stages=3), None),
+    ((4, 2, 16, 576), (4, 512, 576), 512, "mosaic_gpu", md.MlaDecodeConfig(block_h=64), "query rows exceed"),
+    ((4, 1, 16, 576), (4, 512, 576), 512, "mosaic_gpu", md.MlaDecodeConfig(block_s=256, num_splits=1),
+     "bytes of shared memory needed"),
+    ((4, 1, 16, 576), (4, 500, 576), 512, "triton", md.MlaDecodeConfig(block_s=128, num_splits=2), None),
+    ((4, 1, 16, 576), (4, 512, 576), 512, "triton", md.MlaDecodeConfig(block_s=96), "triton: block_s must be"),
+]
+
+
+@pytest.mark.parametrize("q_shape,cache_shape,v_dim,backend,config,want", _MLA_SUPPORT)
+def test_mla_decode_supports_agrees_with_lowering(q_shape, cache_shape, v_dim, backend, config, want):
+    reason = md.supports(q_shape, cache_shape, jnp.bfloat16, v_dim=v_dim, backend=backend, config=config)
+    args = (S(q_shape, jnp.bfloat16), S(cache_shape, jnp.bfloat16), S((q_shape[0],), jnp.int32))
+    fn = lambda *a: md.mla_decode(*a, v_dim=v_dim, softmax_scale=0.1, backend=backend, config=config)
+    _lowers_unless_refused(fn, args, backend, reason, want)

@@ -1,19 +1,22 @@
 """MLA latent-attention decode: Pallas kernel (interpret mode on CPU) and the Mosaic GPU kernel (jax's GPU
 interpreter on CPU) against the plain-jnp reference, and the reference against an independent float64
-computation of un-absorbed MLA."""
+computation of un-absorbed MLA. The kernels read the cache through a block table (FlashMLA's pages); the
+public entry has a dense cache, so the shuffled-table tests drive the internal paged path (`plan.decode_pages`).
+"""
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.mla_decode import (
-    PAGE_SIZE,
-    MlaDecodeConfig,
-    mla_decode,
-    mla_decode_paged,
-    mla_decode_paged_reference,
-    mla_decode_reference,
-)
+from pallas_kernels.mla_decode import MlaDecodeConfig, mla_decode, mla_decode_reference, supports
+from pallas_kernels.mla_decode import interpret as interpret_backend
+from pallas_kernels.mla_decode import mosaic_gpu as mosaic_backend
+from pallas_kernels.mla_decode import plan as decode_plan
+
+PAGE_SIZE = 64  # FlashMLA's block size, MlaDecodeConfig's default block_s
 
 LENGTHS = (1, 63, 64, 65, 130)  # one row, around a 64-block edge (64: query 0 of 2 stops one short), two blocks
 SCALE = 0.125
@@ -124,22 +127,42 @@ def test_empty_rows_give_zeros_and_garbage_past_length_never_leaks():
         assert np.abs(np.asarray(clean[1, 1])).max() > 0
 
 
+def _decode_paged(backend_module, q, pages, table, lengths, *, v_dim, config):
+    """The kernels' block-table path: sequence b's block j is page table[b, j]."""
+    layout = backend_module.make_plan(q.shape, (q.shape[0], table.shape[1] * PAGE_SIZE, q.shape[-1]), v_dim, config)
+    run = functools.partial(backend_module.run, config=config)
+    return jax.jit(lambda *a: decode_plan.decode_pages(*a, softmax_scale=SCALE, plan=layout, run=run))(
+        q, pages, table, lengths)
+
+
+def _paged_reference(q, pages, table, lengths, *, v_dim):
+    """Gather each sequence's pages into a dense cache, then `mla_decode_reference`."""
+    table = jnp.clip(table, 0, pages.shape[0] - 1)
+    cache = pages[table].reshape(table.shape[0], table.shape[1] * PAGE_SIZE, pages.shape[-1])
+    return mla_decode_reference(q, cache, lengths, v_dim=v_dim, softmax_scale=SCALE)
+
+
+def _shuffled_pages(cache, lengths, blocks, spare, seed):
+    """The dense cache scattered to random physical pages among `spare` extra ones; the table entries past
+    a sequence's end point nowhere (-7): they must never be read."""
+    batch = cache.shape[0]
+    perm = np.random.default_rng(seed).permutation(batch * blocks + spare)
+    table = perm[: batch * blocks].reshape(batch, blocks)
+    pages = jnp.zeros((len(perm), PAGE_SIZE, cache.shape[-1]), cache.dtype)
+    pages = pages.at[table.reshape(-1)].set(cache.reshape(batch * blocks, PAGE_SIZE, -1))
+    table = np.where(np.arange(blocks)[None, :] * PAGE_SIZE < np.asarray(lengths)[:, None], table, -7)
+    return pages, jnp.asarray(table, jnp.int32)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_paged_matches_dense_with_shuffled_block_table(dtype):
     batch, sq, heads, c, r, blocks = len(LENGTHS), 2, 4, 64, 16, 3
     q, cache = _inputs(6, batch, sq, heads, c, r, blocks * PAGE_SIZE, dtype)
     lengths = jnp.array(LENGTHS, jnp.int32)
-    # Scatter every (sequence, block) to a random physical page among spares.
-    perm = np.random.default_rng(1).permutation(batch * blocks + 5)
-    table = perm[: batch * blocks].reshape(batch, blocks)
-    pages = jnp.zeros((len(perm), PAGE_SIZE, c + r), dtype)
-    pages = pages.at[table.reshape(-1)].set(cache.reshape(batch * blocks, PAGE_SIZE, c + r))
-    table = np.where(np.arange(blocks)[None, :] * PAGE_SIZE < np.asarray(LENGTHS)[:, None], table, -7)  # unused
-    table = jnp.asarray(table, jnp.int32)
+    pages, table = _shuffled_pages(cache, LENGTHS, blocks, 5, seed=1)
     dense = mla_decode(q, cache, lengths, v_dim=c, softmax_scale=SCALE, backend="interpret")
-    paged = mla_decode_paged(q, pages, table, lengths, v_dim=c, softmax_scale=SCALE, backend="interpret",
-                             config=MlaDecodeConfig(num_splits=2))
-    paged_ref = mla_decode_paged_reference(q, pages, table, lengths, v_dim=c, softmax_scale=SCALE)
+    paged = _decode_paged(interpret_backend, q, pages, table, lengths, v_dim=c, config=MlaDecodeConfig(num_splits=2))
+    paged_ref = _paged_reference(q, pages, table, lengths, v_dim=c)
     _close(paged, dense, dtype)
     _close(paged, paged_ref, dtype)
     _close(paged_ref, mla_decode_reference(q, cache, lengths, v_dim=c, softmax_scale=SCALE), dtype)
@@ -191,13 +214,9 @@ def test_mosaic_gpu_interpreted_paged_with_shuffled_block_table(gpu_interpreter)
     batch, sq, heads, blocks = 2, 2, 16, 3
     lengths = jnp.array((0, 150), jnp.int32)  # nothing to read; 3 blocks (a refill), the last partial
     q, cache = _inputs(10, batch, sq, heads, MOSAIC_C, MOSAIC_R, blocks * PAGE_SIZE, jnp.bfloat16)
-    table = np.random.default_rng(2).permutation(batch * blocks + 2)[: batch * blocks].reshape(batch, blocks)
-    pages = jnp.zeros((batch * blocks + 2, PAGE_SIZE, MOSAIC_C + MOSAIC_R), jnp.bfloat16)
-    pages = pages.at[table.reshape(-1)].set(cache.reshape(batch * blocks, PAGE_SIZE, -1))
-    table = jnp.asarray(np.where(np.arange(blocks)[None, :] * PAGE_SIZE < np.asarray(lengths)[:, None], table, -7),
-                        jnp.int32)  # entries past a sequence's end are never read
-    got = mla_decode_paged(q, pages, table, lengths, v_dim=MOSAIC_C, softmax_scale=SCALE, backend="mosaic_gpu",
-                           config=MlaDecodeConfig(num_splits=1, interpret=True))
+    pages, table = _shuffled_pages(cache, (0, 150), blocks, 2, seed=2)
+    got = _decode_paged(mosaic_backend, q, pages, table, lengths, v_dim=MOSAIC_C,
+                        config=MlaDecodeConfig(num_splits=1, interpret=True))
     _close(got, mla_decode_reference(q, cache, lengths, v_dim=MOSAIC_C, softmax_scale=SCALE), jnp.bfloat16)
     assert np.all(np.asarray(got[0]) == 0) and np.abs(np.asarray(got[1])).max() > 0
 
@@ -213,11 +232,9 @@ def test_xla_and_auto_on_cpu_are_the_reference():
 
 def _bad_calls():
     q, cache = jnp.zeros((2, 1, 4, 80)), jnp.zeros((2, 64, 80))
-    lengths, pages, table = jnp.zeros((2,), jnp.int32), jnp.zeros((4, PAGE_SIZE, 80)), jnp.zeros((2, 2), jnp.int32)
-    dense = lambda **kw: mla_decode(**{**dict(q=q, cache=cache, lengths=lengths, v_dim=64, softmax_scale=SCALE,  # noqa: E731
+    lengths = jnp.zeros((2,), jnp.int32)
+    dense = lambda **kw: mla_decode(**{**dict(q=q, cache=cache, lengths=lengths, v_dim=64, softmax_scale=SCALE,
                                             backend="interpret"), **kw})
-    paged = lambda **kw: mla_decode_paged(**{**dict(q=q, cache_pages=pages, block_table=table, lengths=lengths,  # noqa: E731
-                                                   v_dim=64, softmax_scale=SCALE, backend="interpret"), **kw})
     return [
         (lambda: dense(cache=jnp.zeros((2, 64, 72))), r"cache last dim 72 != q last dim 80"),
         (lambda: dense(lengths=jnp.zeros((3,), jnp.int32)), r"lengths must be \[B\].*\(3,\)"),
@@ -229,9 +246,6 @@ def _bad_calls():
         (lambda: dense(cache=jnp.zeros((2, 64, 80), jnp.bfloat16)), r"q dtype float32 != cache dtype bfloat16"),
         (lambda: dense(backend="mosaic_gpu"), r"mosaic_gpu: q and cache must be bfloat16 or float16"),
         (lambda: dense(backend="triton", v_dim=48), r"triton: v_dim must be a power of two, got 48"),
-        (lambda: paged(cache_pages=jnp.zeros((4, 32, 80))), r"cache_pages must be \[P, 64, C\+R\]"),
-        (lambda: paged(block_table=jnp.zeros((3, 2), jnp.int32)), r"block_table must be \[B, max_blocks\]"),
-        (lambda: paged(config=MlaDecodeConfig(block_s=32)), r"block_s must equal the page size 64"),
         (lambda: MlaDecodeConfig(num_splits=0), r"MlaDecodeConfig.num_splits must be a positive int"),
         (lambda: MlaDecodeConfig(interpret="yes"), r"MlaDecodeConfig.interpret must be a bool"),
         (lambda: dense(config=MlaDecodeConfig(interpret=True)), r"config.interpret applies to backend 'mosaic_gpu'"),
@@ -246,3 +260,51 @@ def test_clear_errors(case):
     call, message = _bad_calls()[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# supports(...) asked up front agrees with the wrapper both ways: a call it refuses raises that reason, a call it
+# takes runs. (q, cache, dtype, v_dim, backend, config, part of the reason or None.) Calls the GPU backends take
+# are lowered for CUDA in test_kernel_lowering.
+BF16, F32 = jnp.bfloat16, jnp.float32
+SUPPORT_CASES = {
+    "interpret_any_dims": ((2, 2, 5, 80), (2, 100, 80), F32, 48, "interpret", MlaDecodeConfig(block_s=32), None),
+    "interpret_no_rope": ((2, 1, 3, 40), (2, 70, 40), BF16, 40, "interpret", None, None),
+    "xla_any_dims": ((2, 1, 3, 20), (2, 7, 20), jnp.float16, 12, "xla", None, None),
+    "bad_v_dim": ((2, 1, 4, 80), (2, 64, 80), F32, 0, "xla", None, "v_dim must be an int in [1, C+R = 80], got 0"),
+    "integer_cache": ((2, 1, 4, 80), (2, 64, 80), jnp.int8, 64, "interpret", None, "cache must be floating point"),
+    "unknown_backend": ((2, 1, 4, 80), (2, 64, 80), F32, 64, "tpu", None, "unknown backend 'tpu'"),
+    "interpret_config": ((2, 1, 4, 80), (2, 64, 80), F32, 64, "xla", MlaDecodeConfig(interpret=True),
+                         "config.interpret applies to backend 'mosaic_gpu' only, got backend 'xla'"),
+    "triton_v_dim": ((2, 1, 4, 80), (2, 64, 80), F32, 60, "triton", None, "triton: v_dim must be a power of two"),
+    "mosaic_float32": ((2, 1, 4, 80), (2, 64, 80), F32, 64, "mosaic_gpu", None, "mosaic_gpu: q and cache must be"),
+    "mosaic_v_dim": ((2, 1, 4, 160), (2, 64, 160), BF16, 96, "mosaic_gpu", None,
+                     "mosaic_gpu: needs v_dim a multiple of 128 up to 512 and rope dims a multiple of 64"),
+    "mosaic_rows": ((2, 2, 64, 192), (2, 64, 192), BF16, 128, "mosaic_gpu", MlaDecodeConfig(block_h=64),
+                    "mosaic_gpu: block_h 64 x Sq 2 query rows exceed one 64-row MMA"),
+    "mosaic_block_s": ((2, 1, 4, 192), (2, 64, 192), BF16, 128, "mosaic_gpu", MlaDecodeConfig(block_s=32),
+                       "mosaic_gpu: block_s must be a multiple of 64 up to 256, got 32"),
+    "mosaic_smem": ((1, 1, 64, 576), (1, 1024, 576), BF16, 512, "mosaic_gpu",
+                    MlaDecodeConfig(block_s=128, num_splits=1),
+                    "bytes of shared memory needed (block_s 128, 2 stages)"),
+}
+
+
+@pytest.mark.parametrize("case", SUPPORT_CASES)
+def test_supports_agrees_with_mla_decode(case):
+    q_shape, cache_shape, dtype, v_dim, backend, config, want = SUPPORT_CASES[case]
+    reason = supports(q_shape, cache_shape, dtype, v_dim=v_dim, backend=backend, config=config)
+    kq, kc = jax.random.split(jax.random.key(12))
+    q, cache = (jax.random.normal(k, shape).astype(dtype) for k, shape in ((kq, q_shape), (kc, cache_shape)))
+    lengths = jnp.full((q_shape[0],), cache_shape[1] - 3, jnp.int32)
+    call = functools.partial(mla_decode, q, cache, lengths, v_dim=v_dim, softmax_scale=SCALE, backend=backend,
+                             config=config)
+    if want is None:
+        assert reason is None
+        got = call()
+        want_out = mla_decode_reference(q, cache, lengths, v_dim=v_dim, softmax_scale=SCALE)
+        assert got.shape == want_out.shape == (*q_shape[:3], v_dim)
+        _close(got, want_out, F32 if dtype == F32 else BF16)
+    else:
+        assert reason is not None and want in reason and "\n" not in reason
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            call()

@@ -1,0 +1,35 @@
+"""Backend "interpret": the Pallas kernel body (`common`) run by XLA on any platform."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.fp8_gemm import common, tiles
+from pallas_kernels.fp8_gemm.config import Fp8GemmConfig
+
+DEFAULTS = dict(block_m=128, block_n=128, num_stages=1, num_warps=4)
+
+
+def config_refusal(config: Fp8GemmConfig) -> str | None:
+    del config
+    return None
+
+
+def _f32_block_dot(ak: jax.Array, bk: jax.Array) -> jax.Array:
+    """XLA:CPU has no FP8 dot: the K block in f32, where every product of two e4m3 values is exact."""
+    ak, bk = ak.astype(jnp.float32), bk.astype(jnp.float32)
+    return lax.dot_general(ak, bk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                           precision=lax.Precision.HIGHEST)
+
+
+def gemm(a, a_scale, b, b_scale, *, out_dtype, config: Fp8GemmConfig):
+    kernel = functools.partial(common.pallas_gemm, interpret=True, block_dot=_f32_block_dot)
+    return tiles.run_dense(kernel, a, a_scale, b, b_scale, out_dtype, config)
+
+
+def grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype, config: Fp8GemmConfig):
+    kernel = functools.partial(common.pallas_grouped_gemm, interpret=True, block_dot=_f32_block_dot)
+    return tiles.run_grouped(kernel, a, a_scale, b, b_scale, group_sizes, out_dtype, config)

@@ -1,0 +1,111 @@
+"""MLA latent-attention decode (FlashMLA-like): absorbed queries against a shared latent cache.
+
+DeepSeek-V2/V3 multi-head latent attention at decode time (V2 report s.2.1.2, "absorb" W_UK into the
+query and W_UV into the output): every head's query has been moved into the latent space, so
+q = [q_latent (C); q_rope (R)] and one cache row [c_kv (C); k_pe (R)] serves all H heads, as keys
+over all C+R dims and, through its first `v_dim` (= C) dims, as values. That is multi-query
+attention with head dim C+R = 576 and value dim C = 512, which is why the kernels batch heads (and
+the Sq query positions) into the M dimension of one matrix product per cache block.
+
+Letters: B batch, T query positions (Sq), S cache positions, H heads, C latent (v_dim), R rope dims.
+Query t of a sequence of length L sits at position L - T + t and sees cache positions <= that
+(positions >= L are never valid); a query with nothing to see returns zeros.
+
+Modules: `reference` (backend "xla", plain jnp), `interpret` and `triton` (one pallas_call kernel body,
+`common`), `mosaic_gpu` (the Hopper kernel); `plan` (how a call is cut into programs: flash-decoding splits,
+the block table, the merge of splits), `flash` (the online-softmax math both kernel bodies share), `config`.
+`backends.KERNELS` names the module of each backend; each provides
+`refusal(q_shape, cache_shape, dtype, v_dim, config) -> str | None` (its limits) and
+`decode(q, cache, lengths, *, v_dim, softmax_scale, config)`; the kernel modules build `decode` from their
+`make_plan(q_shape, cache_shape, v_dim, config)` and kernel `run(...)` with `plan.decode`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import backends
+from pallas_kernels.backends import FALLBACK_SMS, resolve_backend
+from pallas_kernels.mla_decode.common import TRITON_MIN_ROWS
+from pallas_kernels.mla_decode.config import MlaDecodeConfig
+from pallas_kernels.mla_decode.mosaic_gpu import MOSAIC_REDUCTION_SCRATCH, MOSAIC_SMEM_ALIGN, SMEM_BYTES, WGMMA_M
+from pallas_kernels.mla_decode.plan import LOG2E
+from pallas_kernels.mla_decode.reference import mla_decode_reference
+
+__all__ = [
+    "FALLBACK_SMS", "LOG2E", "MOSAIC_REDUCTION_SCRATCH", "MOSAIC_SMEM_ALIGN", "SMEM_BYTES", "TRITON_MIN_ROWS",
+    "WGMMA_M", "MlaDecodeConfig", "mla_decode", "mla_decode_reference", "supports",
+]
+
+_MODULES = {backend: importlib.import_module(module) for backend, module in backends.kernels("mla_decode").items()}
+
+
+def _shapes(**shapes) -> str:
+    return ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
+
+
+def _call_refusal(q_shape, cache_shape, cache_dtype, v_dim, config) -> str | None:
+    """What makes a call invalid whatever the backend."""
+    if len(q_shape) != 4:
+        return f"q must be [B, Sq, H, C+R] ({_shapes(q=q_shape)})"
+    if len(cache_shape) != 3 or cache_shape[0] != q_shape[0]:
+        return f"cache must be [B, S, C+R] with the batch of q ({_shapes(q=q_shape, cache=cache_shape)})"
+    if cache_shape[-1] != q_shape[-1]:
+        return (f"cache last dim {cache_shape[-1]} != q last dim {q_shape[-1]} "
+                f"({_shapes(q=q_shape, cache=cache_shape)})")
+    if not isinstance(v_dim, int) or not 0 < v_dim <= q_shape[-1]:
+        return f"v_dim must be an int in [1, C+R = {q_shape[-1]}], got {v_dim!r}"
+    if not jnp.issubdtype(cache_dtype, jnp.floating):
+        return f"cache must be floating point, got {jnp.dtype(cache_dtype)}"
+    if config is not None and not isinstance(config, MlaDecodeConfig):
+        return f"config must be an MlaDecodeConfig or None, got {type(config).__name__}"
+    return None
+
+
+def supports(q_shape, cache_shape, cache_dtype, *, v_dim: int, backend: str,
+             config: MlaDecodeConfig | None = None) -> str | None:
+    """Why `mla_decode` cannot take q [B, Sq, H, C+R] over a cache [B, S, C+R] of `cache_dtype` on `backend`
+    with `config`, in one line; None: it can. `mla_decode` refuses exactly these (ValueError); backends
+    "xla" and "interpret" take every valid call."""
+    reason = _call_refusal(q_shape, cache_shape, cache_dtype, v_dim, config) or backends.backend_refusal(backend)
+    if reason:
+        return reason
+    backend, config = resolve_backend(backend), config or MlaDecodeConfig()
+    if config.interpret is not False and backend not in backends.GPU_INTERPRETED:
+        names = " or ".join(map(repr, backends.GPU_INTERPRETED))
+        return f"config.interpret applies to backend {names} only, got backend {backend!r}"
+    return _MODULES[backend].refusal(tuple(q_shape), tuple(cache_shape), jnp.dtype(cache_dtype), v_dim, config)
+
+
+def _argument_refusal(q, cache, lengths, softmax_scale) -> str | None:
+    """What `supports` cannot see: lengths, the softmax scale, q's dtype."""
+    if lengths.shape != (q.shape[0],):
+        return f"lengths must be [B] = [{q.shape[0]}] ({_shapes(lengths=lengths.shape, q=q.shape)})"
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        return f"lengths must be integers, got {lengths.dtype}"
+    if not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        return f"softmax_scale must be a positive Python number, got {softmax_scale!r}"
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        return f"q must be floating point, got {q.dtype}"
+    if q.dtype != cache.dtype:
+        return f"q dtype {q.dtype} != cache dtype {cache.dtype}"
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("v_dim", "softmax_scale", "backend", "config"))
+def mla_decode(q, cache, lengths, *, v_dim: int, softmax_scale: float, backend: str = "auto",
+               config: MlaDecodeConfig | None = None):
+    """Absorbed MLA decode: q [B, Sq, H, C+R], cache [B, S, C+R], lengths [B] -> [B, Sq, H, v_dim] (q.dtype).
+
+    Lengths are clipped to [0, S]. If S is not a multiple of config.block_s the cache is padded (a
+    copy); keep S a multiple of block_s on the fast path.
+    """
+    reason = (supports(q.shape, cache.shape, cache.dtype, v_dim=v_dim, backend=backend, config=config)
+              or _argument_refusal(q, cache, lengths, softmax_scale))
+    if reason:
+        raise ValueError(f"mla_decode: {reason}")
+    backend, config = resolve_backend(backend), config or MlaDecodeConfig()
+    return _MODULES[backend].decode(q, cache, lengths, v_dim=v_dim, softmax_scale=softmax_scale, config=config)
