@@ -15,12 +15,12 @@ from typing import Any
 import jax.numpy as jnp
 
 from dsv3_jax.ops.attention import ATTENTION
-from dsv3_jax.ops.experts import EXPERTS
+from dsv3_jax.ops.experts import EXPERTS, RAGGED
+from dsv3_jax.ops.registry import AUTO
 from pallas_kernels.backends import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float16")
 PLATFORMS = ("cpu", "gpu", "tpu")
-AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +61,8 @@ class Runtime:
         return dataclasses.replace(self, **changes)
 
 
-# The expert path whose grouped matmul can be the FP8 one (ops.experts: the ragged variant).
-FP8_EXPERTS = "ragged"
+# The expert path whose grouped matmul can be the FP8 one.
+FP8_EXPERTS = RAGGED
 
 
 def _check_choice(field: str, value: Any, allowed: tuple) -> None:

@@ -42,6 +42,10 @@ GPU_INTERPRETED = ("mosaic_gpu",)
 # `core_count` (a host lowering for a GPU it does not have). The longest key found in `device_kind` wins.
 SMS_BY_DEVICE_KIND = {"H100": 132, "H100 PCIe": 114, "H200": 132, "H800": 132, "H800 PCIe": 114, "A100": 108}
 FALLBACK_SMS = 132  # H100/H200 SXM, the GPU the Mosaic kernels are written for
+# Compute capability per device kind, for "auto" when a program is built for a GPU the host does not have
+# (an abstract device reports its kind, not its capability). The longest key found in the kind wins.
+CAPABILITY_BY_DEVICE_KIND = {"H100": 9.0, "H200": 9.0, "H800": 9.0, "H20": 9.0, "GH200": 9.0, "A100": 8.0,
+                             "A800": 8.0, "L40": 8.9, "B200": 10.0, "GB200": 10.0}
 
 
 def kernels(op: str) -> dict[str, str]:
@@ -83,6 +87,12 @@ def resolve_backend(backend: str, platform: str | None = None, compute_capabilit
         device = jax.devices()[0]
         compute_capability = _compute_capability(device) if device.platform in _GPU_PLATFORMS else 0.0
     return "mosaic_gpu" if float(compute_capability) >= HOPPER else "triton"
+
+
+def capability_of_kind(device_kind: str | None) -> float | None:
+    """The compute capability of a GPU by its `device_kind` ("NVIDIA H100 80GB HBM3" -> 9.0); None if unknown."""
+    kinds = [kind for kind in CAPABILITY_BY_DEVICE_KIND if kind in (device_kind or "")]
+    return CAPABILITY_BY_DEVICE_KIND[max(kinds, key=len)] if kinds else None
 
 
 def num_sms(device=None) -> int:

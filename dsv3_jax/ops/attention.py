@@ -28,6 +28,9 @@ from dsv3_jax.ops.registry import Registry
 from pallas_kernels.mla_decode import mla_decode
 
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
+# The variants' names, declared once; dispatch and the runtime use these constants.
+NAIVE, ABSORBED, LATENT_KERNEL = "naive", "absorbed", "latent_kernel"
+PLAIN, BLOCKED = "plain", "blocked"  # cores
 
 
 class KvWeights(NamedTuple):
@@ -40,16 +43,16 @@ class KvWeights(NamedTuple):
 
 class AttentionOptions(NamedTuple):
     scale: float
-    core: str = "plain"  # a key of CORES (naive only)
+    core: str = PLAIN  # a key of CORES (naive only)
     blocks: int = 1  # causal query blocks (blocked core; queries are the keys, positions increasing)
     fp8: bool = False  # the expansion through wkv_b as FP8 GEMMs (naive only: a linear layer)
     backend: str = "xla"  # pallas_kernels backend for FP8 GEMMs and the decode kernel
 
 
 AttentionFn = Callable[..., jax.Array]
-ATTENTION: Registry[AttentionFn] = Registry("attention", reference="naive")
+ATTENTION: Registry[AttentionFn] = Registry("attention", reference=NAIVE)
 CoreFn = Callable[..., jax.Array]
-CORES: Registry[CoreFn] = Registry("attention core", reference="plain")
+CORES: Registry[CoreFn] = Registry("attention core", reference=PLAIN)
 
 
 def visible(q_positions: jax.Array, kv_positions: jax.Array | None, num_keys: int) -> jax.Array:
@@ -65,7 +68,7 @@ def absorbed_weights(wkv_b: jax.Array, v_head_dim: int) -> tuple[jax.Array, jax.
 
 
 # ---- cores: q [B,H,T,K], k [B,H,S,K], v [B,H,S,V], mask [B,T,S] -> [B,T,H,V] ---------------------
-@CORES.register("plain")
+@CORES.register(PLAIN)
 def core_plain(q, k, v, mask, scale, blocks=1):
     """softmax(q k^T * scale) v, differentiated by autodiff; `blocks` is not used."""
     s = jnp.einsum("bhtk,bhsk->bhts", q, k).astype(jnp.float32)
@@ -129,7 +132,7 @@ def _blocked(q, k, v, mask, scale, blocks):
 _blocked.defvjp(_core_fwd, _core_bwd)
 
 
-@CORES.register("blocked")
+@CORES.register(BLOCKED)
 def core_blocked(q, k, v, mask, scale, blocks=1):
     """The queries in `blocks` blocks (causal self-attention with increasing positions only, S = T),
     block i scoring only the keys up to its own end, since every later key is masked for all of its
@@ -142,7 +145,7 @@ def core_blocked(q, k, v, mask, scale, blocks=1):
 
 
 # ---- the variants ------------------------------------------------------------------------------
-@ATTENTION.register("naive")
+@ATTENTION.register(NAIVE)
 def attend_naive(q_nope, q_pe, kv, q_positions, kv_positions, w: KvWeights, opts: AttentionOptions):
     (b, s, _), (c, h) = kv.shape, w.wkv_b.shape[:2]
     n = q_nope.shape[-1]
@@ -168,7 +171,7 @@ def _latent_query(q_nope, q_pe, w_k):
     return jnp.concatenate([jnp.einsum("bthn,hcn->bthc", q_nope, w_k), q_pe], axis=-1)
 
 
-@ATTENTION.register("absorbed")
+@ATTENTION.register(ABSORBED)
 def attend_absorbed(q_nope, q_pe, kv, q_positions, kv_positions, w: KvWeights, opts: AttentionOptions):
     dt, c = q_nope.dtype, w.wkv_b.shape[0]
     w_k, w_v = _absorbed_halves(w, w.wkv_b.shape[2] - q_nope.shape[-1], dt)
@@ -182,11 +185,11 @@ def attend_absorbed(q_nope, q_pe, kv, q_positions, kv_positions, w: KvWeights, o
     return jnp.einsum("bthc,hvc->bthv", o_lat, w_v)
 
 
-@ATTENTION.register("latent_kernel")
+@ATTENTION.register(LATENT_KERNEL)
 def attend_latent_kernel(q_nope, q_pe, kv, q_positions, kv_positions, w: KvWeights, opts: AttentionOptions):
     dt, c, t = q_nope.dtype, w.wkv_b.shape[0], q_nope.shape[1]
     if kv_positions is not None:
-        raise ValueError("attention 'latent_kernel' reads a cache: kv_positions must be None")
+        raise ValueError(f"attention {LATENT_KERNEL!r} reads a cache: kv_positions must be None")
     w_k, w_v = _absorbed_halves(w, w.wkv_b.shape[2] - q_nope.shape[-1], dt)
     q = _latent_query(q_nope, q_pe, w_k)
     o_lat = mla_decode(q.astype(kv.dtype), kv, q_positions[:, 0] + t, v_dim=c, softmax_scale=opts.scale,

@@ -15,10 +15,11 @@ import jax.numpy as jnp
 from dsv3_jax.ops.registry import Registry
 
 CrossEntropyFn = Callable[[jax.Array, jax.Array], jax.Array]
-CROSS_ENTROPY: Registry[CrossEntropyFn] = Registry("cross_entropy", reference="plain")
+PLAIN, ONEPASS = "plain", "onepass"  # the variants' names, declared once
+CROSS_ENTROPY: Registry[CrossEntropyFn] = Registry("cross_entropy", reference=PLAIN)
 
 
-@CROSS_ENTROPY.register("plain")
+@CROSS_ENTROPY.register(PLAIN)
 def cross_entropy_plain(logits: jax.Array, targets: jax.Array) -> jax.Array:
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets[:, None], axis=-1))
@@ -51,4 +52,4 @@ def _onepass_bwd(res, g):
 
 
 _onepass.defvjp(_onepass_fwd, _onepass_bwd)
-CROSS_ENTROPY.register("onepass")(_onepass)
+CROSS_ENTROPY.register(ONEPASS)(_onepass)

@@ -12,13 +12,17 @@ from typing import TYPE_CHECKING
 import jax
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.ops import attention as attention_op
+from dsv3_jax.ops import cross_entropy as cross_entropy_op
+from dsv3_jax.ops import experts as experts_op
 from dsv3_jax.ops.attention import AttentionOptions
 from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY, CrossEntropyFn
 from dsv3_jax.ops.experts import EXPERTS, ExpertsFn
 from dsv3_jax.ops.linear import dense, fp8_ragged_matmul
+from dsv3_jax.ops.registry import AUTO
 from dsv3_jax.parallel.ep import expert_axis_size, expert_parallel
 from pallas_kernels import mla_decode as mla_decode_kernel
-from pallas_kernels.backends import resolve_backend
+from pallas_kernels.backends import capability_of_kind, resolve_backend
 
 if TYPE_CHECKING:
     from dsv3_jax.runtime import Runtime
@@ -45,8 +49,12 @@ def platform(rt: Runtime) -> str:
 
 
 def kernel_backend(rt: Runtime) -> str:
-    """The pallas_kernels backend for the target: the runtime's, or "auto" resolved for its platform."""
-    return resolve_backend(rt.kernel_backend, platform=platform(rt))
+    """The pallas_kernels backend for the target: the runtime's, or "auto" resolved for its platform
+    (and, for a GPU mesh, its devices' kind: a Hopper target gets the Mosaic GPU kernels)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    capability = capability_of_kind(device.device_kind) if device is not None else None
+    return resolve_backend(rt.kernel_backend, platform=platform(rt), compute_capability=capability)
 
 
 def fp8_backend(rt: Runtime) -> str:
@@ -57,18 +65,18 @@ def fp8_backend(rt: Runtime) -> str:
 # ---- experts ------------------------------------------------------------------------------------
 def experts_variant(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> str:
     """`num_tokens` None: not known here (expert parallelism: each device's share varies)."""
-    if rt.experts != "auto":
+    if rt.experts != AUTO:
         return rt.experts
     if rt.fp8 or platform(rt) != "cpu":
-        return "ragged"  # grouped matmuls; the one path with FP8 GEMMs
+        return experts_op.RAGGED  # grouped matmuls; the one path with FP8 GEMMs
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     weight_bytes = 3 * e * cfg.hidden_size * cfg.moe_intermediate_size * 4
     few = num_tokens is not None and num_tokens * k <= GATHER_MAX_PAIRS_PER_EXPERT * e
     if few and weight_bytes >= GATHER_MIN_BYTES:
-        return "gather"  # decoding: bound by reading weights; gather reads only the chosen experts
+        return experts_op.GATHER  # decoding: bound by reading weights; gather reads only the chosen experts
     if num_tokens is not None and num_tokens < DENSE_MAX_TOKENS:
-        return "dense"
-    return "windowed"  # XLA:CPU runs 2-D matmuls faster than batched or ragged ones of the same size
+        return experts_op.DENSE
+    return experts_op.WINDOWED  # XLA:CPU runs 2-D matmuls faster than batched or ragged ones of the same size
 
 
 def experts_fn(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> ExpertsFn:
@@ -105,18 +113,18 @@ def attention(rt: Runtime, cfg: ModelConfig, *, cached: bool, q_shape, kv_shape,
     name = rt.attention
     refusal = kernel_refusal(backend, q_shape, kv_shape, kv_dtype, cfg.kv_lora_rank) if cached else \
         "it reads a cache, and this attention has none"
-    if name == "auto":
+    if name == AUTO:
         if cached and t <= DECODE_MAX_T:
-            name = "absorbed" if refusal else "latent_kernel"
+            name = attention_op.ABSORBED if refusal else attention_op.LATENT_KERNEL
         else:
-            name = "naive"
-    elif name == "latent_kernel" and refusal:
-        raise ValueError(f"attention 'latent_kernel' cannot run here: {refusal}")
+            name = attention_op.NAIVE
+    elif name == attention_op.LATENT_KERNEL and refusal:
+        raise ValueError(f"attention {name!r} cannot run here: {refusal}")
     on_cpu = platform(rt) == "cpu"
     blocks = QUERY_BLOCKS if on_cpu and sorted_positions and t >= QUERY_BLOCK_MIN_T else 1
     # The blocked core's hand-written backward saves XLA:CPU ~3 passes over the scores; on
     # accelerators the plain core leaves the softmax to XLA's fusions.
-    core = "blocked" if on_cpu else "plain"
+    core = attention_op.BLOCKED if on_cpu else attention_op.PLAIN
     return name, AttentionOptions(cfg.softmax_scale, core, blocks, rt.fp8, backend)
 
 
@@ -124,4 +132,4 @@ def attention(rt: Runtime, cfg: ModelConfig, *, cached: bool, q_shape, kv_shape,
 def cross_entropy_fn(rt: Runtime) -> CrossEntropyFn:
     """`onepass` everywhere: its backward is one pass over [N, V] and keeps no log-softmax buffer."""
     del rt
-    return CROSS_ENTROPY["onepass"]
+    return CROSS_ENTROPY[cross_entropy_op.ONEPASS]

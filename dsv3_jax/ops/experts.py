@@ -25,10 +25,12 @@ from dsv3_jax.ops.linear import GroupedMatmul, ragged_matmul
 from dsv3_jax.ops.registry import Registry
 
 ExpertsFn = Callable[..., jax.Array]
-EXPERTS: Registry[ExpertsFn] = Registry("experts", reference="dense")
+# The variants' names, declared once; dispatch and the runtime use these constants.
+DENSE, GATHER, RAGGED, WINDOWED = "dense", "gather", "ragged", "windowed"
+EXPERTS: Registry[ExpertsFn] = Registry("experts", reference=DENSE)
 
 
-@EXPERTS.register("dense")
+@EXPERTS.register(DENSE)
 def experts_dense(x, gates, ids, w1, w3, w2):
     t, e = x.shape[0], w1.shape[0]
     combine = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], ids].add(gates)
@@ -50,7 +52,7 @@ def _sorted_layout(ids: jax.Array, num_experts: int):
     return order, order // k, sizes
 
 
-@EXPERTS.register("gather")
+@EXPERTS.register(GATHER)
 def experts_gather(x, gates, ids, w1, w3, w2):
     """The T*K pairs sorted by expert, each run as three matrix-vector products; an expert's weights
     are sliced out once per run of its pairs. Reads only the chosen experts, where dense reads all E:
@@ -73,7 +75,7 @@ def experts_gather(x, gates, ids, w1, w3, w2):
     return jax.lax.fori_loop(0, t * k, pair, (jnp.zeros_like(x), experts[0], load(experts[0])))[0]
 
 
-@EXPERTS.register("ragged")
+@EXPERTS.register(RAGGED)
 def experts_ragged(x, gates, ids, w1, w3, w2, gmm: GroupedMatmul = ragged_matmul):
     """Grouped matmuls over the assignments sorted by expert; `gmm` runs them."""
     dt = x.dtype
@@ -222,7 +224,7 @@ def window_rows(num_assignments: int, num_experts: int) -> int:
     return max(WINDOW_ALIGN, -(-int(mean) // WINDOW_ALIGN) * WINDOW_ALIGN)
 
 
-@EXPERTS.register("windowed")
+@EXPERTS.register(WINDOWED)
 def experts_windowed(x, gates, ids, w1, w3, w2):
     """The assignments sorted by expert; each expert runs its SwiGLU on a fixed window of rows from
     its first (rows past its end are masked out), and the rows past its window in a loop of overflow

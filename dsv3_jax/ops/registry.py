@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 F = TypeVar("F", bound=Callable)
+AUTO = "auto"  # not a variant: "let ops.dispatch choose" wherever a variant name is asked for
 
 
 class Registry(Generic[F]):
