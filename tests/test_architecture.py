@@ -521,20 +521,25 @@ def test_self_clean_project_passes(tmp_path):
     assert project.modules["dsv3_jax.layers.mla"].imports[2].targets == ("dsv3_jax.hf_config",)
 
 
+def _only(rule: str, tmp_path, files: dict[str, str]) -> list[str]:
+    """The violations of `rule` in a synthetic package, asserting that no other rule fired."""
+    found = _violations(tmp_path, files)
+    assert list(found) == [rule]
+    return found[rule]
+
+
 def test_self_cycle(tmp_path):
-    found = _violations(tmp_path, {"dsv3_jax/layers/norm.py": "import os\nfrom dsv3_jax.layers import mla\n"})
-    assert list(found) == ["no-import-cycles"]
-    [message] = found["no-import-cycles"]
+    [message] = _only("no-import-cycles", tmp_path,
+                      {"dsv3_jax/layers/norm.py": "import os\nfrom dsv3_jax.layers import mla\n"})
     assert "dsv3_jax.layers.mla, dsv3_jax.layers.norm;" in message
     assert "dsv3_jax/layers/norm.py:2" in message and "dsv3_jax/layers/mla.py:1" in message
 
 
 def test_self_cycle_through_a_package_init(tmp_path):
     # data/__init__ -> data.batches -> layers.norm -> data.tokenizer, which runs data/__init__ first.
-    found = _violations(tmp_path, {"dsv3_jax/data/batches.py": "from dsv3_jax.layers.norm import rms\n",
-                                   "dsv3_jax/layers/norm.py": "from dsv3_jax.data.tokenizer import json\n"})
-    assert list(found) == ["no-import-cycles"]
-    [message] = found["no-import-cycles"]
+    [message] = _only("no-import-cycles", tmp_path,
+                      {"dsv3_jax/data/batches.py": "from dsv3_jax.layers.norm import rms\n",
+                       "dsv3_jax/layers/norm.py": "from dsv3_jax.data.tokenizer import json\n"})
     assert "dsv3_jax.data, dsv3_jax.data.batches, dsv3_jax.layers.norm;" in message
     assert "(which runs dsv3_jax.data/__init__)" in message
 
@@ -555,9 +560,7 @@ def test_self_function_level_imports(tmp_path):
     body = ("import os\n\ndef f():\n    import torch, json\n    from jax.experimental import pallas\n"
             "    from orbax import checkpoint\n    def g():\n        from dsv3_jax.layers import mla\n"
             "        from .layers import norm\n    return os\n")
-    found = _violations(tmp_path, {"dsv3_jax/model.py": body})
-    assert list(found) == ["no-function-level-imports"]
-    violations = found["no-function-level-imports"]
+    violations = _only("no-function-level-imports", tmp_path, {"dsv3_jax/model.py": body})
     assert [v.split(": `")[0] for v in violations] == [f"dsv3_jax/model.py:{n}" for n in (4, 5, 6, 8, 9)]
     assert "standard library 'json'" in violations[0] and "required dependency 'orbax'" in violations[2]
     assert "inside f.g()" in violations[3] and "a project module" in violations[4]
@@ -575,9 +578,8 @@ def test_self_platform(tmp_path):
     body = ("import jax\nfrom jax import local_devices\n\n"
             "def f(x):\n    if jax.default_backend() == 'GPU':\n        return x\n"
             "    return jax.devices()[0].platform\n")
-    found = _violations(tmp_path, {"dsv3_jax/layers/norm.py": body})
-    assert list(found) == ["no-platform-in-layers"]
-    assert sorted(v.rsplit(" (", 1)[0] for v in found["no-platform-in-layers"]) == [
+    violations = _only("no-platform-in-layers", tmp_path, {"dsv3_jax/layers/norm.py": body})
+    assert sorted(v.rsplit(" (", 1)[0] for v in violations) == [
         "dsv3_jax/layers/norm.py:2: imports `local_devices` from jax",
         "dsv3_jax/layers/norm.py:5: reference to `.default_backend`",
         "dsv3_jax/layers/norm.py:5: string 'GPU' names a platform",
