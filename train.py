@@ -28,6 +28,12 @@ flags.DEFINE_enum("experts", "auto", list(choices("experts")),
                   "how the routed experts run (all compute the same function): auto picks per platform and shape")
 flags.DEFINE_enum("attention", "auto", list(choices("attention")),
                   "how MLA attends (all compute the same function): auto picks per platform and shape")
+flags.DEFINE_enum("remat", "none", list(choices("remat")),
+                  "what a training step keeps for the backward and recomputes (same gradients, less memory): "
+                  "none, full (each block keeps its input), save_attention, save_dots, offload_attention")
+flags.DEFINE_integer("grad_accum", 1, "microbatches per optimizer step (gradients averaged; --batch_size divides)")
+flags.DEFINE_enum("moments", "auto", ["auto", "float32", "bfloat16"],
+                  "AdamW moments' dtype; auto: bfloat16 (as DeepSeek-V3 trains) from 1B parameters, else float32")
 flags.DEFINE_integer("sample_tokens", 160, "tokens of text to sample at the end (0: none); with several processes "
                      "the whole model is gathered onto every host for it")
 flags.DEFINE_string("mesh", "", "device mesh, e.g. 'data=2,expert=4' over the axes data, fsdp, expert, tensor "

@@ -17,6 +17,7 @@ from dsv3_jax.layers.mla import ABSORBED, MLA
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax.layers.moe import MoE
 from dsv3_jax.layers.norm import RMSNorm
+from dsv3_jax.ops import dispatch, remat
 from dsv3_jax.ops.linear import linear
 from dsv3_jax.parallel.rules import constrain
 from dsv3_jax.runtime import Runtime
@@ -49,6 +50,16 @@ class Block(nn.Module):
         return x if cache is None else (x, cache)
 
 
+def block(cfg: ModelConfig, moe: bool, runtime: Runtime, name: str | None = None) -> Block:
+    """A Block, wrapped in `nn.remat` with the runtime's policy when it asks for rematerialisation.
+    Parameter names and values are the same either way."""
+    if not remat.enabled(runtime.remat):
+        return Block(cfg, moe, runtime, name=name)
+    # static_argnums counts self: 4 is sorted_positions, a Python bool.
+    cls = nn.remat(Block, static_argnums=(4,), policy=dispatch.remat_policy(runtime))
+    return cls(cfg, moe, runtime, name=name)
+
+
 class MTPModule(nn.Module):
     """One MTP depth (V3 report s.2.2): h'_i = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i)] -> block.
 
@@ -65,7 +76,7 @@ class MTPModule(nn.Module):
         self.hnorm = RMSNorm(c.rms_norm_eps)
         self.eh_proj = weight(self, "eh_proj", (2 * c.hidden_size, c.hidden_size), ("mtp_concat", "embed"),
                               c.init_std)
-        self.block = Block(c, c.n_routed_experts > 0, self.runtime)
+        self.block = block(c, c.n_routed_experts > 0, self.runtime)
         self.head_norm = RMSNorm(c.rms_norm_eps)
 
     def __call__(self, h: jax.Array, next_emb: jax.Array, positions: jax.Array, cache: LatentCache | None = None,
@@ -98,7 +109,7 @@ class Transformer(nn.Module):
         c, rt = self.cfg, self.runtime
         emb_init = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed"))
         self.embed = self.param("embed", emb_init, (c.vocab_size, c.hidden_size), jnp.float32)
-        self.layers = [Block(c, i >= c.first_k_dense, rt, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.layers = [block(c, i >= c.first_k_dense, rt, name=f"layers_{i}") for i in range(c.num_layers)]
         self.final_norm = RMSNorm(c.rms_norm_eps)
         if not c.tie_word_embeddings:
             head_init = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("embed", "vocab"))

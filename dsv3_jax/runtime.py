@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from dsv3_jax.ops.attention import ATTENTION
 from dsv3_jax.ops.experts import EXPERTS, RAGGED
 from dsv3_jax.ops.registry import AUTO
+from dsv3_jax.ops.remat import NONE, REMAT
 from pallas_kernels.backends import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -38,12 +39,15 @@ class Runtime:
     ep_fp8_dispatch: bool = False
     kernel_backend: str = AUTO  # a pallas_kernels backend for the FP8 GEMMs and the decode kernel
     platform: str | None = None  # the compile target's platform; None: the mesh's or default device's
+    # What a training step keeps for the backward and what it recomputes (ops.remat): memory vs FLOPs.
+    remat: str = NONE
 
     def __post_init__(self):
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("attention", self.attention, (AUTO, *ATTENTION.names))
         _check_choice("experts", self.experts, (AUTO, *EXPERTS.names))
         _check_choice("kernel_backend", self.kernel_backend, BACKENDS)
+        _check_choice("remat", self.remat, REMAT.names)
         if self.platform is not None:
             _check_choice("platform", self.platform, PLATFORMS)
         for name in ("fp8", "ep_fp8_dispatch"):
@@ -73,5 +77,5 @@ def _check_choice(field: str, value: Any, allowed: tuple) -> None:
 def choices(field: str) -> tuple[str, ...]:
     """The values a registry-backed field takes, for CLI flags and their help."""
     table = {"attention": (AUTO, *ATTENTION.names), "experts": (AUTO, *EXPERTS.names), "dtype": DTYPES,
-             "kernel_backend": BACKENDS}
+             "kernel_backend": BACKENDS, "remat": REMAT.names}
     return tuple(table[field])

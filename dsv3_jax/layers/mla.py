@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.cache import LatentCache
@@ -85,11 +86,11 @@ class MLA(nn.Module):
         # Projections run on [B*T, D]: plain 2-D matmuls, which XLA:CPU lays out without transposes.
         flat = x.reshape(b * t, d)
         cos, sin = rope_angles(positions.reshape(-1), c)  # [N,R/2]
-        q = self.query(flat)
+        q = checkpoint_name(self.query(flat), "mla_query")  # names: ops.remat.ATTENTION_SAVED
         q_nope = q[..., : c.qk_nope_head_dim]
         q_pe = apply_rope(q[..., c.qk_nope_head_dim:], cos[:, None], sin[:, None])
         unflat = lambda a: a.reshape(b, t, *a.shape[1:])
-        kv, kv_positions = unflat(self.latent(flat, cos, sin)), positions
+        kv, kv_positions = unflat(checkpoint_name(self.latent(flat, cos, sin), "mla_latent")), positions
         if cache is not None:
             cache = cache.write(kv, positions[:, 0])
             kv, kv_positions = cache.view(), None
@@ -98,5 +99,6 @@ class MLA(nn.Module):
                                         kv_dtype=kv.dtype, sorted_positions=sorted_positions and cache is None)
         with jax.named_scope(f"mla_{name}"):
             o = ATTENTION[name](unflat(q_nope), unflat(q_pe), kv, positions, kv_positions, self.kv_weights(), opts)
+        o = checkpoint_name(o, "mla_attention")
         out = self._linear(o.reshape(b, t, -1), self.wo, in_dims=2)
         return out if cache is None else (out, cache)

@@ -20,6 +20,7 @@ from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY, CrossEntropyFn
 from dsv3_jax.ops.experts import EXPERTS, ExpertsFn
 from dsv3_jax.ops.linear import dense, fp8_ragged_matmul
 from dsv3_jax.ops.registry import AUTO
+from dsv3_jax.ops.remat import OFFLOAD_ATTENTION, REMAT
 from dsv3_jax.parallel.ep import expert_axis_size, expert_parallel
 from pallas_kernels import mla_decode as mla_decode_kernel
 from pallas_kernels.backends import capability_of_kind, resolve_backend
@@ -126,6 +127,15 @@ def attention(rt: Runtime, cfg: ModelConfig, *, cached: bool, q_shape, kv_shape,
     # accelerators the plain core leaves the softmax to XLA's fusions.
     core = attention_op.BLOCKED if on_cpu else attention_op.PLAIN
     return name, AttentionOptions(cfg.softmax_scale, core, blocks, rt.fp8, backend)
+
+
+# ---- rematerialisation --------------------------------------------------------------------------
+def remat_policy(rt: Runtime):
+    """The jax checkpoint policy of `rt.remat` for the target (None: save nothing)."""
+    if rt.remat == OFFLOAD_ATTENTION and platform(rt) == "cpu":
+        raise ValueError(f"remat {rt.remat!r} moves tensors to pinned host memory, which CPU targets lack; "
+                         "use 'save_attention' or 'full' there")
+    return REMAT[rt.remat]()
 
 
 # ---- cross-entropy ------------------------------------------------------------------------------

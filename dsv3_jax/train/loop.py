@@ -56,6 +56,9 @@ from dsv3_jax.train.step import (
 
 # --precision -> (activation dtype, FP8 GEMMs in the linear layers). Master weights stay float32 in all.
 PRECISIONS = {"fp32": ("float32", False), "bf16": ("bfloat16", False), "fp8": ("bfloat16", True)}
+# --moments=auto keeps AdamW's moments in BF16 (as the V3 report does) from this many parameters: the
+# real-size presets (V2-Lite 16B and up), where the optimizer state is a third of the memory.
+BF16_MOMENTS_MIN_PARAMS = 1_000_000_000
 
 
 class TrainingError(RuntimeError):
@@ -91,6 +94,9 @@ class TrainConfig:
     # Variants of the ops (dsv3_jax.runtime.Runtime): "auto" or a registered name.
     experts: str = "auto"
     attention: str = "auto"
+    remat: str = "none"  # what a step keeps for the backward (dsv3_jax.ops.remat)
+    grad_accum: int = 1  # microbatches per optimizer step
+    moments: str = "auto"  # AdamW moments: float32, bfloat16, or auto (bfloat16 from BF16_MOMENTS_MIN_PARAMS)
 
 
 def model_config(tc: TrainConfig) -> ModelConfig:
@@ -112,9 +118,24 @@ def runtime(tc: TrainConfig) -> Runtime:
         raise TrainingError(f"--precision={tc.precision!r}: expected one of {sorted(PRECISIONS)}")
     dtype, fp8 = PRECISIONS[tc.precision]
     try:
-        return Runtime(dtype=dtype, fp8=fp8, experts=tc.experts, attention=tc.attention)
+        return Runtime(dtype=dtype, fp8=fp8, experts=tc.experts, attention=tc.attention, remat=tc.remat)
     except ValueError as e:
         raise TrainingError(str(e)) from e
+
+
+def optim_config(tc: TrainConfig, cfg: ModelConfig) -> OptimConfig:
+    """The optimizer of the run: the schedule from the flags, the moments' dtype and microbatching."""
+    moments = tc.moments
+    if moments == "auto":
+        moments = "bfloat16" if cfg.total_params >= BF16_MOMENTS_MIN_PARAMS else "float32"
+    if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
+        raise TrainingError(f"--grad_accum={tc.grad_accum}: must be a positive integer dividing --batch_size "
+                            f"({tc.batch_size})")
+    try:
+        return OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps, moments_dtype=moments,
+                           grad_accum=tc.grad_accum)
+    except ValueError as e:
+        raise TrainingError(str(e).replace("OptimConfig.moments_dtype", "--moments")) from e
 
 
 def _data(tc: TrainConfig, cfg: ModelConfig):
@@ -187,9 +208,10 @@ def make_layout(tc: TrainConfig, cfg: ModelConfig, optim: OptimConfig) -> Layout
     except ValueError as e:
         raise TrainingError(f"--mesh: {e}") from e
     shards = batch_shards(mesh)
-    if tc.batch_size % shards:
+    if tc.batch_size % (shards * tc.grad_accum):
         raise TrainingError(f"--batch_size={tc.batch_size} does not split over the mesh's {shards} batch shards "
-                            f"(data x fsdp x expert); use a multiple of {shards}")
+                            f"(data x fsdp x expert) in each of --grad_accum={tc.grad_accum} microbatches; "
+                            f"use a multiple of {shards * tc.grad_accum}")
     batch = batch_sharding(mesh)
     _check_process_rows(batch, tc)
     return Layout(mesh, state_shardings(cfg, optim, mesh), batch)
@@ -275,7 +297,7 @@ def param_specs(state: TrainState) -> dict[str, object]:
 def run(tc: TrainConfig) -> dict:
     cfg, rt = model_config(tc), runtime(tc)
     tokenizer, batches, held = _data(tc, cfg)
-    optim = OptimConfig(lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps)
+    optim = optim_config(tc, cfg)
     layout = make_layout(tc, cfg, optim)
     os.makedirs(tc.workdir, exist_ok=True)
     mgr = _manager(tc)

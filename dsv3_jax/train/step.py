@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -14,11 +15,18 @@ from dsv3_jax.parallel.rules import param_shardings, replicated
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.objective import compute_loss, expert_load, update_router_bias
 
+MOMENT_DTYPES = ("float32", "bfloat16")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW as the V3 report trains (s.4.2): betas (0.9, 0.95), weight decay 0.1, clip 1.0,
-    linear warmup then cosine decay to `final_lr_ratio` of the peak."""
+    linear warmup then cosine decay to `final_lr_ratio` of the peak.
+
+    `moments_dtype` "bfloat16" keeps AdamW's two moments in BF16, as the V3 report does (s.3.3.4),
+    halving the optimizer state; each update is computed in float32 from them. `grad_accum` > 1
+    splits each batch into that many microbatches whose gradients are averaged before one update:
+    the same step (equal-sized microbatches, every loss term a mean) in less activation memory."""
 
     lr: float = 3e-3
     warmup_steps: int = 20
@@ -28,6 +36,14 @@ class OptimConfig:
     b2: float = 0.95
     weight_decay: float = 0.1
     clip_norm: float = 1.0
+    moments_dtype: str = "float32"
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        if self.moments_dtype not in MOMENT_DTYPES:
+            raise ValueError(f"OptimConfig.moments_dtype = {self.moments_dtype!r}: must be one of {MOMENT_DTYPES}")
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise ValueError(f"OptimConfig.grad_accum = {self.grad_accum!r}: must be a positive integer")
 
 
 def lr_schedule(o: OptimConfig) -> optax.Schedule:
@@ -35,13 +51,30 @@ def lr_schedule(o: OptimConfig) -> optax.Schedule:
         0.0, o.lr, max(o.warmup_steps, 1), max(o.total_steps, o.warmup_steps + 1), o.lr * o.final_lr_ratio)
 
 
+def _stored_as(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`inner` with its floating-point state kept in `dtype` between steps and updated in float32."""
+    cast = lambda tree, dt: jax.tree_util.tree_map(
+        lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def update(updates, state, params=None):
+        out, new = inner.update(updates, cast(state, jnp.float32), params)
+        return out, cast(new, dtype)
+
+    return optax.GradientTransformation(lambda params: cast(inner.init(params), dtype), update)
+
+
 def make_optimizer(o: OptimConfig) -> optax.GradientTransformation:
     # No decay on vectors (norm scales): decaying them toward 0 would shrink the activations.
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-    return optax.chain(
-        optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(lr_schedule(o), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask),
-    )
+    clip = optax.clip_by_global_norm(o.clip_norm)
+    if o.moments_dtype == "float32":
+        return optax.chain(clip, optax.adamw(lr_schedule(o), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                                              mask=decay_mask))
+    # optax.adamw's own chain (the same state tree, so a run may resume with the other dtype), with the
+    # moments stored in BF16.
+    adam = _stored_as(optax.scale_by_adam(b1=o.b1, b2=o.b2), jnp.dtype(o.moments_dtype))
+    return optax.chain(clip, optax.chain(adam, optax.add_decayed_weights(o.weight_decay, decay_mask),
+                                         optax.scale_by_learning_rate(lr_schedule(o))))
 
 
 @flax.struct.dataclass
@@ -79,17 +112,43 @@ def init_state_sharded(cfg: ModelConfig, optim: OptimConfig, seed: int, sharding
     return jax.jit(lambda: init_state(cfg, optim, seed), out_shardings=shardings)()
 
 
+def _gradients(params, router, window, cfg: ModelConfig, runtime: Runtime):
+    """-> (LossParts, {layer: expert load [E]}, gradients) of one (micro)batch."""
+    def loss_fn(p):
+        parts, routes = compute_loss(p, router, window, cfg, runtime)
+        return parts.loss, (parts, {name: expert_load(r, cfg.n_routed_experts) for name, r in routes.items()})
+
+    (_, (parts, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return parts, loads, grads
+
+
+def accumulated_gradients(params, router, window: jax.Array, cfg: ModelConfig, optim: OptimConfig,
+                          runtime: Runtime = Runtime()):
+    """`_gradients` of the whole batch, as the mean over `optim.grad_accum` microbatches. Every term
+    of the loss is a mean over equal-sized microbatches, and so are the expert loads."""
+    n = optim.grad_accum
+    if n == 1:
+        return _gradients(params, router, window, cfg, runtime)
+    if window.shape[0] % n:
+        raise ValueError(f"a batch of {window.shape[0]} rows does not split into grad_accum={n} microbatches")
+    # Microbatch k takes rows k, k + n, ...: each device's rows feed every microbatch alike.
+    micro = window.reshape(window.shape[0] // n, n, -1).swapaxes(0, 1)
+    one = functools.partial(_gradients, cfg=cfg, runtime=runtime)
+
+    def add(total, w):
+        return jax.tree_util.tree_map(jnp.add, total, one(params, router, w)), None
+
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, params, router, micro[0]))
+    total, _ = jax.lax.scan(add, zeros, micro)
+    return jax.tree_util.tree_map(lambda x: x / n, total)
+
+
 def train_step(state: TrainState, window: jax.Array, cfg: ModelConfig, optim: OptimConfig,
                runtime: Runtime = Runtime()):
     """One optimizer step plus the bias update; returns (new state, metrics)."""
-    def loss_fn(params):
-        parts, routes = compute_loss(params, state.router, window, cfg, runtime)
-        return parts.loss, (parts, routes)
-
-    (_, (parts, routes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    parts, loads, grads = accumulated_gradients(state.params, state.router, window, cfg, optim, runtime)
     updates, opt_state = make_optimizer(optim).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    loads = {name: expert_load(r, cfg.n_routed_experts) for name, r in routes.items()}
     router = update_router_bias(state.router, loads, cfg.bias_update_speed) if state.router else state.router
     metrics = {"loss": parts.loss, "ce": parts.ce, "mtp_loss": parts.mtp, "balance_loss": parts.balance,
                "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(optim)(state.step),
