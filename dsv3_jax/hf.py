@@ -3,7 +3,9 @@
 `load_hf_checkpoint(path)` reads `config.json` plus `model.safetensors` or a sharded index, of
 DeepseekV3 or DeepseekV2 type; FP8 weights are dequantised with their 128x128 `weight_scale_inv`
 blocks; the MTP layer (index == num_hidden_layers) is loaded when present. Tensors are read one at
-a time from memory-mapped files, so a checkpoint is never held twice in host memory.
+a time from memory-mapped files, so a checkpoint is never held twice in host memory. Given
+`shardings`, each leaf is made on its devices instead, every device's block read alone from the files
+(`jax.make_array_from_callback`), so no host holds a whole model, and no device a tensor it shards.
 `save_hf_checkpoint` writes the same layout (optionally FP8 with block scales).
 
 One table (`layout`) maps every tensor name to a place in our tree; load and save both walk it.
@@ -13,15 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import save_file
 
 from dsv3_jax.config import ModelConfig
@@ -29,9 +33,13 @@ from dsv3_jax.hf_config import config_from_hf, config_to_hf
 from dsv3_jax.model import variable_shapes
 from dsv3_jax.ops.linear import Fp8Weight
 from dsv3_jax.safetensors_io import INDEX, SINGLE, SafetensorsDir
-from pallas_kernels.quant import dequantize_weight, quantize_weight
+from pallas_kernels.quant import BLOCK, dequantize_weight, quantize_weight
 
 log = logging.getLogger(__name__)
+
+# A tree like the variables of where each leaf goes (`parallel.rules.param_shardings`), or a function
+# of the config returning one (the config is known only once config.json is read).
+Shardings = dict | Callable[[ModelConfig], dict]
 
 
 class Entry(NamedTuple):
@@ -138,20 +146,26 @@ def _file_shape(entry: Entry, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (int(np.prod(shape[entry.in_dims:])), int(np.prod(shape[: entry.in_dims])))
 
 
-def _read(files: SafetensorsDir, entry: Entry, want: tuple[int, ...]) -> jax.Array:
-    """One tensor as float32, FP8 dequantised, checked against the shape we expect."""
+def _checked_scaled(files: SafetensorsDir, entry: Entry, want: tuple[int, ...]) -> bool:
+    """Whether a tensor, checked present and of the shape we expect, comes with FP8 block scales."""
     if entry.name not in files:
         raise ValueError(f"{files.directory}: missing tensor {entry.name} (expected shape {want})")
     got = files.shape(entry.name)
     if got != want:
         raise ValueError(f"{files.directory}: tensor {entry.name} has shape {got}, expected {want}")
-    x = files.get(entry.name)
     scale = _scale_name(entry.name)
     if scale in files:
-        return dequantize_weight(jnp.asarray(x), jnp.asarray(files.get(scale)))
-    if x.dtype.itemsize == 1:
+        return True
+    if files.dtype(entry.name).itemsize == 1:
         raise ValueError(f"{files.directory}: 8-bit tensor {entry.name} has no {scale} to dequantise it")
-    return jnp.asarray(x, jnp.float32)
+    return False
+
+
+def _read(files: SafetensorsDir, entry: Entry, want: tuple[int, ...]) -> jax.Array:
+    """One tensor as float32, FP8 dequantised, checked against the shape we expect."""
+    if _checked_scaled(files, entry, want):
+        return dequantize_weight(jnp.asarray(files.get(entry.name)), jnp.asarray(files.get(_scale_name(entry.name))))
+    return jnp.asarray(files.get(entry.name), jnp.float32)
 
 
 def _to_ours(x: jax.Array, entry: Entry, shape: tuple[int, ...]) -> jax.Array:
@@ -183,11 +197,150 @@ def _load_fp8_leaf(files: SafetensorsDir, cfg: ModelConfig, entries: list[Entry]
     return Fp8Weight.from_file(q, s, leaf, entries[0].in_dims, stacked=entries[0].expert is not None)
 
 
-def load_hf_checkpoint(path: str, dtype=jnp.float32, keep_fp8: bool = False) -> tuple[ModelConfig, dict]:
+# ---- loading into shardings ---------------------------------------------------------------------
+# A leaf's block is given by ranges of our indices. A linear weight's file tensor [out, in] is viewed
+# as [*out_dims, *in_dims] of our [*in_dims, *out_dims], so any block of ours is a block of that view.
+
+def _file_axes(entry: Entry, ndim: int) -> tuple[int, ...]:
+    """For each axis of the file tensor's view, the axis of our (per-expert) leaf it is."""
+    if not entry.linear:
+        return tuple(range(ndim))
+    return (*range(entry.in_dims, ndim), *range(entry.in_dims))
+
+
+def _slices(ranges: list[range]) -> tuple[slice, ...]:
+    return tuple(slice(r.start, r.stop) for r in ranges)
+
+
+def _flat_positions(ranges: list[range], dims: tuple[int, ...]) -> np.ndarray:
+    """Row-major positions, along the dimension flattened from `dims`, of a block's elements."""
+    grid = np.meshgrid(*(np.arange(r.start, r.stop) for r in ranges), indexing="ij")
+    return np.ravel_multi_index(grid, dims).ravel()
+
+
+def _scales_of(files: SafetensorsDir, name: str, view: tuple[int, ...], ranges: list[range], n_out: int) -> np.ndarray:
+    """The scale of each element of a block, as [rows, cols] of the file's [out, in] matrix, read from
+    only the 128x128 scale blocks that cover the block."""
+    rows = _flat_positions(ranges[:n_out], view[:n_out]) // BLOCK
+    cols = _flat_positions(ranges[n_out:], view[n_out:]) // BLOCK
+    s = files.read(_scale_name(name), (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)))
+    return s.astype(np.float32)[(rows - rows[0])[:, None], cols - cols[0]]
+
+
+def _read_block(files: SafetensorsDir, entry: Entry, shape: tuple[int, ...], ranges: list[range],
+                dtype: np.dtype, dequantize: bool = True) -> np.ndarray:
+    """Block `ranges` of one (per-expert) leaf of `shape`, read alone from the file, FP8 dequantised
+    per element as `dequantize_weight` does (`dequantize=False`: the file's values as they are)."""
+    axes = _file_axes(entry, len(shape))
+    view = tuple(shape[a] for a in axes)
+    view_ranges = [ranges[a] for a in axes]
+    x = files.read(entry.name, _slices(view_ranges), view)
+    if dequantize and x.size and _scale_name(entry.name) in files:
+        s = _scales_of(files, entry.name, view, view_ranges, len(shape) - entry.in_dims)
+        x = (x.astype(np.float32).reshape(s.shape) * s).reshape(x.shape)
+    return np.ascontiguousarray(np.transpose(x, np.argsort(axes)), dtype)
+
+
+# read(entry, per-expert shape, ranges) -> that tensor's part of a block.
+BlockReader = Callable[[Entry, tuple[int, ...], list[range]], np.ndarray]
+
+
+def _block(read: BlockReader, entries: list[Entry], shape: tuple[int, ...], index: tuple[slice, ...],
+           dtype: np.dtype) -> np.ndarray:
+    """Block `index` of a leaf; of a stacked leaf [E, ...], only the block's experts, one at a time."""
+    ranges = [range(*s.indices(d)) for s, d in zip(index, shape)]
+    if entries[0].expert is None:
+        return read(entries[0], shape, ranges)
+    out = np.empty([len(r) for r in ranges], dtype)
+    for i, e in enumerate(ranges[0]):
+        out[i] = read(entries[e], shape[1:], ranges[1:])
+    return out
+
+
+def _make_array(read: BlockReader, entries: list[Entry], shape: tuple[int, ...], sharding, dtype) -> jax.Array:
+    """One leaf on its devices; devices holding the same block (replicas) share one read of it."""
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s.indices(d)[:2] for s, d in zip(index, shape))
+        if key not in blocks:
+            blocks[key] = _block(read, entries, shape, index, dtype)
+        return blocks[key]
+
+    return jax.make_array_from_callback(shape, sharding, callback)
+
+
+def _block_axis(spec: tuple, dims: tuple[int, ...], mesh) -> str | tuple[str, ...] | None:
+    """How to split one block axis of FP8 scales: as the side ([out] or [in], flattened from `dims`
+    split as `spec`) it tiles, where each device's part of that side is a run of whole 128-blocks
+    (only the side's first dimension split, into parts a multiple of 128 long), so a device holds the
+    scales of its own values and no other; else None: replicated (one float32 per 16384 values)."""
+    if spec[0] is None or any(s is not None for s in spec[1:]):
+        return None
+    parts = math.prod(mesh.shape[a] for a in ((spec[0],) if isinstance(spec[0], str) else spec[0]))
+    return spec[0] if (math.prod(dims) // parts) % BLOCK == 0 else None
+
+
+def _scale_sharding(sharding, entry: Entry, leaf: tuple[int, ...]):
+    """Where an Fp8Weight's scales [E?, out/128, in/128] go, given where its values go: the expert
+    axis split as the values', each block axis as `_block_axis` says."""
+    if not isinstance(sharding, NamedSharding):
+        if not sharding.is_fully_replicated:
+            raise ValueError(f"keep_fp8: {entry.name} is to be split by {sharding}; give a NamedSharding")
+        return sharding
+    spec = (*sharding.spec, *(None,) * (len(leaf) - len(sharding.spec)))
+    lead, spec, dims = (spec[:1], spec[1:], leaf[1:]) if entry.expert is not None else ((), spec, leaf)
+    n = entry.in_dims
+    return NamedSharding(sharding.mesh, PartitionSpec(
+        *lead, _block_axis(spec[n:], dims[n:], sharding.mesh), _block_axis(spec[:n], dims[:n], sharding.mesh)))
+
+
+def _sharded_fp8(files: SafetensorsDir, entries: list[Entry], leaf: tuple[int, ...], sharding) -> Fp8Weight:
+    """An Fp8Weight kept 8-bit: its values split as the leaf, its scales as `_scale_sharding`."""
+    first, stacked = entries[0], entries[0].expert is not None
+    q_dtype = files.dtype(first.name)
+    q = _make_array(lambda e, shape, r: _read_block(files, e, shape, r, q_dtype, dequantize=False),
+                    entries, leaf, sharding, q_dtype)
+    scale_shape = (*leaf[:1 if stacked else 0], *files.shape(_scale_name(first.name)))
+    scale = _make_array(lambda e, _, r: files.read(_scale_name(e.name), _slices(r)).astype(np.float32),
+                        entries, scale_shape, _scale_sharding(sharding, first, leaf), np.dtype(np.float32))
+    return Fp8Weight(q, scale, first.in_dims, stacked)
+
+
+def _by_leaf(cfg: ModelConfig) -> dict[tuple[str, ...], list[Entry]]:
+    """The tensors of each leaf of our tree (a stacked leaf's experts in order)."""
+    leaves: dict[tuple[str, ...], list[Entry]] = {}
+    for entry in layout(cfg):
+        leaves.setdefault(entry.path, []).append(entry)
+    return leaves
+
+
+def _load_sharded(files: SafetensorsDir, cfg: ModelConfig, shapes: dict, shardings: dict, dtype,
+                  keep_fp8: bool) -> dict:
+    """The variables, each leaf made on its devices as `shardings` (a tree like them) says."""
+    variables: dict = {}
+    dtype = jnp.dtype(dtype)
+    read = lambda e, shape, r: _read_block(files, e, shape, r, dtype)
+    for path, entries in _by_leaf(cfg).items():
+        leaf, sharding = tuple(_get(shapes, path).shape), _get(shardings, path)
+        scaled = [_checked_scaled(files, e, _file_shape(e, leaf)) for e in entries]
+        if keep_fp8 and entries[0].fp8 and all(scaled):
+            _set(variables, path, _sharded_fp8(files, entries, leaf, sharding))
+        else:
+            _set(variables, path, _make_array(read, entries, leaf, sharding, dtype))
+    return variables
+
+
+def load_hf_checkpoint(path: str, dtype=jnp.float32, keep_fp8: bool = False,
+                       shardings: Shardings | None = None) -> tuple[ModelConfig, dict]:
     """Read a transformers-layout DeepseekV3/V2 directory -> (ModelConfig, variables).
 
     `keep_fp8`: weights stored in FP8 (with weight_scale_inv) become `Fp8Weight`s holding the file's
-    8-bit values and scales, never expanded to full precision on the host; the rest load at `dtype`."""
+    8-bit values and scales, never expanded to full precision on the host; the rest load at `dtype`.
+    `shardings` (`Shardings`): each leaf is made on its devices, each of the process's devices' blocks
+    read alone from the files (a stacked leaf's experts one by one, FP8 dequantised with just the
+    scale blocks covering it); an Fp8Weight's values take the leaf's sharding, its scales
+    `_scale_sharding`. Without it, leaves are whole, on the default device."""
     cfg = config_from_hf(read_hf_config(path))
     files = SafetensorsDir(path)
     depth = _count_mtp_layers(cfg, files)
@@ -196,14 +349,13 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, keep_fp8: bool = False) -> 
                  path, cfg.mtp_depth, depth, depth)
         cfg = cfg.replace(mtp_depth=depth)
     shapes = variable_shapes(cfg)
+    if shardings is not None:
+        tree = shardings(cfg) if callable(shardings) else shardings
+        return cfg, _load_sharded(files, cfg, shapes, tree, dtype, keep_fp8)
     variables: dict = {}
     stacks: dict[tuple[str, ...], np.ndarray] = {}
-    fp8_leaves: dict[tuple[str, ...], list[Entry]] = {}
-    for entry in layout(cfg):
-        if keep_fp8 and entry.fp8:
-            fp8_leaves.setdefault(entry.path, []).append(entry)
-    for path_, entries in fp8_leaves.items():
-        kept = _load_fp8_leaf(files, cfg, entries, _get(shapes, path_).shape)
+    for path_, entries in _by_leaf(cfg).items():
+        kept = _load_fp8_leaf(files, cfg, entries, _get(shapes, path_).shape) if keep_fp8 and entries[0].fp8 else None
         if kept is not None:
             _set(variables, path_, kept)
     for entry in layout(cfg):

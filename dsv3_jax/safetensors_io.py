@@ -3,6 +3,10 @@
 The `safetensors` package writes these dtypes from numpy (through ml_dtypes) but cannot read them
 back into numpy, and its other frameworks copy every tensor. This reader maps each file once and
 hands out read-only views, so a checkpoint is streamed tensor by tensor, never held twice.
+`read(name, index)` copies out one block of a tensor (what one device holds of it) through a map of
+that tensor's bytes alone, dropped once the block is copied: a sharded load touches every byte of
+the checkpoint, and pages of a long-lived map would stay resident (clean page cache, but counted in
+the process's memory and, in a container, against its limit) until the whole checkpoint is.
 Writing still goes through `safetensors.numpy.save_file`.
 """
 from __future__ import annotations
@@ -42,13 +46,26 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
+    def dtype(self, name: str) -> np.dtype:
         entry = self.header[name]
         if entry["dtype"] not in DTYPES:
             raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        start, end = entry["data_offsets"]
+        return np.dtype(DTYPES[entry["dtype"]])
+
+    def get(self, name: str) -> np.ndarray:
+        start, end = self.header[name]["data_offsets"]
         raw = self._buffer()[self._data_start + start: self._data_start + end]
-        return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return raw.view(self.dtype(name)).reshape(self.shape(name))
+
+    def read(self, name: str, index: tuple[slice, ...], shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A copy of `tensor[index]`, the tensor viewed as `shape` (a reshape of the stored one, to
+        address the rows and columns of a flattened dimension separately)."""
+        dtype, shape = self.dtype(name), self.shape(name) if shape is None else shape
+        start, end = self.header[name]["data_offsets"]
+        if start == end:
+            return np.empty((0,), dtype).reshape(shape)[index]
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start + start, shape=(end - start,))
+        return np.array(raw.view(dtype).reshape(shape)[index])
 
 
 class SafetensorsDir:
@@ -89,5 +106,11 @@ class SafetensorsDir:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(name).shape(name)
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._file(name).dtype(name)
+
     def get(self, name: str) -> np.ndarray:
         return self._file(name).get(name)
+
+    def read(self, name: str, index: tuple[slice, ...], shape: tuple[int, ...] | None = None) -> np.ndarray:
+        return self._file(name).read(name, index, shape)
