@@ -25,8 +25,9 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
+        # libtpu: compile-only TPU plans (dsv3_jax.plan, tests/test_plan.py); the release jax[tpu]==0.10.2 pins.
         "dev": ["pytest>=8", "ruff>=0.5", "torch", "transformers>=5.0", "tensorboard>=2.16", "nbclient>=0.10",
-                "nbformat>=5.9", "ipykernel>=6.29", "pytest-xdist>=3.5"],
+                "nbformat>=5.9", "ipykernel>=6.29", "pytest-xdist>=3.5", "libtpu==0.0.42.*"],
         "gpu": ["jax[cuda12]>=0.6", "jax-triton>=0.3"],
     },
 )

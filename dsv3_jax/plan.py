@@ -1,0 +1,398 @@
+"""Compile-only plans: the real training step of a config, compiled for TPU chips this host does not have.
+
+`python -m dsv3_jax.plan --config small --target v5e:2x2 --mesh fsdp=4 --batch 8 --seq 256`
+
+libtpu (`pip install "jax[tpu]==0.10.2"`) describes a TPU topology without the hardware
+(`jax.experimental.topologies.get_topology_desc`); its devices form our mesh, and the step that
+`jit_steps` would run (the same `train_step`, state shardings, batch sharding and donation) is lowered
+under that mesh with `Runtime(platform="tpu")`, so every per-platform choice follows the target, and
+compiled by the TPU compiler. What it reports, per device:
+
+- memory, from `memory_analysis()`: arguments (the train state's shards and the batch's), temporaries
+  (activations, gradients, the optimizer's scratch) and outputs (the new state, the metrics). The state
+  is donated, so most outputs are written into the argument buffers; those bytes (`alias`) are counted
+  once: total = arguments + temporaries + outputs - alias. The program's code (generated_code_size) is
+  left out.
+  TPU layouts pad the two minor dimensions of every array to tiles of (8, 128) 32-bit values, so small
+  models take far more than their element count.
+- `fits`: total <= the HBM the compiler lets a program use on that chip (`CHIPS`). A step whose
+  temporaries alone exceed it is refused by the compiler (RESOURCE_EXHAUSTED); its figures are read
+  from that message.
+- FLOPs: the compiler's count for one device's program (`cost_analysis()`) beside the cost model's
+  (`costmodel.train_flops_per_token` x tokens / devices), with the known reasons they differ.
+- an ESTIMATE of the step time: the larger of compute (FLOPs at the chip's published BF16 peak) and
+  HBM traffic (the compiler's bytes accessed at the published bandwidth); no communication, no
+  overlap losses. MFU = model FLOPs / (estimated step time x peak).
+
+Exit codes: 0 the plan fits, 3 it does not (one line with the numbers), 2 bad input (one line).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.costmodel import attention_train_flops_per_token, train_flops_per_token
+from dsv3_jax.ops.remat import NONE as NO_REMAT
+from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
+from dsv3_jax.parallel.rules import batch_sharding, batch_shards, replicated
+from dsv3_jax.runtime import Runtime, choices
+from dsv3_jax.train.loop import TrainConfig, TrainingError, optim_config
+from dsv3_jax.train.step import MOMENT_DTYPES, OptimConfig, TrainState, init_state, state_shardings, train_step
+
+GIB = 1 << 30
+EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT = 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: published per-chip peaks (docs FACTS.md s.7) and what libtpu allows."""
+
+    name: str
+    hbm_bytes: float  # published HBM per chip (FACTS.md's GB; the usable figures show they are GiB)
+    hbm_bandwidth: float  # bytes/s per chip
+    bf16_flops: float  # dense BF16 FLOP/s per chip
+    devices_per_chip: int  # JAX devices per chip (Ironwood shows each of its 2 TensorCores)
+    # HBM one device's program may use, as the compiler states it when a program exceeds it
+    # ("exceeds available HBM (15.75G)", G = GiB); docs/SCALE.md has the command.
+    usable_hbm_bytes: int
+
+    def per_device(self, value: float) -> float:
+        return value / self.devices_per_chip
+
+
+CHIPS = {
+    "v5e": Chip("TPU v5e", 16 * GIB, 819e9, 197e12, 1, round(15.75 * GIB)),
+    "v5p": Chip("TPU v5p", 95 * GIB, 2765e9, 459e12, 1, round(95.74 * GIB)),
+    "v6e": Chip("TPU v6e", 32 * GIB, 1640e9, 918e12, 1, round(31.25 * GIB)),
+    "tpu7x": Chip("TPU7x", 192 * GIB, 7370e9, 2307e12, 2, round(94.75 * GIB)),
+}
+
+
+class PlanError(ValueError):
+    """Bad input: an unknown target, a mesh or batch that does not fit the devices."""
+
+
+# ---- the target ---------------------------------------------------------------------------------
+def chip_of(target: str) -> Chip:
+    """"v5e:2x2" -> CHIPS["v5e"]; PlanError naming the known chips otherwise."""
+    name, sep, shape = target.partition(":")
+    if name not in CHIPS or not sep or not shape:
+        raise PlanError(f"--target {target!r}: expected CHIP:TOPOLOGY as libtpu spells it, e.g. v5e:2x2 or "
+                        f"v5p:2x2x1, with CHIP one of {', '.join(CHIPS)}")
+    return CHIPS[name]
+
+
+@contextlib.contextmanager
+def _native_stderr_dropped() -> Iterator[None]:
+    """Drops what native code writes to stderr in the block: libtpu warns at load that it finds no TPU
+    VM metadata, which says nothing about a compile-only plan (its errors come as exceptions). Whoever
+    passes libtpu flags (LIBTPU_INIT_ARGS) sees everything: libtpu exits on a flag it does not know."""
+    if os.environ.get("LIBTPU_INIT_ARGS"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def topology_devices(target: str) -> list:
+    """The compile-only devices of a libtpu topology ("v5e:2x2": 4 chips)."""
+    chip_of(target)
+    if importlib.util.find_spec("libtpu") is None:
+        raise PlanError("libtpu is not installed; compile-only TPU plans need it: pip install 'jax[tpu]==0.10.2'")
+    # libtpu locks /tmp/libtpu_lockfile for the chips it drives; a plan drives none, so it need not wait
+    # for (or fail on) another process holding it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        with _native_stderr_dropped():
+            return list(topologies.get_topology_desc(platform="tpu", topology_name=target).devices)
+    except Exception as e:  # libtpu's own errors (an impossible shape) come as several runtime types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PlanError(f"--target {target!r}: libtpu cannot make this topology ({first})") from e
+
+
+# ---- compiling the step -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    cfg: ModelConfig
+    target: str
+    mesh: dict[str, int]
+    batch: int
+    seq: int
+    runtime: Runtime
+    optim: OptimConfig
+
+
+def _abstract_inputs(setup: Setup, mesh) -> tuple[TrainState, jax.ShapeDtypeStruct, TrainState, object]:
+    """(state, window) as ShapeDtypeStructs carrying their shardings, and those shardings."""
+    shardings = state_shardings(setup.cfg, setup.optim, mesh)
+    abstract = jax.eval_shape(lambda: init_state(setup.cfg, setup.optim, 0))
+    state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    rows = batch_sharding(mesh)
+    # A row is a window of T + 1 + D tokens (objective.compute_loss): T inputs, their targets, MTP's.
+    window = jax.ShapeDtypeStruct((setup.batch, setup.seq + 1 + setup.cfg.mtp_depth), jnp.int32, sharding=rows)
+    return state, window, shardings, rows
+
+
+def _check_batch(setup: Setup, mesh) -> None:
+    shards, accum = batch_shards(mesh), setup.optim.grad_accum
+    if setup.batch < 1 or setup.seq < 1:
+        raise PlanError(f"--batch {setup.batch} --seq {setup.seq}: both must be at least 1")
+    if setup.batch % (shards * accum):
+        raise PlanError(f"--batch {setup.batch} does not split into {accum} microbatch(es) over the mesh's "
+                        f"{shards} batch shards (data x fsdp x expert); use a multiple of {shards * accum}")
+
+
+def compile_step(setup: Setup, devices: Sequence) -> tuple[jax.stages.Compiled, float]:
+    """The train step `jit_steps` builds for this mesh, compiled for `devices`; (compiled, seconds).
+    Raises jax.errors.JaxRuntimeError RESOURCE_EXHAUSTED when its temporaries exceed the HBM."""
+    mesh = make_mesh(setup.mesh, devices=devices)
+    _check_batch(setup, mesh)
+    state, window, shardings, rows = _abstract_inputs(setup, mesh)
+    cfg, optim, runtime = setup.cfg, setup.optim, setup.runtime
+    step = jax.jit(lambda s, w: train_step(s, w, cfg, optim, runtime), in_shardings=(shardings, rows),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):  # dispatch reads the mesh's devices; the expert axis turns on EP
+        lowered = step.lower(state, window)
+    compiled = lowered.compile()
+    return compiled, time.perf_counter() - start
+
+
+# ---- what the compiler says ---------------------------------------------------------------------
+def memory_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """Per-device bytes; outputs written into donated arguments (alias) are counted once."""
+    m = compiled.memory_analysis()
+    parts = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+             "outputs": m.output_size_in_bytes, "alias": m.alias_size_in_bytes}
+    parts["total"] = parts["arguments"] + parts["temporaries"] + parts["outputs"] - parts["alias"]
+    return {k: int(v) for k, v in parts.items()}
+
+
+_SIZE = r"([\d.]+)([KMGT])"
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def oom_bytes(message: str) -> tuple[int, int] | None:
+    """(bytes needed, bytes available) from the TPU compiler's out-of-memory message, or None.
+    ("... required for HLO temporaries (235.17G) exceeds available HBM (15.75G)"; G = GiB.)"""
+    m = re.search(rf"\({_SIZE}\) exceeds available HBM \({_SIZE}\)", message)
+    if m is None:
+        return None
+    need, need_unit, have, have_unit = m.groups()
+    return round(float(need) * _UNITS[need_unit]), round(float(have) * _UNITS[have_unit])
+
+
+def model_flops_per_device(setup: Setup, num_devices: int) -> float:
+    return train_flops_per_token(setup.cfg, setup.seq) * setup.batch * setup.seq / num_devices
+
+
+def flops_parts(setup: Setup, num_devices: int) -> dict[str, float]:
+    """Per-device FLOPs the compiled step runs that the cost model leaves out, as far as they can be
+    counted from the config: the MTP blocks and their projection and head (the cost model follows the
+    paper, which leaves MTP out), and the masked half of the s x s attention scores (the cost model
+    counts a causal query's mean s/2 keys; the naive core computes all s)."""
+    cfg, d = setup.cfg, setup.cfg.mtp_depth
+    tokens = setup.batch * setup.seq / num_devices
+    with_mtp = cfg.replace(num_layers=cfg.num_layers + d) if d else cfg
+    mtp_per_token = (train_flops_per_token(with_mtp, setup.seq) - train_flops_per_token(cfg, setup.seq)
+                     + 6.0 * d * (2 * cfg.hidden_size ** 2 + cfg.vocab_size * cfg.hidden_size))
+    return {"mtp": mtp_per_token * tokens,
+            "masked_attention": attention_train_flops_per_token(with_mtp, setup.seq) * tokens}
+
+
+def flops_note(setup: Setup, num_devices: int, compiled_flops: float, model_flops: float) -> str:
+    """One line: why the compiler's FLOPs differ from the cost model's, as far as we know."""
+    # With microbatches the step is a loop, whose body the compiler counts once: compare one microbatch.
+    per = 1.0 / setup.optim.grad_accum
+    parts = {k: v * per for k, v in flops_parts(setup, num_devices).items()}
+    model = model_flops * per
+    rest = compiled_flops - model - sum(parts.values())
+    share = lambda x: f"{x / model:+.0%}"
+    reasons = [f"the compiler counts the {setup.optim.grad_accum}-microbatch loop's body once, so against one "
+               f"microbatch's model FLOPs" if per < 1 else "",
+               f"MTP blocks and head {share(parts['mtp'])}" if parts["mtp"] else "",
+               f"the masked half of the attention scores {share(parts['masked_attention'])}",
+               f"remat {setup.runtime.remat!r} recomputes forward work" if setup.runtime.remat != NO_REMAT else ""]
+    where = ("the routed experts' weight gradients, which the TPU compiler runs as dense matmuls over every "
+             "expert" + ("" if setup.mesh.get("expert", 1) > 1 else ", on every device over the whole batch's rows"))
+    tail = f"the rest {share(rest)}" + (f" is mostly {where} (docs/SCALE.md)" if setup.cfg.n_routed_experts else "")
+    return f"compiled / model = {compiled_flops / model:.2f}: " + "; ".join([r for r in reasons if r] + [tail])
+
+
+def roofline(chip: Chip, compiled_flops: float, bytes_accessed: float, model_flops: float) -> dict[str, float]:
+    """An ESTIMATE: compute at the published peak, HBM traffic at the published bandwidth, whichever
+    is longer; communication and overlap are not modelled. A compiled count below the model's (a loop
+    body counted once) is replaced by the model's."""
+    peak, bandwidth = chip.per_device(chip.bf16_flops), chip.per_device(chip.hbm_bandwidth)
+    compute_s = max(compiled_flops, model_flops) / peak
+    memory_s = bytes_accessed / bandwidth
+    step_s = max(compute_s, memory_s)
+    return {"compute_s": compute_s, "hbm_s": memory_s, "estimated_step_s": step_s,
+            "estimated_mfu": model_flops / (step_s * peak) if step_s else 0.0}
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+def _header(setup: Setup, devices: Sequence, chip: Chip) -> dict:
+    return {"config": setup.cfg.name, "target": setup.target, "chip": chip.name, "devices": len(devices),
+            "mesh": dict(setup.mesh), "batch": setup.batch, "seq": setup.seq,
+            "remat": setup.runtime.remat, "grad_accum": setup.optim.grad_accum,
+            "moments_dtype": setup.optim.moments_dtype, "dtype": setup.runtime.dtype,
+            "hbm_bytes": chip.usable_hbm_bytes, "hbm_published_bytes_per_device": chip.per_device(chip.hbm_bytes),
+            "model_flops_per_device": model_flops_per_device(setup, len(devices))}
+
+
+def _refused(report: dict, error: Exception) -> dict:
+    """The report of a step the compiler refused for want of HBM."""
+    found = oom_bytes(str(error))
+    if found is None:
+        raise error
+    need, have = found
+    report.update(fits=False, refused_by_compiler=True, hbm_bytes=have, compile_s=None,
+                  per_device_bytes={"arguments": None, "temporaries": need, "outputs": None, "total": None},
+                  compiled_flops_per_device=None, estimated_step_s=None, estimated_mfu=None)
+    return report
+
+
+def plan(setup: Setup, devices: Sequence) -> dict:
+    """Compile the step for `devices` and report what the compiler says (module docstring)."""
+    chip = chip_of(setup.target)
+    report = _header(setup, devices, chip)
+    try:
+        compiled, seconds = compile_step(setup, devices)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return _refused(report, e)
+    memory = memory_bytes(compiled)
+    cost = compiled.cost_analysis()
+    flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    model = report["model_flops_per_device"]
+    report.update(per_device_bytes=memory, fits=memory["total"] <= chip.usable_hbm_bytes, compile_s=seconds,
+                  compiled_flops_per_device=flops, compiled_bytes_accessed_per_device=traffic,
+                  flops_note=flops_note(setup, len(devices), flops, model), **roofline(chip, flops, traffic, model))
+    return report
+
+
+# ---- output -------------------------------------------------------------------------------------
+def _size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / (1 << 20):.1f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
+def refusal_line(r: dict) -> str:
+    """The one line of a plan that does not fit."""
+    b = r["per_device_bytes"]
+    where = f"{r['config']} on {r['target']} ({r['devices']} devices), batch {r['batch']} x seq {r['seq']}"
+    if r.get("refused_by_compiler"):
+        return (f"does not fit: {where}: the compiler refused it, its temporaries alone need "
+                f"{_size(b['temporaries'])} per device, {_size(r['hbm_bytes'])} of HBM available")
+    return (f"does not fit: {where}: {_size(b['total'])} per device (arguments {_size(b['arguments'])} + "
+            f"temporaries {_size(b['temporaries'])} + outputs {_size(b['outputs'])} - donated "
+            f"{_size(b['alias'])}), {_size(r['hbm_bytes'])} of HBM available")
+
+
+def format_report(r: dict) -> str:
+    b = r["per_device_bytes"]
+    mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
+    lines = [
+        f"plan: {r['config']} on {r['target']} ({r['chip']}, {r['devices']} devices, mesh {mesh}), batch "
+        f"{r['batch']} x seq {r['seq']}, remat {r['remat']}, grad_accum {r['grad_accum']}, moments "
+        f"{r['moments_dtype']}; compiled in {r['compile_s']:.1f} s",
+        "per device (compiler's memory_analysis):",
+        f"  arguments    {b['arguments']:>16,d} B  {_size(b['arguments'])}",
+        f"  temporaries  {b['temporaries']:>16,d} B  {_size(b['temporaries'])}",
+        f"  outputs      {b['outputs']:>16,d} B  {_size(b['outputs'])}  ({b['alias']:,d} B of them written into "
+        f"the donated arguments, counted once)",
+        f"  total        {b['total']:>16,d} B  {_size(b['total'])} of {_size(r['hbm_bytes'])} usable HBM: "
+        f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"FLOPs per device: compiled {r['compiled_flops_per_device']:.4g}, cost model "
+        f"{r['model_flops_per_device']:.4g} ({r['flops_note']})",
+        f"ESTIMATE (roofline, no communication): step {_duration(r['estimated_step_s'])} (compute "
+        f"{_duration(r['compute_s'])} at peak, HBM traffic {_duration(r['hbm_s'])}), MFU {r['estimated_mfu']:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+# ---- command line -------------------------------------------------------------------------------
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags: one line ("prog: error: ..."), exit 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="python -m dsv3_jax.plan", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="small", help="preset name or ModelConfig JSON path")
+    p.add_argument("--target", default="v5e:2x2", help="TPU topology as libtpu spells it: v5e:2x2, v5p:2x2x1, ...")
+    p.add_argument("--mesh", default="", help="axis=size entries as train.py's, e.g. fsdp=2,expert=2 "
+                                                  "(default: every device on fsdp)")
+    p.add_argument("--batch", type=int, default=8, help="global sequences a step")
+    p.add_argument("--seq", type=int, default=256, help="tokens a sequence")
+    p.add_argument("--remat", default="none", choices=choices("remat"), help="Runtime.remat policy")
+    p.add_argument("--grad_accum", type=int, default=1, help="microbatches a step (OptimConfig.grad_accum)")
+    p.add_argument("--moments", default="auto", choices=("auto", *MOMENT_DTYPES),
+                   help="AdamW moments' dtype, as train.py's --moments (auto: bfloat16 from 1B parameters)")
+    p.add_argument("--json", action="store_true", help="print the report as one line of JSON")
+    return p
+
+
+def setup_from_args(args: argparse.Namespace, num_devices: int) -> Setup:
+    try:
+        cfg = ModelConfig.from_json(args.config)
+        mesh = parse_mesh(args.mesh or f"fsdp={num_devices}", num_devices)
+        runtime = Runtime(dtype="bfloat16", platform="tpu", remat=args.remat)
+        # train.py's optimizer for these flags (its schedule does not change the compiled step).
+        optim = optim_config(TrainConfig(workdir="", batch_size=args.batch, grad_accum=args.grad_accum,
+                                         moments=args.moments), cfg)
+    except (OSError, ValueError, TrainingError) as e:
+        raise PlanError(str(e)) from e
+    return Setup(cfg, args.target, mesh, args.batch, args.seq, runtime, optim)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if "JAX_PLATFORMS" not in os.environ:  # the host runs nothing; keep jax off libtpu's real-chip path
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        devices = topology_devices(args.target)
+        report = plan(setup_from_args(args, len(devices)), devices)
+    except PlanError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(refusal_line(report) if not report["fits"] else format_report(report))
+    return 0 if report["fits"] else EXIT_DOES_NOT_FIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
