@@ -24,6 +24,13 @@ compiled by the TPU compiler. What it reports, per device:
   HBM traffic (the compiler's bytes accessed at the published bandwidth); no communication, no
   overlap losses. MFU = model FLOPs / (estimated step time x peak).
 
+`--mode decode` compiles the inference engine's decode step instead (`infer.engine.Generator.step`, one
+step a call, greedy, plain or `--speculative mtp`) for `--batch` rows whose latent caches hold
+`--context` tokens, with the weights as `infer.weights.convert_weights` makes them (`--weights bf16|fp8`)
+plus the absorbed attention halves `Transformer.prepare_decode` derives. Same memory figures, `fits`
+and exit codes; the estimate is memory-bound: the step's bytes accessed at the HBM bandwidth, and the
+tokens per second per device that gives (batch rows / devices / step time; one token a row a step).
+
 Exit codes: 0 the plan fits, 3 it does not (one line with the numbers), 2 bad input (one line).
 """
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -42,18 +50,26 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
+from jax.sharding import NamedSharding
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.costmodel import attention_train_flops_per_token, train_flops_per_token
+from dsv3_jax.costmodel import active_matmul_params, attention_train_flops_per_token, train_flops_per_token
+from dsv3_jax.infer.engine import PREFILL_BUCKET, GenerateConfig, GenerationError, Generator, cache_length
+from dsv3_jax.infer.weights import convert_weights
+from dsv3_jax.layers.cache import LatentCache
+from dsv3_jax.layers.mla import ABSORBED
+from dsv3_jax.model import Transformer, logical_axes, variable_shapes
+from dsv3_jax.ops.linear import Fp8Weight
 from dsv3_jax.ops.remat import NONE as NO_REMAT
 from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
-from dsv3_jax.parallel.rules import batch_sharding, batch_shards, replicated
+from dsv3_jax.parallel.rules import batch_sharding, batch_shards, param_shardings, replicated, to_mesh_spec
 from dsv3_jax.runtime import Runtime, choices
 from dsv3_jax.train.loop import TrainConfig, TrainingError, optim_config
 from dsv3_jax.train.step import MOMENT_DTYPES, OptimConfig, TrainState, init_state, state_shardings, train_step
 
 GIB = 1 << 30
 EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT = 2, 3
+MODES, DECODE_WEIGHTS, SPECULATIVE = ("train", "decode"), ("bf16", "fp8"), ("none", "mtp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +156,11 @@ class Setup:
     seq: int
     runtime: Runtime
     optim: OptimConfig
+    # --mode decode: the decode step for `batch` rows whose caches hold `context` tokens (`seq` unused)
+    mode: str = "train"
+    context: int = 0
+    weights: str = "bf16"
+    speculative: str = "none"
 
 
 def _abstract_inputs(setup: Setup, mesh) -> tuple[TrainState, jax.ShapeDtypeStruct, TrainState, object]:
@@ -175,6 +196,89 @@ def compile_step(setup: Setup, devices: Sequence) -> tuple[jax.stages.Compiled, 
     start = time.perf_counter()
     with jax.set_mesh(mesh):  # dispatch reads the mesh's devices; the expert axis turns on EP
         lowered = step.lower(state, window)
+    compiled = lowered.compile()
+    return compiled, time.perf_counter() - start
+
+
+# ---- compiling the decode step ------------------------------------------------------------------
+def decode_generator(setup: Setup) -> Generator:
+    """The engine's generator for this plan: greedy, one step a call, the cache in the compute dtype."""
+    try:
+        return Generator(setup.cfg, GenerateConfig(speculative=setup.speculative, steps_per_call=1),
+                         cache_dtype=None, runtime=setup.runtime)
+    except GenerationError as e:
+        raise PlanError(str(e)) from e
+
+
+def cache_slots(setup: Setup, depth: int) -> int:
+    """Slots per row for `context` tokens, rounded up as `engine.cache_length` rounds them."""
+    return cache_length(setup.cfg, setup.context, 0, depth)
+
+
+def _check_decode(setup: Setup, mesh) -> None:
+    shards, most = batch_shards(mesh), setup.cfg.max_position_embeddings
+    if setup.batch < 1 or setup.batch % shards:
+        raise PlanError(f"--batch {setup.batch}: decode rows must be a positive multiple of the mesh's {shards} "
+                        "batch shards (data x fsdp x expert)")
+    if not 1 <= setup.context <= most:
+        raise PlanError(f"--context {setup.context}: expected 1..{most} (the model's max_position_embeddings)")
+
+
+def _placed(abstract: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
+
+
+def abstract_decode_variables(setup: Setup, mesh) -> dict:
+    """The decode step's variables as ShapeDtypeStructs with shardings: the weights as `convert_weights`
+    makes them for `setup.weights`, plus `prepare_decode`'s absorbed collection."""
+    cfg, model, shapes = setup.cfg, Transformer(setup.cfg, setup.runtime), variable_shapes(setup.cfg)
+    abstract = jax.eval_shape(lambda v: model.prepare_decode(convert_weights(cfg, v, setup.weights)), shapes)
+    shardings, whole = param_shardings(logical_axes(cfg), shapes, mesh), replicated(mesh)
+
+    def place(sharding, leaf):
+        # An Fp8Weight's 8-bit values are sharded like the leaf they stand for; its block scales (one
+        # float32 per 128x128 block, 1/4096 of the values) are replicated.
+        if isinstance(leaf, Fp8Weight):
+            return leaf.replace(q=_placed(leaf.q, sharding), scale=_placed(leaf.scale, whole))
+        return _placed(leaf, sharding)
+
+    weights = {k: v for k, v in abstract.items() if k != ABSORBED}
+    placed = jax.tree_util.tree_map(place, shardings, weights)
+    # The absorbed halves of wkv_b ([H, C, N] and [H, V, C] per layer, derived once per generation) have
+    # no logical axes of their own: replicated, as small as wkv_b itself.
+    placed[ABSORBED] = jax.tree_util.tree_map(lambda a: _placed(a, whole), abstract[ABSORBED])
+    return placed
+
+
+def abstract_decode_state(setup: Setup, g: Generator, variables: dict, mesh):
+    """The engine's State after a prefill of [batch, PREFILL_BUCKET] tokens into caches of `cache_slots`
+    slots: the caches' rows split by `LatentCache.AXES`, everything else replicated."""
+    tokens = jax.ShapeDtypeStruct((setup.batch, PREFILL_BUCKET), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((setup.batch,), jnp.int32)
+    prefill = functools.partial(g._prefill, cache_len=cache_slots(setup, g.depth))
+    state, _ = jax.eval_shape(prefill, variables, tokens, lengths)
+    whole = replicated(mesh)
+
+    def place(x):
+        if isinstance(x, LatentCache):
+            spec = to_mesh_spec(LatentCache.AXES, mesh, x.rows.shape)
+            return x.replace(rows=_placed(x.rows, NamedSharding(mesh, spec)))
+        return _placed(x, whole)
+
+    return jax.tree_util.tree_map(place, state, is_leaf=lambda x: isinstance(x, LatentCache))
+
+
+def compile_decode(setup: Setup, devices: Sequence) -> tuple[jax.stages.Compiled, float]:
+    """The engine's jitted decode step (`Generator.step`, the state donated) compiled for `devices`;
+    (compiled, seconds). Raises jax.errors.JaxRuntimeError RESOURCE_EXHAUSTED as `compile_step`."""
+    mesh = make_mesh(setup.mesh, devices=devices)
+    _check_decode(setup, mesh)
+    g = decode_generator(setup)
+    variables = abstract_decode_variables(setup, mesh)
+    state = abstract_decode_state(setup, g, variables, mesh)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        lowered = g.step.lower(variables, state)
     compiled = lowered.compile()
     return compiled, time.perf_counter() - start
 
@@ -252,14 +356,44 @@ def roofline(chip: Chip, compiled_flops: float, bytes_accessed: float, model_flo
             "estimated_mfu": model_flops / (step_s * peak) if step_s else 0.0}
 
 
+def decode_model_flops_per_device(setup: Setup, num_devices: int) -> float:
+    """One decode step's forward FLOPs by the cost model: every row's window of 1 + D tokens through the
+    active matmul weights (head included), and the absorbed attention core over `context` cached
+    tokens (per head and key: C + R for the score, C for the output). MTP drafting is left out."""
+    cfg, depth = setup.cfg, cfg_depth(setup)
+    core = 2.0 * cfg.num_layers * cfg.num_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * setup.context
+    return (2.0 * active_matmul_params(cfg) + core) * setup.batch * (1 + depth) / num_devices
+
+
+def cfg_depth(setup: Setup) -> int:
+    return setup.cfg.mtp_depth if setup.speculative == "mtp" else 0
+
+
+def decode_estimate(chip: Chip, setup: Setup, num_devices: int, compiled_flops: float, bytes_accessed: float,
+                    model_flops: float) -> dict[str, float]:
+    """An ESTIMATE of a memory-bound decode step: the compiler's bytes accessed at the published HBM
+    bandwidth (compute at peak shown beside it); tokens/s per device counts one token a row a step
+    (with MTP, accepted drafts add to it)."""
+    peak, bandwidth = chip.per_device(chip.bf16_flops), chip.per_device(chip.hbm_bandwidth)
+    step_s = bytes_accessed / bandwidth
+    return {"compute_s": compiled_flops / peak, "hbm_s": step_s, "estimated_step_s": step_s,
+            "estimated_mfu": model_flops / (step_s * peak) if step_s else 0.0,
+            "estimated_tokens_per_s": setup.batch / num_devices / step_s if step_s else 0.0}
+
+
 # ---- the plan -----------------------------------------------------------------------------------
 def _header(setup: Setup, devices: Sequence, chip: Chip) -> dict:
-    return {"config": setup.cfg.name, "target": setup.target, "chip": chip.name, "devices": len(devices),
-            "mesh": dict(setup.mesh), "batch": setup.batch, "seq": setup.seq,
-            "remat": setup.runtime.remat, "grad_accum": setup.optim.grad_accum,
-            "moments_dtype": setup.optim.moments_dtype, "dtype": setup.runtime.dtype,
-            "hbm_bytes": chip.usable_hbm_bytes, "hbm_published_bytes_per_device": chip.per_device(chip.hbm_bytes),
-            "model_flops_per_device": model_flops_per_device(setup, len(devices))}
+    decode = setup.mode == "decode"
+    model = (decode_model_flops_per_device if decode else model_flops_per_device)(setup, len(devices))
+    report = {"mode": setup.mode, "config": setup.cfg.name, "target": setup.target, "chip": chip.name,
+              "devices": len(devices), "mesh": dict(setup.mesh), "batch": setup.batch, "seq": setup.seq,
+              "remat": setup.runtime.remat, "grad_accum": setup.optim.grad_accum,
+              "moments_dtype": setup.optim.moments_dtype, "dtype": setup.runtime.dtype,
+              "hbm_bytes": chip.usable_hbm_bytes, "hbm_published_bytes_per_device": chip.per_device(chip.hbm_bytes),
+              "model_flops_per_device": model}
+    if decode:
+        report.update(context=setup.context, weights=setup.weights, speculative=setup.speculative)
+    return report
 
 
 def _refused(report: dict, error: Exception) -> dict:
@@ -271,15 +405,17 @@ def _refused(report: dict, error: Exception) -> dict:
     report.update(fits=False, refused_by_compiler=True, hbm_bytes=have, compile_s=None,
                   per_device_bytes={"arguments": None, "temporaries": need, "outputs": None, "total": None},
                   compiled_flops_per_device=None, estimated_step_s=None, estimated_mfu=None)
+    if report["mode"] == "decode":
+        report["estimated_tokens_per_s"] = None
     return report
 
 
 def plan(setup: Setup, devices: Sequence) -> dict:
     """Compile the step for `devices` and report what the compiler says (module docstring)."""
-    chip = chip_of(setup.target)
+    chip, decode = chip_of(setup.target), setup.mode == "decode"
     report = _header(setup, devices, chip)
     try:
-        compiled, seconds = compile_step(setup, devices)
+        compiled, seconds = (compile_decode if decode else compile_step)(setup, devices)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -289,8 +425,14 @@ def plan(setup: Setup, devices: Sequence) -> dict:
     flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     model = report["model_flops_per_device"]
     report.update(per_device_bytes=memory, fits=memory["total"] <= chip.usable_hbm_bytes, compile_s=seconds,
-                  compiled_flops_per_device=flops, compiled_bytes_accessed_per_device=traffic,
-                  flops_note=flops_note(setup, len(devices), flops, model), **roofline(chip, flops, traffic, model))
+                  compiled_flops_per_device=flops, compiled_bytes_accessed_per_device=traffic)
+    if decode:
+        left_out = "MTP drafting, " if setup.speculative == "mtp" else ""
+        report.update(flops_note=f"compiled / model = {flops / model:.2f}: the model's count leaves out "
+                                 f"{left_out}sampling, the norms and the cache writes",
+                      **decode_estimate(chip, setup, len(devices), flops, traffic, model))
+    else:
+        report.update(flops_note=flops_note(setup, len(devices), flops, model), **roofline(chip, flops, traffic, model))
     return report
 
 
@@ -308,7 +450,9 @@ def _duration(seconds: float) -> str:
 def refusal_line(r: dict) -> str:
     """The one line of a plan that does not fit."""
     b = r["per_device_bytes"]
-    where = f"{r['config']} on {r['target']} ({r['devices']} devices), batch {r['batch']} x seq {r['seq']}"
+    shape = (f"decode, {r['batch']} rows x context {r['context']}, {r['weights']} weights"
+             if r["mode"] == "decode" else f"batch {r['batch']} x seq {r['seq']}")
+    where = f"{r['config']} on {r['target']} ({r['devices']} devices), {shape}"
     if r.get("refused_by_compiler"):
         return (f"does not fit: {where}: the compiler refused it, its temporaries alone need "
                 f"{_size(b['temporaries'])} per device, {_size(r['hbm_bytes'])} of HBM available")
@@ -320,10 +464,13 @@ def refusal_line(r: dict) -> str:
 def format_report(r: dict) -> str:
     b = r["per_device_bytes"]
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
+    decode = r["mode"] == "decode"
+    what = (f"decode step, {r['batch']} rows x context {r['context']}, {r['weights']} weights, speculative "
+            f"{r['speculative']}" if decode else f"batch {r['batch']} x seq {r['seq']}, remat {r['remat']}, "
+            f"grad_accum {r['grad_accum']}, moments {r['moments_dtype']}")
     lines = [
-        f"plan: {r['config']} on {r['target']} ({r['chip']}, {r['devices']} devices, mesh {mesh}), batch "
-        f"{r['batch']} x seq {r['seq']}, remat {r['remat']}, grad_accum {r['grad_accum']}, moments "
-        f"{r['moments_dtype']}; compiled in {r['compile_s']:.1f} s",
+        f"plan: {r['config']} on {r['target']} ({r['chip']}, {r['devices']} devices, mesh {mesh}), {what}; "
+        f"compiled in {r['compile_s']:.1f} s",
         "per device (compiler's memory_analysis):",
         f"  arguments    {b['arguments']:>16,d} B  {_size(b['arguments'])}",
         f"  temporaries  {b['temporaries']:>16,d} B  {_size(b['temporaries'])}",
@@ -333,6 +480,9 @@ def format_report(r: dict) -> str:
         f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
         f"FLOPs per device: compiled {r['compiled_flops_per_device']:.4g}, cost model "
         f"{r['model_flops_per_device']:.4g} ({r['flops_note']})",
+        f"ESTIMATE (memory-bound, no communication): step {_duration(r['estimated_step_s'])} (bytes accessed "
+        f"{r['compiled_bytes_accessed_per_device']:.4g} at the HBM bandwidth; compute {_duration(r['compute_s'])} "
+        f"at peak), {r['estimated_tokens_per_s']:,.0f} tokens/s per device" if decode else
         f"ESTIMATE (roofline, no communication): step {_duration(r['estimated_step_s'])} (compute "
         f"{_duration(r['compute_s'])} at peak, HBM traffic {_duration(r['hbm_s'])}), MFU {r['estimated_mfu']:.1%}",
     ]
@@ -353,12 +503,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="v5e:2x2", help="TPU topology as libtpu spells it: v5e:2x2, v5p:2x2x1, ...")
     p.add_argument("--mesh", default="", help="axis=size entries as train.py's, e.g. fsdp=2,expert=2 "
                                                   "(default: every device on fsdp)")
-    p.add_argument("--batch", type=int, default=8, help="global sequences a step")
+    p.add_argument("--mode", default="train", choices=MODES, help="compile the training step or the decode step")
+    p.add_argument("--batch", type=int, default=8, help="global sequences a step (decode: rows decoded at once)")
     p.add_argument("--seq", type=int, default=256, help="tokens a sequence")
     p.add_argument("--remat", default="none", choices=choices("remat"), help="Runtime.remat policy")
     p.add_argument("--grad_accum", type=int, default=1, help="microbatches a step (OptimConfig.grad_accum)")
     p.add_argument("--moments", default="auto", choices=("auto", *MOMENT_DTYPES),
                    help="AdamW moments' dtype, as train.py's --moments (auto: bfloat16 from 1B parameters)")
+    p.add_argument("--weights", default="bf16", choices=DECODE_WEIGHTS, help="decode: weight precision "
+                   "(infer.weights.convert_weights; fp8: E4M3 linear weights with 128x128 block scales)")
+    p.add_argument("--context", type=int, default=None,
+                   help="decode: tokens each row's cache holds (default: the model's max_position_embeddings)")
+    p.add_argument("--speculative", default="none", choices=SPECULATIVE, help="decode: plain or MTP-speculative")
     p.add_argument("--json", action="store_true", help="print the report as one line of JSON")
     return p
 
@@ -373,7 +529,9 @@ def setup_from_args(args: argparse.Namespace, num_devices: int) -> Setup:
                                          moments=args.moments), cfg)
     except (OSError, ValueError, TrainingError) as e:
         raise PlanError(str(e)) from e
-    return Setup(cfg, args.target, mesh, args.batch, args.seq, runtime, optim)
+    context = cfg.max_position_embeddings if args.context is None else args.context
+    return Setup(cfg, args.target, mesh, args.batch, args.seq, runtime, optim, mode=args.mode, context=context,
+                 weights=args.weights, speculative=args.speculative)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

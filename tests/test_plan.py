@@ -1,5 +1,6 @@
-"""Compile-only TPU plans (`python -m dsv3_jax.plan`): the real train step compiled for `v5e:2x2` (4 chips)
-by libtpu on this CPU host, its memory against a count made here, refusals through the real CLI."""
+"""Compile-only TPU plans (`python -m dsv3_jax.plan`): the real train and decode steps compiled for `v5e:2x2`
+(4 chips) by libtpu on this CPU host, the train step's memory against a count made here, refusals through the
+real CLI."""
 from __future__ import annotations
 
 import dataclasses
@@ -122,6 +123,65 @@ def test_remat_passes_through(reports, devices):
     assert r["model_flops_per_device"] == reports["tiny"]["model_flops_per_device"]
 
 
+DECODE_KEYS = REQUIRED_KEYS | {"mode", "context", "weights", "estimated_tokens_per_s"}
+
+
+def _decode_setup(name: str, weights: str = "bf16", speculative: str = "none", context: int = 256) -> plan.Setup:
+    return dataclasses.replace(_setup(name), mode="decode", context=context, weights=weights,
+                               speculative=speculative)
+
+
+@pytest.fixture(scope="module")
+def decode_reports(devices):
+    return {w: plan.plan(_decode_setup("tiny", w), devices) for w in ("bf16", "fp8")}
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
+def test_decode_compiles_and_fits(decode_reports, weights):
+    r = decode_reports[weights]
+    assert DECODE_KEYS <= set(r) and json.loads(json.dumps(r))["mode"] == "decode"
+    assert r["fits"] and r["weights"] == weights and r["context"] == 256 and r["compile_s"] > 0
+    b = r["per_device_bytes"]
+    assert b["total"] == b["arguments"] + b["temporaries"] + b["outputs"] - b["alias"] <= r["hbm_bytes"]
+    # The state (the caches above all) is donated: the new one is written over the old.
+    assert b["alias"] >= 0.9 * b["outputs"] > 0
+    assert r["compiled_flops_per_device"] > 0 and r["model_flops_per_device"] > 0
+    # The estimate is memory-bound: bytes accessed at the bandwidth, one token a row a step.
+    chip = plan.CHIPS["v5e"]
+    assert r["estimated_step_s"] == pytest.approx(r["compiled_bytes_accessed_per_device"] / chip.hbm_bandwidth)
+    assert r["estimated_tokens_per_s"] == pytest.approx(BATCH / 4 / r["estimated_step_s"])
+
+
+def test_decode_fp8_weights_take_less(decode_reports):
+    arguments = {w: r["per_device_bytes"]["arguments"] for w, r in decode_reports.items()}
+    assert arguments["fp8"] < arguments["bf16"]
+
+
+def test_decode_state_is_sharded(devices):
+    """The caches' rows split over the batch shards; the fp8 block scales and absorbed halves replicated."""
+    setup = _decode_setup("tiny", "fp8")
+    mesh = make_mesh(MESH, devices=devices)
+    variables = plan.abstract_decode_variables(setup, mesh)
+    fp8 = [x for x in jax.tree_util.tree_leaves(variables, is_leaf=lambda x: isinstance(x, plan.Fp8Weight))
+           if isinstance(x, plan.Fp8Weight)]
+    assert fp8 and all(w.scale.sharding.is_fully_replicated for w in fp8)
+    assert all(a.sharding.is_fully_replicated for a in jax.tree_util.tree_leaves(variables[plan.ABSORBED]))
+    state = plan.abstract_decode_state(setup, plan.decode_generator(setup), variables, mesh)
+    slots = plan.cache_slots(setup, 0)
+    assert slots % 64 == 0 and slots > setup.context
+    for cache in state.cache:
+        assert cache.slots == slots and cache.rows.shape[0] == BATCH * slots
+        assert cache.rows.sharding.shard_shape(cache.rows.shape)[0] == BATCH * slots // 4
+    assert state.length.sharding.is_fully_replicated
+
+
+def test_decode_speculative_mtp_compiles(devices, decode_reports):
+    r = plan.plan(_decode_setup("tiny", speculative="mtp"), devices)
+    assert r["fits"] and r["speculative"] == "mtp"
+    # A window of 1 + D tokens and the MTP chain: more work than plain decoding.
+    assert r["compiled_flops_per_device"] > decode_reports["bf16"]["compiled_flops_per_device"]
+
+
 def test_oom_message_parsed():
     message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                "(235.17G) exceeds available HBM (15.75G).")
@@ -153,8 +213,18 @@ def test_cli_refuses_a_plan_that_does_not_fit():
     assert "Traceback" not in out.stderr
 
 
+def test_cli_refuses_a_decode_that_does_not_fit():
+    # 32768 rows of 2048-token caches of `small` (~17 GiB of cache per chip): refused for want of HBM.
+    out = _cli("--mode", "decode", "--config", "small", "--target", TARGET, "--batch", "32768", "--context", "2048")
+    assert out.returncode == plan.EXIT_DOES_NOT_FIT, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("does not fit:") and "context 2048" in lines[0]
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("flags", [["--target", "v9z:2x2"], ["--target", "v5e:3x7"],
-                                   ["--target", "v5e:2x2", "--mesh", "fsdp=3"], ["--batch", "two"]])
+                                   ["--target", "v5e:2x2", "--mesh", "fsdp=3"], ["--batch", "two"],
+                                   ["--mode", "decode", "--context", "100000"], ["--mode", "decode", "--batch", "6"]])
 def test_cli_bad_input_is_one_line_and_exit_2(flags):
     out = _cli("--config", "tiny", *flags)
     assert out.returncode == plan.EXIT_BAD_INPUT
