@@ -38,13 +38,18 @@ QUERY_BLOCKS = 4  # causal query blocks of the blocked core: skip the masked key
 QUERY_BLOCK_MIN_T = 128  # shorter sequences gain too little to pay the block loop
 
 
+def _mesh_device():
+    """The abstract device of the current mesh's devices (None without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else getattr(mesh, "abstract_device", None)
+
+
 def platform(rt: Runtime) -> str:
     """The compile target's platform: the runtime's, else the current mesh's devices', else the
     default device's (where a plain jit compiles). "gpu" for CUDA and ROCm devices."""
     name = rt.platform
     if name is None:
-        mesh = jax.sharding.get_abstract_mesh()
-        device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+        device = _mesh_device()
         name = device.platform if device is not None else jax.devices()[0].platform
     return "gpu" if name in ("cuda", "rocm") else name
 
@@ -52,8 +57,7 @@ def platform(rt: Runtime) -> str:
 def kernel_backend(rt: Runtime) -> str:
     """The pallas_kernels backend for the target: the runtime's, or "auto" resolved for its platform
     (and, for a GPU mesh, its devices' kind: a Hopper target gets the Mosaic GPU kernels)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    device = _mesh_device()
     capability = capability_of_kind(device.device_kind) if device is not None else None
     return resolve_backend(rt.kernel_backend, platform=platform(rt), compute_capability=capability)
 
