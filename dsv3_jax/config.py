@@ -1,6 +1,7 @@
 """The one typed configuration of the model.
 
-`ModelConfig` is frozen and validated at construction; presets in `configs/*.json` hold only its
+`ModelConfig` is frozen and validated at construction, types strictly (a JSON `"false"` is not a
+boolean, `64.0` not an integer, `true` not a number); presets in `configs/*.json` hold only its
 field values. Quantities that follow from the fields (head sizes, KV-cache bytes, parameter counts,
 the softmax scale) are properties, never stored twice. It says what a checkpoint's `config.json`
 says and nothing about how to run the model: that is `dsv3_jax.runtime.Runtime`. Translation to and
@@ -87,6 +88,7 @@ class ModelConfig:
     name: str = dataclasses.field(default="custom", compare=False)
 
     def __post_init__(self):
+        _check_types(self)
         _validate(self)
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -195,6 +197,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"ModelConfig: expected a JSON object of fields, got {json_type(values)}")
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in values.items() if k not in LEGACY_RUNTIME_KEYS}
         unknown = sorted(set(values) - known)
@@ -206,15 +210,32 @@ class ModelConfig:
     def from_json(cls, name_or_path: str) -> ModelConfig:
         """A preset name from configs/ (e.g. "tiny") or a path to a JSON file of fields."""
         path = name_or_path
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             path = os.path.join(CONFIGS_DIR, f"{name_or_path}.json")
-        if not os.path.exists(path):
+        if not os.path.isfile(path) and os.path.isdir(name_or_path):
+            raise ValueError(f"{name_or_path} is a directory; expected a JSON file of ModelConfig fields or a "
+                             f"preset name ({', '.join(list_presets())})")
+        if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"no config file {name_or_path!r} and no preset of that name; presets: {list_presets()}")
-        with open(path) as f:
-            values = json.load(f)
-        values.setdefault("name", os.path.splitext(os.path.basename(path))[0])
-        return cls.from_dict(values)
+        values = _read_json(path)
+        try:
+            if isinstance(values, dict):
+                values.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+            return cls.from_dict(values)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _read_json(path: str) -> Any:
+    """A JSON file's value; anything unreadable is a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -232,19 +253,67 @@ def _fail(field: str, value: Any, rule: str):
     raise ValueError(f"ModelConfig.{field} = {value!r}: {rule}")
 
 
+def json_type(value: Any) -> str:
+    """How a value reads in JSON, for messages ("a string", "an array")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+# The annotation of each field (a string under `from __future__ import annotations`) -> what it takes.
+_RULES = {"int": "must be an integer", "float": "must be a number", "bool": "must be true or false",
+          "str": "must be a string", "ScoreFunc": "must be a string", "GroupScore": "must be a string"}
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    """Strict: a bool is not a number, 64.0 is not an integer, "false" is not a boolean."""
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float))
+    return isinstance(value, str)
+
+
+def _check_types(c: ModelConfig) -> None:
+    for f in dataclasses.fields(c):
+        v = getattr(c, f.name)
+        if not _type_ok(f.type, v):
+            _fail(f.name, v, f"{_RULES[f.type]}, not {json_type(v)}")
+        if f.type == "float":
+            if not math.isfinite(v):
+                _fail(f.name, v, "must be a finite number")
+            object.__setattr__(c, f.name, float(v))  # 10000 in a JSON file is 10000.0
+
+
 def _validate(c: ModelConfig) -> None:
     positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
                 "n_group", "topk_group", "original_max_position_embeddings"]
     for name in positive:
         v = getattr(c, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        if v <= 0:
             _fail(name, v, "must be a positive integer")
     non_negative = ["intermediate_size", "moe_intermediate_size", "first_k_dense", "q_lora_rank",
                     "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "mtp_depth"]
     for name in non_negative:
         v = getattr(c, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        if v < 0:
             _fail(name, v, "must be a non-negative integer")
     if c.first_k_dense > c.num_layers:
         _fail("first_k_dense", c.first_k_dense, f"must be <= num_layers ({c.num_layers})")
@@ -262,8 +331,12 @@ def _validate(c: ModelConfig) -> None:
         _fail("rope_factor", c.rope_factor, "must be >= 1.0 (1.0 disables YaRN)")
     if c.mscale < 0 or c.mscale_all_dim < 0:
         _fail("mscale", (c.mscale, c.mscale_all_dim), "mscale and mscale_all_dim must be >= 0")
-    if c.rms_norm_eps <= 0:
-        _fail("rms_norm_eps", c.rms_norm_eps, "must be > 0")
+    for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "beta_fast", "beta_slow", "init_std"):
+        if getattr(c, name) <= 0:
+            _fail(name, getattr(c, name), "must be > 0")
+    for name in ("mtp_loss_weight", "aux_loss_alpha", "bias_update_speed"):
+        if getattr(c, name) < 0:
+            _fail(name, getattr(c, name), "must be >= 0")
 
 
 def _validate_moe(c: ModelConfig) -> None:

@@ -2,7 +2,9 @@
 
 `load_hf_checkpoint(path)` reads `config.json` plus `model.safetensors` or a sharded index, of
 DeepseekV3 or DeepseekV2 type; FP8 weights are dequantised with their 128x128 `weight_scale_inv`
-blocks; the MTP layer (index == num_hidden_layers) is loaded when present. Tensors are read one at
+blocks; the MTP layer (index == num_hidden_layers) is loaded when present. Every tensor in the
+files must be one the config gives a place to, and the layer count must be the files' (else an MTP
+layer would load as a decoder layer, or a layer be dropped). Tensors are read one at
 a time from memory-mapped files, so a checkpoint is never held twice in host memory. Given
 `shardings`, each leaf is made on its devices instead, every device's block read alone from the files
 (`jax.make_array_from_callback`), so no host holds a whole model, and no device a tensor it shards.
@@ -17,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import save_file
 
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ModelConfig, json_type
 from dsv3_jax.hf_config import config_from_hf, config_to_hf
 from dsv3_jax.model import variable_shapes
 from dsv3_jax.ops.linear import Fp8Weight
@@ -134,8 +137,14 @@ def read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-    with open(cfg_path) as f:
-        return json.load(f)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{cfg_path}: not a JSON file ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {json_type(hf)}")
+    return hf
 
 
 def _file_shape(entry: Entry, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -155,6 +164,10 @@ def _checked_scaled(files: SafetensorsDir, entry: Entry, want: tuple[int, ...]) 
         raise ValueError(f"{files.directory}: tensor {entry.name} has shape {got}, expected {want}")
     scale = _scale_name(entry.name)
     if scale in files:
+        blocks = (math.ceil(want[0] / BLOCK), math.ceil(want[1] / BLOCK)) if len(want) == 2 else None
+        if files.shape(scale) != blocks:
+            raise ValueError(f"{files.directory}: {scale} has shape {files.shape(scale)}; {BLOCK}x{BLOCK} block "
+                             f"scales of a {want} weight are {blocks}")
         return True
     if files.dtype(entry.name).itemsize == 1:
         raise ValueError(f"{files.directory}: 8-bit tensor {entry.name} has no {scale} to dequantise it")
@@ -172,11 +185,54 @@ def _to_ours(x: jax.Array, entry: Entry, shape: tuple[int, ...]) -> jax.Array:
     return x.T.reshape(shape) if entry.linear else x
 
 
-def _count_mtp_layers(cfg: ModelConfig, files: SafetensorsDir) -> int:
-    depth = 0
-    while depth < cfg.mtp_depth and f"model.layers.{cfg.num_layers + depth}.eh_proj.weight" in files:
-        depth += 1
-    return depth
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _span(indices) -> str:
+    lo, hi = min(indices), max(indices)
+    return f"model.layers.{lo}" if lo == hi else f"model.layers.{lo}..{hi}"
+
+
+def _mtp_depth_in_files(cfg: ModelConfig, files: SafetensorsDir, path: str) -> int:
+    """How many MTP layers the files hold (an MTP layer is the one with an eh_proj), once the layer
+    count of config.json is checked against them: with the wrong count, an MTP layer would load as
+    a decoder layer, or a decoder layer be dropped."""
+    layers = {int(m.group(1)) for m in map(_LAYER.match, files.names()) if m}
+    mtp = {i for i in layers if f"model.layers.{i}.eh_proj.weight" in files}
+    main = layers - mtp
+    in_files = max(main) + 1 if main else 0
+    if in_files != cfg.num_layers:
+        held = f"{in_files} decoder layer(s)" + (f" ({_span(main)})" if main else "")
+        if mtp:
+            held += f" and {len(mtp)} MTP layer(s) ({_span(mtp)})"
+        raise ValueError(f"{path}: config.json says num_hidden_layers = {cfg.num_layers}, but the safetensors "
+                         f"files hold {held}")
+    if len(mtp) > cfg.mtp_depth:
+        raise ValueError(f"{path}: the safetensors files hold {len(mtp)} MTP layer(s) ({_span(mtp)}), but "
+                         f"config.json's num_nextn_predict_layers is {cfg.mtp_depth}")
+    return len(mtp)
+
+
+def _known_names(cfg: ModelConfig) -> set[str]:
+    """Every tensor name a checkpoint of `cfg` may hold: the layout's, their FP8 scales, and the
+    copies of the shared embedding and head (each MTP layer's; lm_head when tied) that are not read."""
+    names = {e.name for e in layout(cfg)}
+    names |= {_scale_name(n) for n in names}
+    for k in range(cfg.mtp_depth):
+        names |= {f"model.layers.{cfg.num_layers + k}.embed_tokens.weight",
+                  f"model.layers.{cfg.num_layers + k}.shared_head.head.weight"}
+    if cfg.tie_word_embeddings:
+        names.add("lm_head.weight")
+    return names
+
+
+def _check_accounted(cfg: ModelConfig, files: SafetensorsDir, path: str) -> None:
+    """Refuse tensors the config gives no place to: they would otherwise be silently left out."""
+    extra = sorted(set(files.names()) - _known_names(cfg))
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise ValueError(f"{path}: {len(extra)} tensor(s) in the safetensors files are not part of the model "
+                         f"config.json describes: {shown}")
 
 
 def _read_fp8(files: SafetensorsDir, entry: Entry, want: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -343,11 +399,12 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, keep_fp8: bool = False,
     `_scale_sharding`. Without it, leaves are whole, on the default device."""
     cfg = config_from_hf(read_hf_config(path))
     files = SafetensorsDir(path)
-    depth = _count_mtp_layers(cfg, files)
+    depth = _mtp_depth_in_files(cfg, files, path)
     if depth < cfg.mtp_depth:
         log.info("%s: config asks for %d MTP layer(s), the files hold %d; loading %d",
                  path, cfg.mtp_depth, depth, depth)
         cfg = cfg.replace(mtp_depth=depth)
+    _check_accounted(cfg, files, path)
     shapes = variable_shapes(cfg)
     if shardings is not None:
         tree = shardings(cfg) if callable(shardings) else shardings

@@ -5,100 +5,132 @@ Reads both the transformers 5 spelling (`rope_parameters`) and the older one (`r
 """
 from __future__ import annotations
 
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ModelConfig, json_type
 
 V3, V2 = "deepseek_v3", "deepseek_v2"
 
 
-def _rope(hf: dict) -> dict:
-    """The rope dict, whichever key holds it, with rope_theta folded in."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    params.setdefault("rope_type", params.get("type", "default"))
-    return params
+_REQUIRED = object()
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
+
+
+def _get(hf: dict, key: str, kind: type, default=_REQUIRED):
+    """hf[key], checked strictly to be of `kind` (a bool is no number, 64.0 no integer, "false" no
+    boolean); null or absent -> `default`, an error naming the key when there is none."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"config.json: {key} is missing")
+        return default
+    ok = isinstance(value, bool) if kind is bool else (
+        not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else kind))
+    if not ok:
+        raise ValueError(f"config.json: {key} = {value!r}: must be {_KINDS[kind]}, not {json_type(value)}")
+    return float(value) if kind is float else value
 
 
 def _rope_fields(hf: dict) -> dict:
-    rope = _rope(hf)
-    out = {"rope_theta": float(rope["rope_theta"])}
-    if rope["rope_type"] not in ("default", "yarn"):
-        raise ValueError(f"config.json: rope type {rope['rope_type']!r} is not supported (default, yarn)")
-    if rope["rope_type"] == "yarn":
-        max_pos = hf.get("max_position_embeddings", 4096)
-        orig = rope.get("original_max_position_embeddings") or max_pos
+    # The rope dict, whichever key holds it; rope_theta and the type may sit at the top level or in it.
+    rope = _get(hf, "rope_parameters" if hf.get("rope_parameters") else "rope_scaling", dict, {})
+    out = {"rope_theta": _get(rope, "rope_theta", float, _get(hf, "rope_theta", float, 10000.0))}
+    rope_type = _get(rope, "rope_type", str, _get(rope, "type", str, "default"))
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(f"config.json: rope type {rope_type!r} is not supported (default, yarn)")
+    if rope_type == "yarn":
+        max_pos = _get(hf, "max_position_embeddings", int, 4096)
+        orig = _get(rope, "original_max_position_embeddings", int, 0) or max_pos
         # transformers infers the factor from the two lengths when it is absent.
-        factor = rope.get("factor") or max_pos / orig
+        factor = _get(rope, "factor", float, 0.0) or max_pos / orig
         out.update(
             rope_factor=float(factor),
-            original_max_position_embeddings=int(orig),
-            beta_fast=float(rope.get("beta_fast") or 32),
-            beta_slow=float(rope.get("beta_slow") or 1),
+            original_max_position_embeddings=orig,
+            beta_fast=_get(rope, "beta_fast", float, 0.0) or 32.0,
+            beta_slow=_get(rope, "beta_slow", float, 0.0) or 1.0,
             # Missing keys read as 0, which ModelConfig interprets as transformers does
             # (see ModelConfig.rope_attention_factor and softmax_scale).
-            mscale=float(rope.get("mscale") or 0.0),
-            mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+            mscale=_get(rope, "mscale", float, 0.0),
+            mscale_all_dim=_get(rope, "mscale_all_dim", float, 0.0),
         )
     return out
 
 
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
 def _routing_fields(hf: dict, model_type: str) -> dict:
-    n_group = hf.get("n_group") or 1
-    topk_group = hf.get("topk_group") or 1
-    method = hf.get("topk_method", "noaux_tc" if model_type == V3 else "greedy")
+    n_group = _get(hf, "n_group", int, 1) or 1
+    topk_group = _get(hf, "topk_group", int, 1) or 1
+    method = _get(hf, "topk_method", str, "noaux_tc" if model_type == V3 else "greedy")
+    if method not in TOPK_METHODS:
+        raise ValueError(f"config.json: topk_method {method!r} is not supported {TOPK_METHODS}")
     if method == "greedy":  # no group limit
         n_group, topk_group = 1, 1
     if model_type == V3:
-        return dict(score_func=hf.get("scoring_func", "sigmoid"), group_score="top2_sum",
+        return dict(score_func=_get(hf, "scoring_func", str, "sigmoid"), group_score="top2_sum",
                     router_bias=True, n_group=n_group, topk_group=topk_group,
-                    norm_topk_prob=bool(hf.get("norm_topk_prob", True)))
-    return dict(score_func=hf.get("scoring_func", "softmax"), group_score="max", router_bias=False,
+                    norm_topk_prob=_get(hf, "norm_topk_prob", bool, True))
+    return dict(score_func=_get(hf, "scoring_func", str, "softmax"), group_score="max", router_bias=False,
                 n_group=n_group, topk_group=topk_group,
-                norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+                norm_topk_prob=_get(hf, "norm_topk_prob", bool, False))
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
+def _check_supported(hf: dict) -> str:
+    """The model type, once everything we cannot represent is refused."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json: expected a JSON object, got {json_type(hf)}")
     model_type = hf.get("model_type")
     if model_type not in (V3, V2):
         raise ValueError(f"config.json: model_type {model_type!r} is not supported ({V3}, {V2})")
-    if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
+    heads = _get(hf, "num_attention_heads", int)
+    if _get(hf, "num_key_value_heads", int, heads) != heads:
         raise ValueError("config.json: MLA needs num_key_value_heads == num_attention_heads")
-    if hf.get("hidden_act", "silu") != "silu":
+    if _get(hf, "hidden_act", str, "silu") != "silu":
         raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (silu)")
-    if hf.get("attention_bias"):
+    if _get(hf, "attention_bias", bool, False):
         raise ValueError("config.json: attention_bias = true is not supported")
-    if (hf.get("moe_layer_freq") or 1) != 1:
+    if (_get(hf, "moe_layer_freq", int, 1) or 1) != 1:
         raise ValueError("config.json: moe_layer_freq != 1 is not supported")
+    return model_type
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    model_type = _check_supported(hf)
     values = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        moe_intermediate_size=hf["moe_intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        first_k_dense=hf.get("first_k_dense_replace") or 0,
-        num_heads=hf["num_attention_heads"],
-        q_lora_rank=hf.get("q_lora_rank") or 0,
-        kv_lora_rank=hf["kv_lora_rank"],
-        qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"],
-        v_head_dim=hf["v_head_dim"],
-        n_routed_experts=hf["n_routed_experts"],
-        n_shared_experts=hf.get("n_shared_experts") or 0,
-        num_experts_per_tok=hf["num_experts_per_tok"],
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        mtp_depth=hf.get("num_nextn_predict_layers", 1 if model_type == V3 else 0) or 0,
-        aux_loss_alpha=float(hf.get("aux_loss_alpha", 0.0001)),
+        vocab_size=_get(hf, "vocab_size", int),
+        hidden_size=_get(hf, "hidden_size", int),
+        intermediate_size=_get(hf, "intermediate_size", int),
+        moe_intermediate_size=_get(hf, "moe_intermediate_size", int),
+        num_layers=_get(hf, "num_hidden_layers", int),
+        first_k_dense=_get(hf, "first_k_dense_replace", int, 0),
+        num_heads=_get(hf, "num_attention_heads", int),
+        q_lora_rank=_get(hf, "q_lora_rank", int, 0),
+        kv_lora_rank=_get(hf, "kv_lora_rank", int),
+        qk_nope_head_dim=_get(hf, "qk_nope_head_dim", int),
+        qk_rope_head_dim=_get(hf, "qk_rope_head_dim", int),
+        v_head_dim=_get(hf, "v_head_dim", int),
+        n_routed_experts=_get(hf, "n_routed_experts", int),
+        n_shared_experts=_get(hf, "n_shared_experts", int, 0),
+        num_experts_per_tok=_get(hf, "num_experts_per_tok", int),
+        routed_scaling_factor=_get(hf, "routed_scaling_factor", float, 1.0),
+        rms_norm_eps=_get(hf, "rms_norm_eps", float, 1e-6),
+        max_position_embeddings=_get(hf, "max_position_embeddings", int, 4096),
+        # Absent: V3 has one MTP module, V2 none; null: none.
+        mtp_depth=_get(hf, "num_nextn_predict_layers", int, 0) if "num_nextn_predict_layers" in hf
+        else (1 if model_type == V3 else 0),
+        aux_loss_alpha=_get(hf, "aux_loss_alpha", float, 0.0001),
         # Not transformers keys: ours, written by config_to_hf so that training settings survive.
-        bias_update_speed=float(hf.get("bias_update_speed", 0.001)),
-        mtp_loss_weight=float(hf.get("mtp_loss_weight", 0.3)),
-        init_std=float(hf.get("initializer_range", 0.006)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        name=hf.get("_name_or_path") or model_type,
+        bias_update_speed=_get(hf, "bias_update_speed", float, 0.001),
+        mtp_loss_weight=_get(hf, "mtp_loss_weight", float, 0.3),
+        init_std=_get(hf, "initializer_range", float, 0.006),
+        tie_word_embeddings=_get(hf, "tie_word_embeddings", bool, False),
+        name=_get(hf, "_name_or_path", str, "") or model_type,
     )
     values.update(_routing_fields(hf, model_type))
     values.update(_rope_fields(hf))
-    return ModelConfig(**values)
+    try:
+        return ModelConfig(**values)
+    except ValueError as e:
+        raise ValueError(f"config.json: {e}") from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Protocol, runtime_checkable
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -63,7 +64,10 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         self.path = path
-        self._tok = _HFTokenizer.from_file(path)
+        try:
+            self._tok = _HFTokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
+            raise ValueError(f"tokenizer {path}: not a Hugging Face tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = _find_eos(self._tok)
 
@@ -129,8 +133,13 @@ def main(argv: list[str] | None = None) -> HFTokenizer:
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--out", required=True, help="where to write tokenizer.json")
     args = parser.parse_args(argv)
-    files = resolve_files(args.files) if args.files else default_corpus_files()
-    tok = train_bpe(files, args.vocab_size, args.out)
+    try:
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a directory; give the path of the tokenizer.json to write")
+        files = resolve_files(args.files) if args.files else default_corpus_files()
+        tok = train_bpe(files, args.vocab_size, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"{parser.prog}: {e}")
     print(f"trained a {tok.vocab_size}-token BPE on {len(files)} file(s); eos_id {tok.eos_id}; "
           f"wrote {args.out}")
     return tok

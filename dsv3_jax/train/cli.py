@@ -1,6 +1,7 @@
 """What `train.py` runs: flags -> TrainConfig -> loop.run, with errors as one message and exit 1."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -9,6 +10,33 @@ from absl import logging
 
 from dsv3_jax.parallel.distributed import maybe_initialize
 from dsv3_jax.train.loop import TrainConfig, TrainingError, run
+
+# Each numeric flag of train.py -> (its rule, as told to the user; whether a value keeps it). A flag left
+# unset (None) is not checked.
+FLAG_RULES = {
+    "steps": (">= 1", lambda v: v >= 1),
+    "batch_size": (">= 1", lambda v: v >= 1),
+    "seq_len": (">= 1", lambda v: v >= 1),
+    "lr": ("a finite number > 0", lambda v: math.isfinite(v) and v > 0),
+    "warmup_steps": (">= 0", lambda v: v >= 0),
+    "seed": (">= 0", lambda v: v >= 0),
+    "checkpoint_every": (">= 0 (0: only at the end)", lambda v: v >= 0),
+    "eval_every": (">= 1", lambda v: v >= 1),
+    "stop_after": (">= 1", lambda v: v >= 1),
+    "sample_tokens": (">= 0 (0: none)", lambda v: v >= 0),
+    "grad_accum": (">= 1", lambda v: v >= 1),
+    "num_processes": (">= 1", lambda v: v >= 1),
+    "initialization_timeout": (">= 1 (seconds)", lambda v: v >= 1),
+    "heartbeat_timeout": (">= 1 (seconds)", lambda v: v >= 1),
+}
+
+
+def check_flags(f) -> None:
+    """Refuse a nonsensical numeric flag up front (before a device, a file or a compile is touched)."""
+    for name, (rule, ok) in FLAG_RULES.items():
+        value = getattr(f, name)
+        if value is not None and not ok(value):
+            raise TrainingError(f"--{name} must be {rule}, got {value}")
 
 
 def config_from_flags(f) -> TrainConfig:
@@ -37,10 +65,11 @@ def main(argv, flags) -> None:
     if not flags["verbosity"].present:  # orbax logs every checkpoint step at INFO
         logging.set_verbosity(logging.WARNING)
     try:  # before anything touches a device
+        check_flags(flags)
         maybe_initialize(flags.coordinator_address, flags.num_processes, flags.process_id,
                          initialization_timeout=flags.initialization_timeout,
                          heartbeat_timeout=flags.heartbeat_timeout)
-    except ValueError as e:
+    except (TrainingError, ValueError) as e:
         sys.exit(f"train.py: {e}")
     try:
         summary = run(config_from_flags(flags))
