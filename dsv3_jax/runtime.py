@@ -41,6 +41,9 @@ class Runtime:
     platform: str | None = None  # the compile target's platform; None: the mesh's or default device's
     # What a training step keeps for the backward and what it recomputes (ops.remat): memory vs FLOPs.
     remat: str = NONE
+    # Layers as one `nn.scan` per stack (dense, MoE): compiled once whatever the depth. The parameters
+    # then take the scanned layout (`model.stack_layers`: same values, a leading "layers" axis).
+    scan_layers: bool = False
 
     def __post_init__(self):
         _check_choice("dtype", self.dtype, DTYPES)
@@ -50,7 +53,7 @@ class Runtime:
         _check_choice("remat", self.remat, REMAT.names)
         if self.platform is not None:
             _check_choice("platform", self.platform, PLATFORMS)
-        for name in ("fp8", "ep_fp8_dispatch"):
+        for name in ("fp8", "ep_fp8_dispatch", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Runtime.{name} = {getattr(self, name)!r}: must be true or false")
         if self.fp8 and self.experts not in (AUTO, FP8_EXPERTS):

@@ -44,6 +44,8 @@ RULES: dict[str, MeshAxes] = {
     "kv_dim": None,
     "v_dim": None,
     "mtp_concat": None,
+    # The scanned layout's leading axis of stacked layers: whole on every device (no pipeline stages).
+    "layers": None,
 }
 
 
@@ -124,9 +126,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, to_mesh_spec(PartitionSpec("batch"), mesh))
 
 
+def batch_axes() -> tuple[str, ...]:
+    """The mesh axes the rows of a batch are split over."""
+    return _as_tuple(RULES["batch"])
+
+
 def batch_shards(mesh: Mesh) -> int:
     """Into how many parts `batch_sharding` splits the rows (the batch size must divide by it)."""
-    return math.prod(mesh.shape.get(a, 1) for a in _as_tuple(RULES["batch"]))
+    return math.prod(mesh.shape.get(a, 1) for a in batch_axes())
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.moe import Routing
-from dsv3_jax.model import Transformer
+from dsv3_jax.model import Transformer, stacks
 from dsv3_jax.ops import dispatch
+from dsv3_jax.ops.cross_entropy import head_cross_entropy
 from dsv3_jax.runtime import Runtime
 
 
@@ -38,7 +39,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, runtime: Runtime = Runt
 
 
 def routings(intermediates: dict) -> dict[str, Routing]:
-    """Every MoE layer's sown Routing, keyed by its path ("layers_1", "mtp_0/block")."""
+    """Every MoE layer's sown Routing, keyed by its path ("layers_1", "mtp_0/block"); a scanned stack's
+    ("moe_layers") holds its layers' Routings stacked on a leading axis."""
     found = {}
 
     def walk(tree, path):
@@ -64,8 +66,25 @@ def balance_loss(r: Routing, batch: int, cfg: ModelConfig) -> jax.Array:
     return jnp.mean(jnp.sum(f * p, axis=-1))
 
 
+def per_layer(fn, r: Routing) -> jax.Array:
+    """fn of one layer's Routing; over a scanned stack's, fn of each layer's, stacked."""
+    return jax.vmap(fn)(r) if r.weights.ndim == 3 else fn(r)
+
+
+def layer_loads(loads: dict[str, jax.Array], cfg: ModelConfig) -> dict[str, jax.Array]:
+    """{path: load} with each scanned stack's [layers, E] loads split into its layers' names."""
+    out = {}
+    for name, load in loads.items():
+        layers = stacks(cfg).get(name)
+        out.update({f"layers_{i}": load[j] for j, i in enumerate(layers)} if layers else {name: load})
+    return out
+
+
 def expert_load(r: Routing, num_experts: int) -> jax.Array:
-    """[E] fraction of this batch's routed assignments that went to each expert."""
+    """[E] fraction of this batch's routed assignments that went to each expert ([layers, E] for a
+    scanned stack's Routing)."""
+    if r.weights.ndim == 3:
+        return per_layer(lambda one: expert_load(one, num_experts), r)
     counts = jnp.zeros((num_experts,), jnp.float32).at[r.experts.reshape(-1)].add(1.0)
     return counts / counts.sum()
 
@@ -76,25 +95,28 @@ def compute_loss(params, router, window: jax.Array, cfg: ModelConfig, runtime: R
     t = window.shape[1] - 1 - d
     tokens = window[:, :t]
     variables = {"params": params, **({"router": router} if router else {})}
-    (logits, mtp_logits), state = Transformer(cfg, runtime).apply(
-        variables, tokens, return_mtp=True, future=window[:, : t + d], mutable=["intermediates"])
-    ce = cross_entropy(logits, window[:, 1: t + 1], runtime)
+    (h, mtp_h, head), state = Transformer(cfg, runtime).apply(
+        variables, tokens, future=window[:, : t + d], method=Transformer.features, mutable=["intermediates"])
+    ce_fn, chunks = dispatch.cross_entropy_fn(runtime), dispatch.head_chunks(tokens.shape[0], t, head.shape[1])
+    loss = lambda x, targets: head_cross_entropy(x, head, targets, ce_fn, chunks)
+    ce = loss(h, window[:, 1: t + 1])
     mtp = jnp.zeros(())
     if d:
-        mtp = jnp.mean(jnp.stack([cross_entropy(mtp_logits[k - 1], window[:, k + 1: t + k + 1], runtime)
-                                  for k in range(1, d + 1)]))
+        mtp = jnp.mean(jnp.stack([loss(mtp_h[k - 1], window[:, k + 1: t + k + 1]) for k in range(1, d + 1)]))
     routes = routings(state.get("intermediates", {}))
-    balance = sum((balance_loss(r, window.shape[0], cfg) for r in routes.values()), jnp.zeros(()))
+    balance = sum((jnp.sum(per_layer(lambda one: balance_loss(one, window.shape[0], cfg), r)) for r in routes.values()),
+                  jnp.zeros(()))
     # (lambda / D) * sum_k L_k == lambda * mean_k L_k.
     total = ce + cfg.mtp_loss_weight * mtp + cfg.aux_loss_alpha * balance
     return LossParts(total, ce, mtp, balance), routes
 
 
 def update_router_bias(router: dict, loads: dict[str, jax.Array], gamma: float) -> dict:
-    """b_i += gamma * sign(mean load - load_i): overloaded experts become less attractive."""
+    """b_i += gamma * sign(mean load - load_i): overloaded experts become less attractive. A scanned
+    stack's biases and loads are [layers, E], each layer balanced on its own."""
     def step(path, bias):
         layer = "/".join(p.key for p in path[:-2])  # .../<layer>/ffn/bias -> <layer>
         load = loads[layer]
-        return bias + gamma * jnp.sign(jnp.mean(load) - load)
+        return bias + gamma * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
     return jax.tree_util.tree_map_with_path(step, router)

@@ -13,7 +13,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import init_variables, logical_axes, variable_shapes
 from dsv3_jax.parallel.rules import param_shardings, replicated
 from dsv3_jax.runtime import Runtime
-from dsv3_jax.train.objective import compute_loss, expert_load, update_router_bias
+from dsv3_jax.train.objective import compute_loss, expert_load, layer_loads, update_router_bias
 
 MOMENT_DTYPES = ("float32", "bfloat16")
 
@@ -85,31 +85,35 @@ class TrainState:
     router: dict  # balancing biases: state moved by update_router_bias, never by the optimizer
 
 
-def init_state(cfg: ModelConfig, optim: OptimConfig, seed: int) -> TrainState:
-    variables = init_variables(cfg, jax.random.PRNGKey(seed))
+def init_state(cfg: ModelConfig, optim: OptimConfig, seed: int, runtime: Runtime = Runtime()) -> TrainState:
+    """A fresh state in the runtime's parameter layout (per layer, or scanned: the same values)."""
+    variables = init_variables(cfg, jax.random.PRNGKey(seed), runtime=runtime)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=make_optimizer(optim).init(params), router=variables.get("router", {}))
 
 
-def state_shardings(cfg: ModelConfig, optim: OptimConfig, mesh: jax.sharding.Mesh) -> TrainState:
+def state_shardings(cfg: ModelConfig, optim: OptimConfig, mesh: jax.sharding.Mesh,
+                    runtime: Runtime = Runtime()) -> TrainState:
     """A TrainState of NamedShardings: parameters by the rules table, each optimizer moment like
     its parameter, scalars (step, Adam's count) replicated, router biases replicated."""
-    variables = param_shardings(logical_axes(cfg), variable_shapes(cfg), mesh)
+    shapes = variable_shapes(cfg, runtime)
+    variables = param_shardings(logical_axes(cfg, runtime), shapes, mesh)
     params = variables["params"]
     optimizer = make_optimizer(optim)
-    abstract_opt = jax.eval_shape(optimizer.init, variable_shapes(cfg)["params"])
+    abstract_opt = jax.eval_shape(optimizer.init, shapes["params"])
     opt_state = optax.tree_utils.tree_map_params(
         optimizer, lambda _, sharding: sharding, abstract_opt, params,
         transform_non_params=lambda _: replicated(mesh))
     return TrainState(step=replicated(mesh), params=params, opt_state=opt_state, router=variables.get("router", {}))
 
 
-def init_state_sharded(cfg: ModelConfig, optim: OptimConfig, seed: int, shardings: TrainState) -> TrainState:
+def init_state_sharded(cfg: ModelConfig, optim: OptimConfig, seed: int, shardings: TrainState,
+                       runtime: Runtime = Runtime()) -> TrainState:
     """`init_state`, computed under jit straight into `shardings`: no device ever holds a whole copy
     of a sharded parameter or moment. The values equal `init_state`'s (jax's random numbers do not
     depend on how the output is sharded)."""
-    return jax.jit(lambda: init_state(cfg, optim, seed), out_shardings=shardings)()
+    return jax.jit(lambda: init_state(cfg, optim, seed, runtime), out_shardings=shardings)()
 
 
 def _gradients(params, router, window, cfg: ModelConfig, runtime: Runtime):
@@ -152,7 +156,7 @@ def train_step(state: TrainState, window: jax.Array, cfg: ModelConfig, optim: Op
     router = update_router_bias(state.router, loads, cfg.bias_update_speed) if state.router else state.router
     metrics = {"loss": parts.loss, "ce": parts.ce, "mtp_loss": parts.mtp, "balance_loss": parts.balance,
                "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(optim)(state.step),
-               "expert_load": loads,
+               "expert_load": layer_loads(loads, cfg),
                # A finite loss can still produce non-finite weights (an lr or update gone bad);
                # the loop checks this before it may checkpoint the new state.
                "params_finite": jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree_util.tree_leaves(params)]))}
