@@ -8,7 +8,7 @@ import pytest
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.ops import dispatch
 from dsv3_jax.ops.attention import ATTENTION, CORES, AttentionOptions, KvWeights, absorbed_weights, visible
-from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY
+from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY, head_cross_entropy
 from dsv3_jax.ops.experts import EXPERTS
 from dsv3_jax.runtime import Runtime, choices
 from pallas_kernels.backends import capability_of_kind, resolve_backend
@@ -126,6 +126,30 @@ def test_cross_entropy_variant_matches_reference(variant):
     _close(both(variant), both(CROSS_ENTROPY.reference), atol=1e-6)
 
 
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_head_cross_entropy_in_slices_equals_whole(chunks):
+    """The head applied a slice of positions at a time (each slice rematerialised): the same loss and
+    gradients for the hidden states and the head as the whole [B, T, V] logits at once."""
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    h, head = jax.random.normal(ks[0], (3, 8, 16), jnp.bfloat16), jax.random.normal(ks[1], (16, 40)) * 0.3
+    targets = jax.random.randint(ks[2], (3, 8), 0, 40)
+    ce = CROSS_ENTROPY["onepass"]
+    reference = CROSS_ENTROPY[CROSS_ENTROPY.reference]
+    whole = lambda h, w: reference(h.reshape(-1, 16).astype(jnp.float32) @ w, targets.reshape(-1))
+    f = lambda n: jax.jit(jax.value_and_grad(lambda h, w: head_cross_entropy(h, w, targets, ce, n), argnums=(0, 1)))
+    _close(f(chunks)(h, head), jax.jit(jax.value_and_grad(whole, argnums=(0, 1)))(h, head), atol=1e-5)
+    assert "remat" in str(jax.make_jaxpr(lambda h: head_cross_entropy(h, head, targets, ce, chunks))(h))
+
+
+def test_head_chunks_keep_a_slice_within_its_bytes():
+    assert dispatch.head_chunks(16, 128, 256) == 1  # the quickstart: nothing to slice
+    n = dispatch.head_chunks(32, 4096, 102400)  # V2-Lite, 8 rows a chip on 4 chips, traced without a mesh
+    assert 32 * (4096 // n) * 102400 * 4 <= dispatch.HEAD_CHUNK_BYTES < 32 * (4096 // (n // 2)) * 102400 * 4
+    mesh = jax.make_mesh((4,), ("fsdp",), devices=jax.devices()[:4], axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):  # a device holds a quarter of the rows: a quarter of the slices
+        assert dispatch.head_chunks(32, 4096, 102400) == n // 4
+
+
 # ---- dispatch and the runtime -------------------------------------------------------------------
 def test_experts_dispatch_on_cpu():
     rt = Runtime(platform="cpu")
@@ -151,6 +175,10 @@ def test_accelerator_targets_get_their_choices_on_a_cpu_host(target, monkeypatch
     _, opts = dispatch.attention(rt, CFG, cached=False, q_shape=(1, 256, 8, 80), kv_shape=(1, 256, 80),
                                  kv_dtype=jnp.float32, sorted_positions=True)
     assert (opts.core, opts.blocks) == ("plain", 1)
+    # long sequences: the scores one chunk of keys at a time
+    _, opts = dispatch.attention(rt, CFG, cached=False, q_shape=(1, 4096, 8, 80), kv_shape=(1, 4096, 80),
+                                 kv_dtype=jnp.float32, sorted_positions=True)
+    assert (opts.core, opts.blocks) == ("chunked", 4096 // dispatch.KEY_CHUNK)
     if target == "gpu":  # the device kind decides; a Hopper gets the Mosaic GPU kernels
         assert dispatch.kernel_backend(rt) in ("mosaic_gpu", "triton")
         assert capability_of_kind("NVIDIA H100 80GB HBM3") == capability_of_kind("NVIDIA H800") == 9.0

@@ -30,7 +30,7 @@ from pallas_kernels.mla_decode import mla_decode
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
 # The variants' names, declared once; dispatch and the runtime use these constants.
 NAIVE, ABSORBED, LATENT_KERNEL = "naive", "absorbed", "latent_kernel"
-PLAIN, BLOCKED = "plain", "blocked"  # cores
+PLAIN, BLOCKED, CHUNKED = "plain", "blocked", "chunked"  # cores
 
 
 class KvWeights(NamedTuple):
@@ -44,7 +44,9 @@ class KvWeights(NamedTuple):
 class AttentionOptions(NamedTuple):
     scale: float
     core: str = PLAIN  # a key of CORES (naive only)
-    blocks: int = 1  # causal query blocks (blocked core; queries are the keys, positions increasing)
+    # blocked core: causal query blocks (queries are the keys, positions increasing); chunked core: key
+    # chunks (the scores live one [T, S / blocks] chunk at a time)
+    blocks: int = 1
     fp8: bool = False  # the expansion through wkv_b as FP8 GEMMs (naive only: a linear layer)
     backend: str = "xla"  # pallas_kernels backend for FP8 GEMMs and the decode kernel
 
@@ -142,6 +144,82 @@ def core_blocked(q, k, v, mask, scale, blocks=1):
     if blocks <= 1 or t != s or t % blocks:
         blocks = 1
     return _blocked(q, k, v, mask, scale, blocks)
+
+
+def _key_chunks(k, v, mask, n):
+    """k [B,H,S,K], v [B,H,S,V], mask [B,T,S] -> each split into n chunks of keys on a leading axis."""
+    b, h, s = k.shape[:3]
+    split = lambda x: x.reshape(b, h, n, s // n, x.shape[-1]).transpose(2, 0, 1, 3, 4)
+    masks = mask.reshape(mask.shape[0], mask.shape[1], n, s // n).transpose(2, 0, 1, 3)
+    return split(k), split(v), masks
+
+
+def _chunk_scores(q, kb, mb, scale):
+    s = jnp.einsum("bhtk,bhsk->bhts", q, kb).astype(jnp.float32) * scale
+    return jnp.where(mb[:, None], s, NEG_INF)
+
+
+def _chunked_fwd(q, k, v, mask, scale, blocks):
+    b, h, t = q.shape[:3]
+
+    def step(carry, chunk):
+        m, den, acc = carry
+        kb, vb, mb = chunk
+        s = _chunk_scores(q, kb, mb, scale)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        rescale = jnp.exp(m - m_new)
+        acc = acc * rescale[..., None] + jnp.einsum("bhts,bhsv->bhtv", p.astype(v.dtype), vb).astype(jnp.float32)
+        return (m_new, den * rescale + jnp.sum(p, axis=-1), acc), None
+
+    # m starts at NEG_INF (finite): a key chunk that is masked for a row adds weight exp(0) until a
+    # visible key rescales it away by exp(NEG_INF - m); a row masked everywhere ends uniform, as plain's.
+    init = (jnp.full((b, h, t), NEG_INF, jnp.float32), jnp.zeros((b, h, t), jnp.float32),
+            jnp.zeros((b, h, t, v.shape[-1]), jnp.float32))
+    (m, den, acc), _ = jax.lax.scan(step, init, _key_chunks(k, v, mask, blocks))
+    o = (acc / den[..., None]).astype(v.dtype)
+    # m and den kept apart, not as log-sum-exp: NEG_INF + log(den) rounds to NEG_INF in float32.
+    return o.transpose(0, 2, 1, 3), (q, k, v, mask, o, m, den)
+
+
+def _chunked_bwd(scale, blocks, res, do):
+    """Flash-attention's backward, chunk by chunk: p recomputed from the saved row maxima and sums, then
+    dS = p * (dP - rowsum(dO * O)); dQ accumulates, dK and dV come out per chunk."""
+    q, k, v, mask, o, m, den = res
+    do = do.transpose(0, 2, 1, 3)
+    dsum = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    do = do.astype(v.dtype)
+
+    def step(dq, chunk):
+        kb, vb, mb = chunk
+        p = jnp.exp(_chunk_scores(q, kb, mb, scale) - m[..., None]) / den[..., None]
+        dv = jnp.einsum("bhts,bhtv->bhsv", p.astype(v.dtype), do)
+        dp = jnp.einsum("bhtv,bhsv->bhts", do, vb).astype(jnp.float32)
+        ds = jnp.where(mb[:, None], p * (dp - dsum) * scale, 0).astype(q.dtype)
+        dk = jnp.einsum("bhts,bhtk->bhsk", ds, q)
+        return dq + jnp.einsum("bhts,bhsk->bhtk", ds, kb).astype(jnp.float32), (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), _key_chunks(k, v, mask, blocks))
+    whole = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(*x.shape[1:3], -1, x.shape[-1])
+    return dq.astype(q.dtype), whole(dk).astype(k.dtype), whole(dv).astype(v.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(q, k, v, mask, scale, blocks):
+    return _chunked_fwd(q, k, v, mask, scale, blocks)[0]
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+@CORES.register(CHUNKED)
+def core_chunked(q, k, v, mask, scale, blocks=1):
+    """The keys in `blocks` chunks, scanned with an online softmax (flash attention's forward), and a
+    backward that recomputes each chunk's probabilities from the saved row maxima and sums: only one [T, S/blocks]
+    chunk of scores is alive at a time, for any mask. The same FLOPs as plain (no causal skipping)."""
+    if blocks <= 1 or k.shape[2] % blocks:
+        blocks = 1
+    return _chunked(q, k, v, mask, scale, blocks)
 
 
 # ---- the variants ------------------------------------------------------------------------------

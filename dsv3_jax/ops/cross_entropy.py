@@ -4,6 +4,10 @@
 - `onepass`: the same value with a hand-written backward, d/dlogits = (softmax - onehot) / N in one
   pass over [N, V] with the one-hot an iota compare; autodiff also zero-fills and scatters a
   [N, V] buffer and makes two more passes.
+
+`head_cross_entropy` puts the output head in front of either: hidden states [B, T, D] and the head
+[D, V] in, the mean loss out, the [B, T, V] float32 logits made `chunks` positions-slices at a time
+and recomputed in the backward, so only one slice's logits are ever alive.
 """
 from __future__ import annotations
 
@@ -53,3 +57,27 @@ def _onepass_bwd(res, g):
 
 _onepass.defvjp(_onepass_fwd, _onepass_bwd)
 CROSS_ENTROPY.register(ONEPASS)(_onepass)
+
+
+def head_cross_entropy(h: jax.Array, head: jax.Array, targets: jax.Array, ce: CrossEntropyFn,
+                       chunks: int = 1) -> jax.Array:
+    """Mean of `ce` over the logits h @ head (float32, as the model's head computes them), h [B, T, D],
+    targets [B, T]. With `chunks` > 1 (dividing T) the positions are scanned in that many slices, each
+    slice's logits rematerialised for the backward: the same value and gradients in 1/chunks of the
+    logits' memory. Slices run along T, so rows keep their batch sharding."""
+    b, t, d = h.shape
+
+    def one(hc, tc):
+        logits = hc.reshape(-1, d).astype(jnp.float32) @ head.astype(jnp.float32)
+        return ce(logits, tc.reshape(-1))
+
+    if chunks <= 1 or t % chunks:
+        return one(h, targets)
+    slices = lambda x: x.reshape(b, chunks, t // chunks, *x.shape[2:]).swapaxes(0, 1)
+
+    def add(total, xs):
+        return total + jax.checkpoint(one)(*xs), None
+
+    # Every slice holds the same number of positions, so the mean of slice means is the mean.
+    total, _ = jax.lax.scan(add, jnp.zeros((), jnp.float32), (slices(h), slices(targets)))
+    return total / chunks

@@ -7,6 +7,7 @@ measurements behind them are in docs/PERFORMANCE.md ("Dispatch thresholds").
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING
 
 import jax
@@ -18,10 +19,11 @@ from dsv3_jax.ops import experts as experts_op
 from dsv3_jax.ops.attention import AttentionOptions
 from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY, CrossEntropyFn
 from dsv3_jax.ops.experts import EXPERTS, ExpertsFn
-from dsv3_jax.ops.linear import dense, fp8_ragged_matmul
+from dsv3_jax.ops.linear import dense, fp8_ragged_matmul, kernel_ragged_matmul
 from dsv3_jax.ops.registry import AUTO
 from dsv3_jax.ops.remat import OFFLOAD_ATTENTION, REMAT
-from dsv3_jax.parallel.ep import expert_axis_size, expert_parallel
+from dsv3_jax.parallel.ep import data_parallel, expert_axis_size, expert_parallel
+from dsv3_jax.parallel.rules import batch_axes
 from pallas_kernels import mla_decode as mla_decode_kernel
 from pallas_kernels.backends import capability_of_kind, resolve_backend
 
@@ -36,6 +38,15 @@ DENSE_MAX_TOKENS = 512  # below this, windowed's fixed costs (sort, slicing ever
 DECODE_MAX_T = 8  # longer query windows (prefill) are compute-bound: expand keys/values per head
 QUERY_BLOCKS = 4  # causal query blocks of the blocked core: skip the masked key blocks
 QUERY_BLOCK_MIN_T = 128  # shorter sequences gain too little to pay the block loop
+# Accelerators: plain's [T, S] float32 scores, kept with their softmax for the backward, outgrow a
+# layer's own activations by ~H * S * 4 / (2 * D) (V3 at 4096 keys: 290x); from this many keys the
+# chunked core keeps one [T, KEY_CHUNK] chunk alive instead (measured by the plans, docs/SCALE.md).
+CHUNKED_MIN_KEYS = 1024
+KEY_CHUNK = 512
+# The output head's float32 logits [B, T, V] (with their softmax and gradient) dominate a step's memory
+# at large vocabularies (V2-Lite, 8 x 4096 rows a chip: 13 GB a copy); from this size they are made
+# in slices of positions that keep each slice under it.
+HEAD_CHUNK_BYTES = 1 << 30
 
 
 def _mesh_device():
@@ -84,22 +95,43 @@ def experts_variant(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> st
     return experts_op.WINDOWED  # XLA:CPU runs 2-D matmuls faster than batched or ragged ones of the same size
 
 
+def grouped_kernel(rt: Runtime) -> bool | None:
+    """Whether the ragged path's grouped matmul is the megablox kernel: on TPU targets (XLA runs
+    ragged_dot's weight gradient dense over every expert there), or in Pallas' interpreter where the
+    runtime asks for "interpret" kernels. -> None: jax.lax.ragged_dot; else the `interpret` flag."""
+    if rt.fp8:
+        return None
+    if rt.kernel_backend == "interpret":
+        return True
+    return False if platform(rt) == "tpu" and rt.kernel_backend in (AUTO, "xla") else None
+
+
 def experts_fn(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> ExpertsFn:
-    fn = EXPERTS[experts_variant(rt, cfg, num_tokens)]
+    variant = experts_variant(rt, cfg, num_tokens)
+    fn = EXPERTS[variant]
     if rt.fp8:  # Runtime allows fp8 only with the ragged path: the same path, FP8 grouped GEMMs
         fn = functools.partial(fn, gmm=fp8_ragged_matmul(kernel_backend(rt)))
+    elif variant == experts_op.RAGGED and grouped_kernel(rt) is not None:
+        fn = functools.partial(fn, gmm=kernel_ragged_matmul(interpret=grouped_kernel(rt)))
     return fn
 
 
 def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> jax.Array:
     """The routed experts on x [T, D]: expert-parallel when the current mesh has an expert axis
-    (`with jax.set_mesh(mesh):`), else on this device; the same function either way."""
+    (`with jax.set_mesh(mesh):`), else on this device's tokens; the same function either way. A
+    kernel the compiler cannot partition runs per device's tokens (`parallel.ep.data_parallel`)."""
     w1, w3, w2 = (dense(w, x.dtype) for w in (w1, w3, w2))
     mesh = jax.sharding.get_abstract_mesh()
+    # Pallas calls (FP8 GEMMs, megablox) have no rules for jax's varying-axes check.
+    kernel = rt.fp8 or grouped_kernel(rt) is not None
     if expert_axis_size(mesh) > 1:
         return expert_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=experts_fn(rt, cfg, None),
-                               fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not rt.fp8)
-    return experts_fn(rt, cfg, x.shape[0])(x, gates, ids, w1, w3, w2)
+                               fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not kernel)
+    fn = experts_fn(rt, cfg, x.shape[0])
+    if not mesh.empty and not rt.fp8 and experts_variant(rt, cfg, x.shape[0]) == experts_op.RAGGED \
+            and grouped_kernel(rt) is not None:  # megablox: the compiler cannot partition it
+        return data_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=fn, check_vma=False)
+    return fn(x, gates, ids, w1, w3, w2)
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -125,12 +157,18 @@ def attention(rt: Runtime, cfg: ModelConfig, *, cached: bool, q_shape, kv_shape,
             name = attention_op.NAIVE
     elif name == attention_op.LATENT_KERNEL and refusal:
         raise ValueError(f"attention {name!r} cannot run here: {refusal}")
-    on_cpu = platform(rt) == "cpu"
-    blocks = QUERY_BLOCKS if on_cpu and sorted_positions and t >= QUERY_BLOCK_MIN_T else 1
-    # The blocked core's hand-written backward saves XLA:CPU ~3 passes over the scores; on
-    # accelerators the plain core leaves the softmax to XLA's fusions.
-    core = attention_op.BLOCKED if on_cpu else attention_op.PLAIN
+    core, blocks = _core(platform(rt) == "cpu", t, kv_shape[1], sorted_positions)
     return name, AttentionOptions(cfg.softmax_scale, core, blocks, rt.fp8, backend)
+
+
+def _core(on_cpu: bool, t: int, s: int, sorted_positions: bool) -> tuple[str, int]:
+    """The naive variant's attention core and its blocks for T queries over S keys."""
+    if on_cpu:
+        # The blocked core's hand-written backward saves XLA:CPU ~3 passes over the scores.
+        return attention_op.BLOCKED, QUERY_BLOCKS if sorted_positions and t >= QUERY_BLOCK_MIN_T else 1
+    if s >= CHUNKED_MIN_KEYS and s % KEY_CHUNK == 0:
+        return attention_op.CHUNKED, s // KEY_CHUNK
+    return attention_op.PLAIN, 1  # short sequences: XLA's fusions of the whole softmax
 
 
 # ---- rematerialisation --------------------------------------------------------------------------
@@ -143,6 +181,18 @@ def remat_policy(rt: Runtime):
 
 
 # ---- cross-entropy ------------------------------------------------------------------------------
+def head_chunks(batch: int, seq: int, vocab: int) -> int:
+    """Slices of the positions for `ops.cross_entropy.head_cross_entropy`: the fewest (halving `seq`)
+    that keep one slice's float32 logits within HEAD_CHUNK_BYTES on each device (the rows a device
+    holds: `batch` over the current mesh's batch shards)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in batch_axes())
+    rows, n = max(batch // shards, 1), 1
+    while rows * (seq // n) * vocab * 4 > HEAD_CHUNK_BYTES and seq % (2 * n) == 0:
+        n *= 2
+    return n
+
+
 def cross_entropy_fn(rt: Runtime) -> CrossEntropyFn:
     """`onepass` everywhere: its backward is one pass over [N, V] and keeps no log-softmax buffer."""
     del rt

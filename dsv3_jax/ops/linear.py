@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import grouped_matmul
 from pallas_kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
 from pallas_kernels.quant import dequantize_weight, quantize_weight
 
@@ -96,3 +97,9 @@ def fp8_ragged_matmul(backend: str) -> GroupedMatmul:
     """The FP8 grouped matmul (`GroupedMatmul`): E4M3 inputs in Fprop, Dgrad and Wgrad, 1x128 activation
     tiles, 128x128 blocks per expert weight, on `backend`."""
     return lambda x, w, group_sizes: fp8_grouped_linear(x, w, group_sizes, backend=backend)
+
+
+def kernel_ragged_matmul(interpret: bool) -> GroupedMatmul:
+    """The grouped matmul as TPU kernels (`pallas_kernels.grouped_matmul`: megablox, whose weight
+    gradient is grouped too), compiled, or in Pallas' interpreter on any platform."""
+    return lambda x, w, group_sizes: grouped_matmul.gmm(x, w, group_sizes, interpret=interpret)

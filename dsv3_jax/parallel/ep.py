@@ -29,6 +29,7 @@ adversarial routing.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -174,5 +175,22 @@ def expert_parallel(x: jax.Array, gates: jax.Array, ids: jax.Array, w1: jax.Arra
     tok, ex = P(token_axes, None), P(expert_axis, None, None)
     body = functools.partial(_ep_body, axis=expert_axis, n=n, fp8=fp8_dispatch, local=local)
     out = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, ex, ex, ex), out_specs=tok,
+                        check_vma=check_vma)(x, gates, ids, w1, w3, w2)
+    return out[:t]
+
+
+def data_parallel(x: jax.Array, gates: jax.Array, ids: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
+                  *, mesh, local: LocalExperts, check_vma: bool = True) -> jax.Array:
+    """What `local(x, gates, ids, w1, w3, w2)` computes, each device running it on its own tokens (split
+    over the mesh's data, fsdp and expert axes) with every expert's weights: for a local function the
+    compiler cannot partition itself (a Pallas call). The weights enter whole (an FSDP gather, as the
+    compiler would make for a matmul); their gradients are summed over the devices."""
+    axes = tuple(a for a in default_token_axes(mesh) if mesh.shape[a] > 1)
+    if not axes:
+        return local(x, gates, ids, w1, w3, w2)
+    t = x.shape[0]
+    x, gates, ids = _pad_tokens(math.prod(mesh.shape[a] for a in axes), x, gates, ids.astype(jnp.int32))
+    tok, whole = P(axes, None), P()
+    out = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, whole, whole, whole), out_specs=tok,
                         check_vma=check_vma)(x, gates, ids, w1, w3, w2)
     return out[:t]
