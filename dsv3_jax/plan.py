@@ -1,4 +1,4 @@
-"""Compile-only plans: the real training step of a config, compiled for TPU chips this host does not have.
+"""Compile-only plans: the real training step of a config, compiled for TPU chips or GPUs this host does not have.
 
 `python -m dsv3_jax.plan --config small --target v5e:2x2 --mesh fsdp=4 --batch 8 --seq 256`
 
@@ -6,7 +6,9 @@ libtpu (`pip install "jax[tpu]==0.10.2"`) describes a TPU topology without the h
 (`jax.experimental.topologies.get_topology_desc`); its devices form our mesh, and the step that
 `jit_steps` would run (the same `train_step`, state shardings, batch sharding and donation) is lowered
 under that mesh with `Runtime(platform="tpu")`, so every per-platform choice follows the target, and
-compiled by the TPU compiler. What it reports, per device:
+compiled by the TPU compiler. GPU clusters (`--target h100:8`, `h800:32x8` = nodes x GPUs) go the same way
+through the CUDA build of jaxlib (`pip install "jax[cuda12]==0.10.2"`), described to its compiler by
+`gpu_targets` from the cards' published facts, with `Runtime(platform="gpu")`. What it reports, per device:
 
 - memory, from `memory_analysis()`: arguments (the train state's shards and the batch's), temporaries
   (activations, gradients, the optimizer's scratch) and outputs (the new state, the metrics). The state
@@ -15,10 +17,12 @@ compiled by the TPU compiler. What it reports, per device:
   left out.
   TPU layouts pad the two minor dimensions of every array to tiles of (8, 128) 32-bit values, so small
   models take far more than their element count.
-- `fits`: total <= the HBM the compiler lets a program use on that chip (`CHIPS`). A step whose
-  temporaries alone exceed it is refused by the compiler (RESOURCE_EXHAUSTED); its figures are read
-  from that message.
-- FLOPs: the compiler's count for one device's program (`cost_analysis()`) beside the cost model's
+- `fits`: total <= the HBM the compiler lets a program use on that chip (`CHIPS`; GPUs: 80% of the card's
+  memory, `gpu_targets.COMPILER_MEMORY_SHARE`). A TPU step whose temporaries alone exceed it is refused by
+  the compiler (RESOURCE_EXHAUSTED); its figures are read from that message. The GPU compiler refuses
+  nothing: it rematerialises towards the limit, warns where it cannot, and the plan says it does not fit.
+- FLOPs: the compiler's count for one device's program (`cost_analysis()`; for GPUs, whose compile-only
+  executables have none, XLA's HLO cost analysis of the optimised module) beside the cost model's
   (`costmodel.train_flops_per_token` x tokens / devices), with the known reasons they differ.
 - an ESTIMATE of the step time: the larger of compute (FLOPs at the chip's published BF16 peak) and
   HBM traffic (the compiler's bytes accessed at the published bandwidth); no communication, no
@@ -52,13 +56,15 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
+from dsv3_jax import gpu_targets
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.costmodel import active_matmul_params, attention_train_flops_per_token, train_flops_per_token
 from dsv3_jax.infer.engine import PREFILL_BUCKET, GenerateConfig, GenerationError, Generator, cache_length
 from dsv3_jax.infer.weights import convert_weights
 from dsv3_jax.layers.cache import LatentCache
 from dsv3_jax.layers.mla import ABSORBED
-from dsv3_jax.model import Transformer, logical_axes, variable_shapes
+from dsv3_jax.model import Transformer, logical_axes, stacks, variable_shapes
+from dsv3_jax.ops import dispatch
 from dsv3_jax.ops.linear import Fp8Weight
 from dsv3_jax.ops.remat import NONE as NO_REMAT
 from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
@@ -74,7 +80,8 @@ MODES, DECODE_WEIGHTS, SPECULATIVE = ("train", "decode"), ("bf16", "fp8"), ("non
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU generation: published per-chip peaks (docs FACTS.md s.7) and what libtpu allows."""
+    """One TPU generation or GPU card: published per-chip peaks (docs FACTS.md s.7) and what its compiler
+    lets a program use."""
 
     name: str
     hbm_bytes: float  # published HBM per chip (FACTS.md's GB; the usable figures show they are GiB)
@@ -84,6 +91,11 @@ class Chip:
     # HBM one device's program may use, as the compiler states it when a program exceeds it
     # ("exceeds available HBM (15.75G)", G = GiB); docs/SCALE.md has the command.
     usable_hbm_bytes: int
+    platform: str = "tpu"  # the Runtime.platform a step for this chip is built for
+    # Interconnect, bytes/s per chip as published (0: not in FACTS.md): inside a node or NVLink domain
+    # (GPUs: NVLink), and between nodes (GPUs: the InfiniBand NIC each GPU has).
+    link_bandwidth: float = 0.0
+    network_bandwidth: float = 0.0
 
     def per_device(self, value: float) -> float:
         return value / self.devices_per_chip
@@ -95,6 +107,10 @@ CHIPS = {
     "v6e": Chip("TPU v6e", 32 * GIB, 1640e9, 918e12, 1, round(31.25 * GIB)),
     "tpu7x": Chip("TPU7x", 192 * GIB, 7370e9, 2307e12, 2, round(94.75 * GIB)),
 }
+# GPU cards (`h100:8`, `h800:32x8`): their facts and target descriptions live in `gpu_targets`.
+GPU_CHIPS = {name: Chip(card.name, card.memory_bytes, card.memory_bandwidth, card.bf16_flops, 1,
+                        card.usable_memory_bytes, "gpu", card.nvlink_bandwidth, card.network_bandwidth)
+             for name, card in gpu_targets.CARDS.items()}
 
 
 class PlanError(ValueError):
@@ -103,11 +119,18 @@ class PlanError(ValueError):
 
 # ---- the target ---------------------------------------------------------------------------------
 def chip_of(target: str) -> Chip:
-    """"v5e:2x2" -> CHIPS["v5e"]; PlanError naming the known chips otherwise."""
+    """"v5e:2x2" -> CHIPS["v5e"], "h100:8" -> GPU_CHIPS["h100"]; PlanError naming the known chips otherwise."""
+    if gpu_targets.is_gpu_target(target):
+        try:
+            gpu_targets.parse_target(target)
+        except gpu_targets.GpuTargetError as e:
+            raise PlanError(str(e)) from e
+        return GPU_CHIPS[target.partition(":")[0]]
     name, sep, shape = target.partition(":")
     if name not in CHIPS or not sep or not shape:
         raise PlanError(f"--target {target!r}: expected CHIP:TOPOLOGY as libtpu spells it, e.g. v5e:2x2 or "
-                        f"v5p:2x2x1, with CHIP one of {', '.join(CHIPS)}")
+                        f"v5p:2x2x1, with CHIP one of {', '.join(CHIPS)}; or a GPU cluster CARD:NODESxGPUS, e.g. "
+                        f"h800:32x8, with CARD one of {', '.join(GPU_CHIPS)}")
     return CHIPS[name]
 
 
@@ -131,8 +154,13 @@ def _native_stderr_dropped() -> Iterator[None]:
 
 
 def topology_devices(target: str) -> list:
-    """The compile-only devices of a libtpu topology ("v5e:2x2": 4 chips)."""
-    chip_of(target)
+    """The compile-only devices of a libtpu topology ("v5e:2x2": 4 chips) or a GPU cluster ("h800:32x8":
+    256 GPUs, `gpu_targets`)."""
+    if chip_of(target).platform == "gpu":
+        try:
+            return gpu_targets.topology_devices(gpu_targets.parse_target(target))
+        except gpu_targets.GpuTargetError as e:
+            raise PlanError(str(e)) from e
     if importlib.util.find_spec("libtpu") is None:
         raise PlanError("libtpu is not installed; compile-only TPU plans need it: pip install 'jax[tpu]==0.10.2'")
     # libtpu locks /tmp/libtpu_lockfile for the chips it drives; a plan drives none, so it need not wait
@@ -165,8 +193,8 @@ class Setup:
 
 def _abstract_inputs(setup: Setup, mesh) -> tuple[TrainState, jax.ShapeDtypeStruct, TrainState, object]:
     """(state, window) as ShapeDtypeStructs carrying their shardings, and those shardings."""
-    shardings = state_shardings(setup.cfg, setup.optim, mesh)
-    abstract = jax.eval_shape(lambda: init_state(setup.cfg, setup.optim, 0))
+    shardings = state_shardings(setup.cfg, setup.optim, mesh, setup.runtime)
+    abstract = jax.eval_shape(lambda: init_state(setup.cfg, setup.optim, 0, setup.runtime))
     state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     rows = batch_sharding(mesh)
@@ -338,8 +366,12 @@ def flops_note(setup: Setup, num_devices: int, compiled_flops: float, model_flop
                f"MTP blocks and head {share(parts['mtp'])}" if parts["mtp"] else "",
                f"the masked half of the attention scores {share(parts['masked_attention'])}",
                f"remat {setup.runtime.remat!r} recomputes forward work" if setup.runtime.remat != NO_REMAT else ""]
-    where = ("the routed experts' weight gradients, which the TPU compiler runs as dense matmuls over every "
-             "expert" + ("" if setup.mesh.get("expert", 1) > 1 else ", on every device over the whole batch's rows"))
+    where = ("the routed experts' grouped matmuls, which XLA runs as dense matmuls over every expert (TPU: the "
+             "weight gradients; GPU: forward and backward)"
+             + ("" if setup.mesh.get("expert", 1) > 1 else ", on every device over the whole batch's rows"))
+    if dispatch.grouped_kernel(setup.runtime) is not None:  # megablox: grouped forward and backward
+        where = ("the routing, sorting and norms, less the routed experts' weight gradients, which the count "
+                 "leaves out (megablox's tgmm kernel declares no cost: a third of the experts' FLOPs)")
     tail = f"the rest {share(rest)}" + (f" is mostly {where} (docs/SCALE.md)" if setup.cfg.n_routed_experts else "")
     return f"compiled / model = {compiled_flops / model:.2f}: " + "; ".join([r for r in reasons if r] + [tail])
 
@@ -387,10 +419,14 @@ def _header(setup: Setup, devices: Sequence, chip: Chip) -> dict:
     model = (decode_model_flops_per_device if decode else model_flops_per_device)(setup, len(devices))
     report = {"mode": setup.mode, "config": setup.cfg.name, "target": setup.target, "chip": chip.name,
               "devices": len(devices), "mesh": dict(setup.mesh), "batch": setup.batch, "seq": setup.seq,
-              "remat": setup.runtime.remat, "grad_accum": setup.optim.grad_accum,
+              "remat": setup.runtime.remat, "scan_layers": setup.runtime.scan_layers,
+              "grad_accum": setup.optim.grad_accum,
               "moments_dtype": setup.optim.moments_dtype, "dtype": setup.runtime.dtype,
               "hbm_bytes": chip.usable_hbm_bytes, "hbm_published_bytes_per_device": chip.per_device(chip.hbm_bytes),
               "model_flops_per_device": model}
+    if chip.link_bandwidth or chip.network_bandwidth:  # published; the estimate does not model communication yet
+        report.update(link_bandwidth_per_device=chip.per_device(chip.link_bandwidth),
+                      network_bandwidth_per_device=chip.per_device(chip.network_bandwidth))
     if decode:
         report.update(context=setup.context, weights=setup.weights, speculative=setup.speculative)
     return report
@@ -421,7 +457,7 @@ def plan(setup: Setup, devices: Sequence) -> dict:
             raise
         return _refused(report, e)
     memory = memory_bytes(compiled)
-    cost = compiled.cost_analysis()
+    cost = gpu_targets.compiled_cost(compiled)
     flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     model = report["model_flops_per_device"]
     report.update(per_device_bytes=memory, fits=memory["total"] <= chip.usable_hbm_bytes, compile_s=seconds,
@@ -431,9 +467,29 @@ def plan(setup: Setup, devices: Sequence) -> dict:
         report.update(flops_note=f"compiled / model = {flops / model:.2f}: the model's count leaves out "
                                  f"{left_out}sampling, the norms and the cache writes",
                       **decode_estimate(chip, setup, len(devices), flops, traffic, model))
+    elif setup.runtime.scan_layers:
+        report.update(**_scanned_figures(setup, len(devices), chip, flops, traffic, model))
     else:
         report.update(flops_note=flops_note(setup, len(devices), flops, model), **roofline(chip, flops, traffic, model))
     return report
+
+
+def counted_once(cfg: ModelConfig) -> ModelConfig:
+    """What the compiler's cost analysis sees of a scanned model: a scan's body is counted once, so one
+    layer per stack (`model.stacks`)."""
+    return cfg.replace(num_layers=len(stacks(cfg)), first_k_dense=min(cfg.first_k_dense, 1))
+
+
+def _scanned_figures(setup: Setup, n: int, chip: Chip, flops: float, traffic: float, model: float) -> dict:
+    """The FLOPs note against a model of one layer per stack, and the roofline on the compiler's FLOPs and
+    bytes scaled by the layers the scans repeat (an ESTIMATE: model FLOPs of all layers over one each)."""
+    once = dataclasses.replace(setup, cfg=counted_once(setup.cfg))
+    scale = model / model_flops_per_device(once, n)
+    note = (f"the compiler counts each scanned stack's body once, so against {once.cfg.num_layers} layer(s): "
+            + flops_note(once, n, flops, model_flops_per_device(once, n)))
+    return {"flops_note": note, "compiled_flops_per_device_scaled": flops * scale,
+            "compiled_bytes_accessed_per_device_scaled": traffic * scale,
+            **roofline(chip, flops * scale, traffic * scale, model)}
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -500,13 +556,17 @@ class _OneLineParser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m dsv3_jax.plan", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="small", help="preset name or ModelConfig JSON path")
-    p.add_argument("--target", default="v5e:2x2", help="TPU topology as libtpu spells it: v5e:2x2, v5p:2x2x1, ...")
+    p.add_argument("--target", default="v5e:2x2", help="TPU topology as libtpu spells it: v5e:2x2, v5p:2x2x1, ...; "
+                   "or a GPU cluster CARD:NODESxGPUS: h100:8, h200:8, h800:32x8")
     p.add_argument("--mesh", default="", help="axis=size entries as train.py's, e.g. fsdp=2,expert=2 "
                                                   "(default: every device on fsdp)")
     p.add_argument("--mode", default="train", choices=MODES, help="compile the training step or the decode step")
     p.add_argument("--batch", type=int, default=8, help="global sequences a step (decode: rows decoded at once)")
     p.add_argument("--seq", type=int, default=256, help="tokens a sequence")
     p.add_argument("--remat", default="none", choices=choices("remat"), help="Runtime.remat policy")
+    p.add_argument("--scan_layers", default=True, action="store_true",
+                   help="train: compile each stack of layers once, as one scan (Runtime.scan_layers; default)")
+    p.add_argument("--noscan_layers", dest="scan_layers", action="store_false", help="train: layers unrolled")
     p.add_argument("--grad_accum", type=int, default=1, help="microbatches a step (OptimConfig.grad_accum)")
     p.add_argument("--moments", default="auto", choices=("auto", *MOMENT_DTYPES),
                    help="AdamW moments' dtype, as train.py's --moments (auto: bfloat16 from 1B parameters)")
@@ -523,7 +583,8 @@ def setup_from_args(args: argparse.Namespace, num_devices: int) -> Setup:
     try:
         cfg = ModelConfig.from_json(args.config)
         mesh = parse_mesh(args.mesh or f"fsdp={num_devices}", num_devices)
-        runtime = Runtime(dtype="bfloat16", platform="tpu", remat=args.remat)
+        runtime = Runtime(dtype="bfloat16", platform=chip_of(args.target).platform, remat=args.remat,
+                          scan_layers=args.scan_layers and args.mode == "train")
         # train.py's optimizer for these flags (its schedule does not change the compiled step).
         optim = optim_config(TrainConfig(workdir="", batch_size=args.batch, grad_accum=args.grad_accum,
                                          moments=args.moments), cfg)
