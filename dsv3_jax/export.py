@@ -12,14 +12,19 @@ the biases, a third of it. The export directory holds:
                            transformers' `DeepseekV3ForCausalLM.from_pretrained`)
     OUT/export.json        where it came from: the workdir, the step and the run's tokenizer spec
 
-The training checkpoints are only read. The export is written to a temporary directory beside OUT
-and renamed into place at the end, so a failure leaves nothing half-written, and an existing,
-non-empty OUT is replaced only with `overwrite`. Arrays come back as host numpy arrays, whatever
+Without --step, the newest checkpoint that restores is exported, and a warning line names each newer
+one that does not (damaged: train.py moves such a checkpoint aside when it resumes); a --step that
+does not restore is refused in one line naming the other steps. The training checkpoints are only
+read. The export is written to a temporary directory beside OUT and renamed into place at the end,
+so a failure leaves nothing half-written, and an existing, non-empty OUT is replaced only with
+`overwrite`, and only if it is an earlier export. Arrays come back as host numpy arrays, whatever
 devices the run trained on: put them on devices (or shard them) as the inference job needs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as std_logging
 import os
 import shutil
 import sys
@@ -28,15 +33,19 @@ import tempfile
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import flags, logging
+from absl import flags
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.hf import save_hf_checkpoint
 from dsv3_jax.model import variable_shapes
+from dsv3_jax.train.workdir import WorkdirError, quiet_abandoned_reads, reason, restore_newest, warn
 
 HF_WEIGHTS = ("float32", "bfloat16", "fp8")
 CONFIG_FILE, INFO_FILE, ORBAX_DIR, HF_DIR = "model_config.json", "export.json", "orbax", "hf"
+EXPORT_ENTRIES = (CONFIG_FILE, INFO_FILE, ORBAX_DIR, HF_DIR)  # all an export directory holds
 COLLECTIONS = ("params", "router")  # what inference needs of the train state
+# What orbax logs at WARNING on opening a checkpoint directory read-only, as it is asked to here.
+READ_ONLY_NOTICES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
 
 
 class ExportError(RuntimeError):
@@ -54,23 +63,39 @@ def _checkpoints_dir(workdir: str) -> str:
     return checkpoints
 
 
+class _DropReadOnlyNotices(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(READ_ONLY_NOTICES)
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+    """Drop orbax's notices that a read-only manager is read-only (absl logs through the "absl" logger);
+    every other warning still shows."""
+    logger, drop = std_logging.getLogger("absl"), _DropReadOnlyNotices()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _manager(checkpoints: str) -> ocp.CheckpointManager:
     # read_only: the manager neither creates nor cleans up anything in the training run's directory.
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_handlers=handlers)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with _quiet_read_only():
+        return ocp.CheckpointManager(checkpoints, options=options, item_handlers=handlers)
 
 
-def _pick_step(mgr: ocp.CheckpointManager, checkpoints: str, step: int | None) -> int:
+def _steps(mgr: ocp.CheckpointManager, checkpoints: str, step: int | None) -> list[int]:
     steps = sorted(mgr.all_steps())
     if not steps:
         raise ExportError(f"{checkpoints}: no checkpoint (has the run saved one yet?)")
-    if step is None:
-        return steps[-1]
-    if step not in steps:
+    if step is not None and step not in steps:
         raise ExportError(f"{checkpoints}: no checkpoint of step {step}; available steps: {steps}")
-    return step
+    return steps
 
 
 def _as_numpy(metadata_tree) -> dict:
@@ -90,9 +115,39 @@ def _check_shapes(cfg: ModelConfig, variables: dict, where: str) -> None:
                               f"expects {want_leaves.get(name, 'no such variable')}")
 
 
+def _restore_step(mgr: ocp.CheckpointManager, checkpoints: str, step: int) -> tuple[ModelConfig, dict, str]:
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+        # Runs before the Runtime split wrote the model fields under "model" and the full config,
+        # runtime fields included, under "config"; from_dict reads either (legacy keys dropped).
+        cfg = ModelConfig.from_dict(meta.get("config", meta["model"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{checkpoints}/{step}: its meta does not describe a model this code knows: {e}") from e
+    tokenizer = meta.get("tokenizer", "byte")  # runs before the spec was recorded used bytes
+    saved = mgr.item_metadata(step)["state"].tree
+    wanted = {k: saved[k] for k in COLLECTIONS if saved.get(k)}
+    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=_as_numpy(wanted), partial_restore=True)))["state"]
+    variables = {k: state[k] for k in COLLECTIONS if state.get(k)}
+    _check_shapes(cfg, variables, f"{checkpoints}/{step}")
+    return cfg, variables, tokenizer
+
+
+def _restore_named(mgr: ocp.CheckpointManager, checkpoints: str, step: int, steps: list[int]):
+    quiet_abandoned_reads()
+    try:
+        return _restore_step(mgr, checkpoints, step)
+    except ExportError:
+        raise
+    except Exception as e:  # orbax and tensorstore raise ValueError, OSError, RuntimeError, ...
+        others = [s for s in steps if s != step]
+        raise ExportError(f"{checkpoints}/{step} does not restore ({reason(e)}); other checkpoints: {others}") from e
+
+
 def restore_variables(workdir: str, step: int | None = None) -> tuple[ModelConfig, dict, int, str]:
-    """(ModelConfig, {"params", "router"}, step, tokenizer spec) of a training checkpoint; the latest
-    without `step`.
+    """(ModelConfig, {"params", "router"}, step, tokenizer spec) of a training checkpoint; without
+    `step`, the newest that restores, with a warning line naming each newer one that does not
+    (damaged: train.py sets those aside when it resumes).
 
     Only the params and router biases are read (partial restore from the saved tree's own metadata),
     so the optimizer's structure is never needed and its moments never loaded.
@@ -100,23 +155,20 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[ModelConfi
     checkpoints = _checkpoints_dir(workdir)
     mgr = _manager(checkpoints)
     try:
-        step = _pick_step(mgr, checkpoints, step)
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        steps = _steps(mgr, checkpoints, step)
+        if step is not None:
+            cfg, variables, tokenizer = _restore_named(mgr, checkpoints, step, steps)
+            return cfg, variables, step, tokenizer
         try:
-            # Runs before the Runtime split wrote the model fields under "model" and the full config,
-            # runtime fields included, under "config"; from_dict reads either (legacy keys dropped).
-            cfg = ModelConfig.from_dict(meta.get("config", meta["model"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ExportError(f"{checkpoints}/{step}: its meta does not describe a model this code knows: {e}") from e
-        tokenizer = meta.get("tokenizer", "byte")  # runs before the spec was recorded used bytes
-        saved = mgr.item_metadata(step)["state"].tree
-        wanted = {k: saved[k] for k in COLLECTIONS if saved.get(k)}
-        state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=wanted, restore_args=_as_numpy(wanted), partial_restore=True)))["state"]
+            step, (cfg, variables, tokenizer), skipped = restore_newest(
+                steps, lambda s: _restore_step(mgr, checkpoints, s), checkpoints, passthrough=(ExportError,))
+        except WorkdirError as e:
+            raise ExportError(str(e)) from e
     finally:
         mgr.close()
-    variables = {k: state[k] for k in COLLECTIONS if state.get(k)}
-    _check_shapes(cfg, variables, f"{checkpoints}/{step}")
+    for bad, why in skipped:
+        warn(f"{checkpoints}/{bad} does not restore ({why}); using step {step}, the newest checkpoint that does "
+             "(train.py on this workdir moves the damaged one aside)")
     return cfg, variables, step, tokenizer
 
 
@@ -134,8 +186,14 @@ def _refuse_unsafe_destination(workdir: str, out: str, overwrite: bool) -> None:
                           "choose another directory")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out} exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    entries = os.listdir(out) if os.path.isdir(out) else []
+    if entries and not overwrite:
         raise ExportError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    # --overwrite replaces (deletes) OUT: only an earlier export, never someone's other files.
+    if entries and (CONFIG_FILE not in entries or not set(entries) <= set(EXPORT_ENTRIES)):
+        foreign = sorted(set(entries) - set(EXPORT_ENTRIES)) or entries
+        raise ExportError(f"--out {out} is not an export (it holds {', '.join(sorted(foreign)[:6])}); "
+                          "--overwrite replaces only an earlier export: choose another directory")
 
 
 def _write(tmp: str, cfg: ModelConfig, variables: dict, info: dict, hf_weights: str | None) -> None:
@@ -202,9 +260,13 @@ def load_exported(out: str) -> tuple[ModelConfig, dict]:
     if not (os.path.isfile(config) and os.path.isdir(ckpt)):
         raise ExportError(f"{out}: not an export directory (expected {CONFIG_FILE} and {ORBAX_DIR}/)")
     cfg = ModelConfig.from_json(config)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        saved = ckptr.metadata(ckpt).item_metadata.tree
-        variables = ckptr.restore(ckpt, args=ocp.args.PyTreeRestore(item=saved, restore_args=_as_numpy(saved)))
+    quiet_abandoned_reads()
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            saved = ckptr.metadata(ckpt).item_metadata.tree
+            variables = ckptr.restore(ckpt, args=ocp.args.PyTreeRestore(item=saved, restore_args=_as_numpy(saved)))
+    except Exception as e:  # a damaged export: orbax and tensorstore raise ValueError, OSError, ...
+        raise ExportError(f"{ckpt} does not restore ({reason(e)}); export the run again") from e
     _check_shapes(cfg, variables, ckpt)
     return cfg, dict(variables)
 
@@ -247,15 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m dsv3_jax.export`; `argv` without the program name. 0 on success; on bad input,
     one line on stderr and 1."""
     argv = list(sys.argv if argv is None else ["dsv3_jax.export", *argv])
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)  # orbax warns at length about read-only directories
     try:
         written = _run(argv)
     except (ExportError, OSError) as e:  # OSError: e.g. no permission to write OUT
         print(f"export: {e}", file=sys.stderr)
         return 1
-    finally:
-        logging.set_verbosity(verbosity)
     if written is not None:
         print(f"exported step {written['step']} of {written['workdir']} to {written['out']}: {CONFIG_FILE}, "
               f"{ORBAX_DIR}/" + (f", {HF_DIR}/" if written["hf"] else ""))

@@ -143,8 +143,13 @@ def test_existing_destination_is_refused_and_untouched(workdir, restored, tmp_pa
         export(workdir, str(out))
     assert sorted(os.listdir(tmp_path)) == before and os.listdir(out) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(ExportError, match="is not an export .*keep.txt.*--overwrite replaces only an earlier export"):
+        export(workdir, str(out), overwrite=True)  # --overwrite deletes only what an export wrote
+    assert sorted(os.listdir(tmp_path)) == before and os.listdir(out) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    export(workdir, str(out), step=2)
     export(workdir, str(out), overwrite=True)
-    assert "keep.txt" not in os.listdir(out) and sorted(os.listdir(tmp_path)) == before
+    assert sorted(os.listdir(tmp_path)) == before
     assert _equal(load_exported(str(out))[1], restored[1])
 
 
@@ -156,11 +161,11 @@ def test_a_failed_export_leaves_nothing_half_written(workdir, tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         export(workdir, str(tmp_path / "new"), hf=True)
     assert os.listdir(tmp_path) == []
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "keep.txt").write_text("mine")
+    export(workdir, str(tmp_path / "old"))  # an earlier export, which --overwrite may replace
+    before = _snapshot(tmp_path / "old")
     with pytest.raises(OSError, match="disk full"):
         export(workdir, str(tmp_path / "old"), hf=True, overwrite=True)
-    assert os.listdir(tmp_path) == ["old"] and os.listdir(tmp_path / "old") == ["keep.txt"]
+    assert os.listdir(tmp_path) == ["old"] and _snapshot(tmp_path / "old") == before
 
 
 def _cli(*args):

@@ -1,7 +1,8 @@
 """Loading a model for inference from any of our checkpoint layouts, at the weight precision asked for.
 
 Layouts, told apart by what the directory holds:
-- a training workdir: checkpoints/<step>/ (orbax, written by train.py); the latest step is used;
+- a training workdir: checkpoints/<step>/ (orbax, written by train.py); the newest step that restores
+  is used, with a warning line naming each newer one that does not (damaged);
 - an export: model_config.json + orbax/ (written by `python -m dsv3_jax.export`);
 - a Hugging Face checkpoint: config.json + *.safetensors in DeepSeek's layout (FP8 or not).
 
@@ -86,7 +87,10 @@ def _read_info(path: str) -> dict:
     if not os.path.isfile(info):
         return {}
     with open(info) as f:
-        return json.load(f)
+        recorded = json.load(f)
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{info}: expected a JSON object, found {type(recorded).__name__}")
+    return recorded
 
 
 def _linear_paths(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, bool]]:

@@ -4,7 +4,10 @@ Run it from `train.py` (absl flags) or call `run(TrainConfig(...))` directly, as
 A checkpoint holds the train state (params, optimizer state, router biases, step) and the data
 iterator's position, so a resumed run sees exactly the batches, and gives exactly the losses, of
 an uninterrupted one. Orbax writes each checkpoint to a temporary directory and renames it when
-complete, so a run killed at any moment leaves only whole checkpoints behind.
+complete, so a run killed at any moment leaves only whole checkpoints behind. A run writes only into
+a workdir that is new, empty or already ours, and refuses anything under checkpoints/ it did not write
+(orbax deletes old step folders); a checkpoint that does not restore is renamed aside, never deleted,
+and the run resumes from the newest that does (`dsv3_jax.train.workdir`).
 
 With `mesh` ("data=2,expert=4"), the state is created directly in its shardings (rules table in
 `dsv3_jax.parallel.rules`), each step runs over the mesh, each process feeds its own rows of every
@@ -41,9 +44,9 @@ from dsv3_jax.data import (
 from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
 from dsv3_jax.parallel.rules import batch_sharding, batch_shards
 from dsv3_jax.runtime import Runtime
-from dsv3_jax.train.metrics import MetricsWriter
+from dsv3_jax.train.metrics import FRESH, METRICS_FILE, MetricsWriter, read_metrics
 from dsv3_jax.train.plots import write_plots
-from dsv3_jax.train.progress import Progress
+from dsv3_jax.train.progress import Progress, describe_workdir
 from dsv3_jax.train.sample import sample_text
 from dsv3_jax.train.step import (
     OptimConfig,
@@ -52,6 +55,16 @@ from dsv3_jax.train.step import (
     init_state_sharded,
     jit_steps,
     state_shardings,
+)
+from dsv3_jax.train.workdir import (
+    CHECKPOINTS,
+    WorkdirError,
+    check_checkpoints,
+    check_workdir,
+    claim_workdir,
+    restore_newest,
+    set_aside,
+    warn,
 )
 
 # --precision -> (activation dtype, FP8 GEMMs in the linear layers). Master weights stay float32 in all.
@@ -80,6 +93,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     eval_every: int = 50
     log_every: int = 10
+    print_every: int = 0  # with no progress bar (stderr not a terminal), a line every this many steps; 0: ~10 a run
     eval_batches: int = 4
     keep_checkpoints: int = 3
     precision: str = "fp32"
@@ -158,28 +172,86 @@ def _data(tc: TrainConfig, cfg: ModelConfig):
     return tokenizer, batches, held
 
 
+def _checkpoints(tc: TrainConfig) -> str:
+    return os.path.abspath(os.path.join(tc.workdir, CHECKPOINTS))
+
+
 def _manager(tc: TrainConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(tc.workdir, "checkpoints")), options=options,
-                                 item_names=("state", "data", "meta"))
+    return ocp.CheckpointManager(_checkpoints(tc), options=options, item_names=("state", "data", "meta"))
 
 
-def _restore(mgr, cfg: ModelConfig, abstract: TrainState, batches) -> TrainState | None:
-    """The latest checkpoint's state, laid out as `abstract` says (shapes, dtypes, shardings), or None."""
-    step = mgr.latest_step()
-    if step is None:
-        return None
-    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    saved = ModelConfig.from_dict(meta["model"])
-    if saved != cfg:
-        raise TrainingError(f"the workdir holds a checkpoint of another model config (fields differ: "
-                            f"{cfg.differences(saved)}); "
-                            "use a new --workdir or the same --config")
-    got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                    data=ocp.args.JsonRestore()))
-    batches.restore(got["data"])
-    return got["state"]
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_workdir(tc: TrainConfig) -> None:
+    """Refuse, before anything is written, a --workdir that is not ours, or a checkpoints/ holding
+    anything not ours (orbax deletes old step folders): dsv3_jax.train.workdir."""
+    try:
+        check_workdir(tc.workdir)
+        check_checkpoints(_checkpoints(tc), tc.keep_checkpoints)
+    except WorkdirError as e:
+        raise TrainingError(str(e)) from e
+
+
+def _open_workdir(tc: TrainConfig) -> ocp.CheckpointManager:
+    """Create and mark the (checked) workdir, and open the checkpoint manager."""
+    try:
+        if jax.process_index() == 0:
+            claim_workdir(tc.workdir)
+    except WorkdirError as e:
+        raise TrainingError(str(e)) from e
+    _sync("dsv3_jax workdir claimed")
+    return _manager(tc)
+
+
+def _restore(mgr, cfg: ModelConfig, abstract: TrainState, batches) -> tuple[TrainState | None, list]:
+    """The newest checkpoint that restores, laid out as `abstract` says (shapes, dtypes, shardings), or
+    None; and [(step, why)] of the newer ones that did not restore (corrupt: an older one did)."""
+    if not mgr.all_steps():
+        return None, []
+
+    def attempt(step: int) -> dict:
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved = ModelConfig.from_dict(meta["model"])
+        if saved != cfg:
+            raise TrainingError(f"the workdir holds a checkpoint of another model config (fields differ: "
+                                f"{cfg.differences(saved)}); "
+                                "use a new --workdir or the same --config")
+        return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                         data=ocp.args.JsonRestore()))
+
+    try:
+        _, got, skipped = restore_newest(mgr.all_steps(), attempt, str(mgr.directory), passthrough=(TrainingError,))
+    except WorkdirError as e:
+        raise TrainingError(f"{e}; if they are damaged, move them out of {mgr.directory}/ to start again from "
+                            "step 0") from e
+    try:
+        batches.restore(got["data"])
+    except ValueError as e:
+        hint = "resume with the run's own --data, --seq_len and --seed, or use a new --workdir"
+        raise TrainingError(f"{e}: {hint}") from e
+    return got["state"], skipped
+
+
+def _set_aside_corrupt(tc: TrainConfig, mgr, skipped: list, start: int) -> ocp.CheckpointManager:
+    """Move the checkpoints that did not restore out of orbax's view (renamed, never deleted), say so,
+    and reopen the manager (it lists the steps when opened)."""
+    mgr.close()
+    if jax.process_index() == 0:
+        for step, why in skipped:
+            try:
+                moved = set_aside(_checkpoints(tc), step)
+            except OSError as e:
+                raise TrainingError(f"{_checkpoints(tc)}/{step} does not restore ({why}) and cannot be moved "
+                                    f"aside: {e}") from e
+            warn(f"checkpoint {_checkpoints(tc)}/{step} does not restore ({why}); moved it to {moved}; "
+                 f"resuming from step {start}")
+    _sync("dsv3_jax corrupt checkpoints set aside")
+    return _manager(tc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,17 +302,20 @@ def _check_process_rows(batch: NamedSharding, tc: TrainConfig) -> None:
                             f"feeds its own {share}; give the processes different data/fsdp/expert coordinates")
 
 
-def _initial_state(mgr, cfg: ModelConfig, optim: OptimConfig, seed: int, batches, layout: Layout) -> TrainState:
-    """The workdir's latest checkpoint if there is one, else a fresh state; laid out as `layout` says."""
+def _initial_state(mgr, cfg: ModelConfig, optim: OptimConfig, seed: int, batches,
+                   layout: Layout) -> tuple[TrainState, list]:
+    """The workdir's newest checkpoint that restores if there is one, else a fresh state, laid out as
+    `layout` says; and the newer checkpoints that did not restore ([(step, why)])."""
     if layout.mesh is None:
         fresh = init_state(cfg, optim, seed)
-        restored = _restore(mgr, cfg, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh), batches)
-        return fresh if restored is None else restored
+        restored, skipped = _restore(mgr, cfg, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh),
+                                     batches)
+        return (fresh if restored is None else restored), skipped
     shapes = jax.eval_shape(lambda: init_state(cfg, optim, seed))
     abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                       shapes, layout.state)
-    restored = _restore(mgr, cfg, abstract, batches)
-    return init_state_sharded(cfg, optim, seed, layout.state) if restored is None else restored
+    restored, skipped = _restore(mgr, cfg, abstract, batches)
+    return (init_state_sharded(cfg, optim, seed, layout.state) if restored is None else restored), skipped
 
 
 def _save(mgr, step: int, state: TrainState, batches, cfg: ModelConfig, tokenizer: str) -> None:
@@ -296,13 +371,15 @@ def param_specs(state: TrainState) -> dict[str, object]:
 
 def run(tc: TrainConfig) -> dict:
     cfg, rt = model_config(tc), runtime(tc)
+    _check_workdir(tc)
     tokenizer, batches, held = _data(tc, cfg)
     optim = optim_config(tc, cfg)
     layout = make_layout(tc, cfg, optim)
-    os.makedirs(tc.workdir, exist_ok=True)
-    mgr = _manager(tc)
+    mgr = _open_workdir(tc)
     with layout.context():
-        state = _initial_state(mgr, cfg, optim, tc.seed, batches, layout)
+        state, skipped = _initial_state(mgr, cfg, optim, tc.seed, batches, layout)
+        if skipped:
+            mgr = _set_aside_corrupt(tc, mgr, skipped, int(state.step))
         state, summary = _train(tc, cfg, rt, optim, state, batches, held, mgr, layout)
     mgr.wait_until_finished()
     mgr.close()
@@ -314,7 +391,27 @@ def run(tc: TrainConfig) -> dict:
     if tc.sample_tokens:
         summary["sample"] = sample_text(cfg, _local_state(state), tokenizer, tc.sample_prompt, tc.sample_tokens,
                                         seed=tc.seed, runtime=rt)
+    if jax.process_index() == 0:
+        print(describe_workdir(tc.workdir), flush=True)
     return summary
+
+
+def _what_is_kept(mgr) -> str:
+    """What a stopped run leaves to resume from (nothing non-finite is ever saved)."""
+    kept = mgr.latest_step()
+    if kept is None:
+        return "no checkpoint was saved, so the next run starts again from step 0"
+    return f"the checkpoint of step {kept} is kept and the next run resumes from it"
+
+
+def _recorded_first_eval(workdir: str) -> dict:
+    """{"first_eval_loss": the held-out loss metrics.jsonl holds for step 0}, or {} if it holds none."""
+    try:
+        records = read_metrics(os.path.join(workdir, METRICS_FILE))
+    except (OSError, ValueError):
+        return {}
+    first = [r["eval_loss"] for r in records if r.get("step") == 0 and "eval_loss" in r]
+    return {"first_eval_loss": first[-1]} if first else {}
 
 
 def _train(tc: TrainConfig, cfg: ModelConfig, rt: Runtime, optim: OptimConfig, state: TrainState, batches, held,
@@ -329,11 +426,14 @@ def _train(tc: TrainConfig, cfg: ModelConfig, rt: Runtime, optim: OptimConfig, s
     tokens_per_step = tc.batch_size * tc.seq_len
     summary = {"start_step": start, "steps": tc.steps, "losses": {}}
     first_eval = _evaluate(evaluate, state, held) if start == 0 else None
-    with MetricsWriter(tc.workdir, resume_step=start) if primary else _NoMetrics() as log:
+    if first_eval is None and primary:  # resumed: the step-0 evaluation is in the run's record
+        summary.update(_recorded_first_eval(tc.workdir))
+    with MetricsWriter(tc.workdir, resume_step=start if start else FRESH) if primary else _NoMetrics() as log:
         if first_eval is not None:
             log.write(0, {"eval_loss": first_eval})
             summary["first_eval_loss"] = first_eval
-        bar = Progress(tc.steps, start, tokens_per_step, disable=None if primary else True)
+        bar = Progress(tc.steps, start, tokens_per_step, disable=None if primary else True,
+                       print_every=tc.print_every)
         t0 = time.perf_counter()
         end = tc.steps if tc.stop_after is None else min(tc.steps, start + tc.stop_after)
         for step in range(start + 1, end + 1):
@@ -343,17 +443,17 @@ def _train(tc: TrainConfig, cfg: ModelConfig, rt: Runtime, optim: OptimConfig, s
                 bar.close()
                 mgr.wait_until_finished()
                 what = f"loss became {loss}" if not math.isfinite(loss) else "the weights became non-finite"
-                raise TrainingError(f"{what} at step {step}; the last good checkpoint is kept "
-                                    f"(lower --lr or check the data)")
+                raise TrainingError(f"{what} at step {step}; {_what_is_kept(mgr)} (lower --lr or check the data)")
             summary["losses"][step] = loss
             tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
             t0 = time.perf_counter()
-            bar.update(step, loss, tokens_per_s)
+            bar.update(step, loss, tokens_per_s, ce=float(m["ce"]))
             rec = _record(m, tokens_per_s) if step % tc.log_every == 0 or step == tc.steps else None
             if step % tc.eval_every == 0 or step == tc.steps:
                 rec = rec or _record(m, tokens_per_s)
                 rec["eval_loss"] = _evaluate(evaluate, state, held)
                 summary["eval_loss"] = rec["eval_loss"]
+                bar.evaluated(step, rec["eval_loss"])
             if rec is not None:
                 log.write(step, rec)
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == end:

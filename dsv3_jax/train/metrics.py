@@ -4,17 +4,22 @@
 "step" first and fsyncs it, so a run killed at any point keeps every line it finished. A kill in the
 middle of a line leaves a torn last line; `read_metrics` skips it and a new writer cuts it off before
 appending. On resume from a checkpoint at step s, lines with step > s came from work the checkpoint
-does not hold; the writer drops them (atomically) so the log never repeats a step. TensorBoard is
-told the same through tensorboardX's `purge_step`, which hides the orphaned events of earlier files.
+does not hold (a kill, a stop on a non-finite loss, a checkpoint set aside or deleted); a run from no
+checkpoint at all (`FRESH`) supersedes every line. So that metrics.jsonl reads as one run, never
+repeating a step, the writer moves those lines to `metrics.superseded-<time>.jsonl` beside it (never
+deleting them) and rewrites metrics.jsonl atomically. TensorBoard is told the same through
+tensorboardX's `purge_step`, which hides the orphaned events of earlier files.
 
 Only numbers reach TensorBoard: top-level numbers under their own name and numbers one dict level
 down as "outer/inner" tags. Lists (per-expert loads) and deeper structures live only in the jsonl.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import numbers
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -23,6 +28,10 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_PREFIX = "metrics.superseded-"  # + time + ".jsonl": lines a resumed or restarted run set aside
+# resume_step of a run that starts from no checkpoint: every earlier line is superseded (its step-0
+# evaluation included, which the new run writes again).
+FRESH = -1
 TENSORBOARD_DIR = "tensorboard"
 # tensorboardX writes events from a background queue, so its flush() does not reach the events
 # still queued; this bounds what a kill can lose from TensorBoard (never from the jsonl).
@@ -112,29 +121,54 @@ def _atomic_write_lines(path: str, records: list[dict]) -> None:
         raise
 
 
+def _superseded_path(directory: str) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    path, n = os.path.join(directory, f"{SUPERSEDED_PREFIX}{stamp}.jsonl"), 1
+    while os.path.lexists(path):
+        n += 1
+        path = os.path.join(directory, f"{SUPERSEDED_PREFIX}{stamp}-{n}.jsonl")
+    return path
+
+
+def _set_aside(path: str, records: list[dict], resume_step: int) -> None:
+    """Write superseded records to their own file (complete before metrics.jsonl loses them)."""
+    aside = _superseded_path(os.path.dirname(os.path.abspath(path)))
+    with open(aside, "x", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    steps = f"step {records[0]['step']}" + (f" to {records[-1]['step']}" if len(records) > 1 else "")
+    why = ("an earlier start that left no checkpoint" if resume_step == FRESH
+           else f"steps after the checkpoint of step {resume_step}, which this run resumes from")
+    print(f"note: {len(records)} line(s) of {METRICS_FILE} ({steps}) are from {why}; moved them to "
+          f"{os.path.basename(aside)}", file=sys.stderr, flush=True)
+
+
 def _prepare_existing(path: str, resume_step: int | None) -> None:
-    """Cut a torn last line; on resume also drop the records after `resume_step`."""
+    """Cut a torn last line; on resume also set the records after `resume_step` aside."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
         text = f.read()
     records, intact = _parse_lines(text, path)
-    if resume_step is not None:
-        kept = [r for r in records if r["step"] <= resume_step]
-    else:
-        kept = records
+    kept = records if resume_step is None else [r for r in records if r["step"] <= resume_step]
+    superseded = [] if resume_step is None else [r for r in records if r["step"] > resume_step]
+    if superseded:
+        _set_aside(path, superseded, resume_step)
     # A complete last object without its "\n" stays, a torn one goes; rewriting (not patching in
     # place) means the file is never left half-repaired.
     torn = intact != len(text) or (text and not text.endswith("\n"))
-    if torn or len(kept) != len(records):
+    if torn or superseded:
         _atomic_write_lines(path, kept)
 
 
 class MetricsWriter:
     """Appends metrics records to `workdir/metrics.jsonl` and scalars to `workdir/tensorboard`.
 
-    `resume_step`: the step of the checkpoint a run resumes from; records after it are dropped
-    from the jsonl and hidden in TensorBoard. None: append to whatever is there (a fresh workdir).
+    `resume_step`: the step of the checkpoint a run resumes from, or FRESH for a run from no
+    checkpoint; records after it are moved from the jsonl to a `metrics.superseded-*.jsonl` file and
+    hidden in TensorBoard. None: append to whatever is there.
     Write from one process only (JAX process 0 in multi-host runs).
     """
 
