@@ -386,7 +386,7 @@ def test_infer_batch_from_a_prompts_file_with_fp8_weights(trained, tmp_path, cap
     out = cli.run(_flags(checkpoint=trained, prompts_file=str(prompts), weights="fp8", max_new_tokens=12))
     printed = capsys.readouterr().out.splitlines()
     assert out["batch"] == 2 and len(out["text"]) == 2 and [len(t) for t in out["tokens"]] == [12, 12]
-    assert printed == [f"[0] {out['text'][0]}", f"[1] {out['text'][1]}"]
+    assert printed == [f"[0] the quick{out['text'][0]}", f"[1] over the la{out['text'][1]}"]  # each with its prompt
     assert out["text"][0].startswith(" brown")  # 8-bit weights still know the text
     assert out["kv_cache_bytes_per_token"] == CFG.kv_cache_bytes_per_token(2)  # bf16 compute and cache
     assert out["weights"] == "fp8" and out["weight_bytes"] < weight_bytes(load_checkpoint(trained, "bf16")[1])
@@ -426,7 +426,7 @@ def test_infer_py_streams_and_reports_json(trained):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     out = json.loads(lines[-1])
-    assert out["text"].startswith(" brown fox") and lines[0].startswith(out["text"].splitlines()[0])
+    assert out["text"].startswith(" brown fox") and lines[0].startswith("the quick" + out["text"].splitlines()[0])
     assert len(out["tokens"]) == 24 and out["kv_cache_bytes_per_token"] == CFG.kv_cache_bytes_per_token(4)
     assert out["same_as_plain"] is True and out["acceptance_rate"] > 0.5 and out["accepted_per_step"] > 1.5
     for key in ("tokens_per_s", "prefill_s", "speedup", "plain_tokens_per_s", "weight_bytes"):

@@ -1,4 +1,5 @@
 """Metrics log (jsonl + TensorBoard), resume truncation, plots and the progress bar."""
+import io
 import os
 import types
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.train.metrics import MetricsWriter, read_metrics
-from dsv3_jax.train.plots import _relative_loads, plot_expert_load, plot_losses, write_plots
+from dsv3_jax.train.plots import _relative_loads, loss_curves, plot_expert_load, plot_losses, write_plots
 from dsv3_jax.train.progress import Progress
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -140,6 +141,26 @@ def test_plots_are_png_files(tmp_path):
     _assert_png(plot_expert_load(records, str(tmp_path / "load.png")))
 
 
+def test_loss_plot_draws_like_with_like():
+    """The objective (CE + 0.3 x MTP + balance) is not plotted against the held-out cross-entropy as if
+    it were one: the train line is the next-token cross-entropy, and each label says what its line is."""
+    records = [{"step": 0, "eval_loss": 5.5}]
+    records += [{"step": s, "loss": 4.0 - 0.1 * s, "ce": 3.0 - 0.1 * s, "mtp_loss": 3.3 - 0.1 * s} for s in (1, 2, 3)]
+    records[-1]["eval_loss"] = 2.8
+    curves = {label: (list(steps), pytest.approx(list(values))) for label, _, steps, values in loss_curves(records)}
+    assert curves == {
+        "train: next-token cross-entropy (this step's batch)": ([1, 2, 3], [2.9, 2.8, 2.7]),
+        "train: MTP cross-entropy (the extra tokens ahead, mean over depths)": ([1, 2, 3], [3.2, 3.1, 3.0]),
+        "held-out files: next-token cross-entropy": ([0, 3], [5.5, 2.8]),
+    }
+    no_mtp = [{**r, "mtp_loss": 0.0} if "mtp_loss" in r else r for r in records]  # mtp_depth 0 logs zeros
+    assert [label for label, *_ in loss_curves(no_mtp)] == ["train: next-token cross-entropy (this step's batch)",
+                                                            "held-out files: next-token cross-entropy"]
+    # A log from before "ce" was recorded: the objective, labelled as what it is.
+    old = [{k: v for k, v in r.items() if k != "ce"} for r in records]
+    assert loss_curves(old)[0][0] == "train: objective (next-token + MTP + balance loss; not a cross-entropy)"
+
+
 def test_expert_load_is_relative_to_uniform():
     records = [
         {"step": 4, "expert_load": {"layers_1": [0.25, 0.25, 0.25, 0.25]}},
@@ -188,3 +209,24 @@ def test_progress_reports_loss_and_throughput(monkeypatch):
         progress.update(6, loss=2.0, tokens_per_s=1234.0)
         assert progress._bar.postfix == "loss=2.0000, tok_s=1,234"
         assert progress._bar.n == 6
+
+
+def test_progress_without_a_terminal_prints_lines(monkeypatch):
+    clock = iter(float(t) for t in range(100))
+    monkeypatch.setattr("dsv3_jax.train.progress.time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    out = io.StringIO()  # not a terminal: no bar, plain lines about every tenth of the run
+    with Progress(total_steps=40, initial_step=10, tokens_per_step=100, file=out) as progress:
+        for step in range(11, 38):  # stopped early: the last step's line is still printed
+            progress.update(step, loss=3.0, tokens_per_s=999.0, ce=2.5)  # lines show the mean since the last
+            if step == 30:
+                progress.evaluated(step, 2.75)
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "step 12/40: objective 3.0000, next-token cross-entropy 2.5000, 100 tokens/s, 00:02 elapsed, 00:28 left",
+        *[f"step {s}/40: objective 3.0000, next-token cross-entropy 2.5000, 100 tokens/s, 00:{s - 10:02d} elapsed, "
+          f"00:{40 - s:02d} left" for s in (15, 18, 21, 24, 27, 30)],
+        "step 30/40: held-out next-token cross-entropy 2.7500",
+        "step 33/40: objective 3.0000, next-token cross-entropy 2.5000, 100 tokens/s, 00:23 elapsed, 00:07 left",
+        "step 36/40: objective 3.0000, next-token cross-entropy 2.5000, 100 tokens/s, 00:26 elapsed, 00:04 left",
+        "step 37/40: objective 3.0000, next-token cross-entropy 2.5000, 100 tokens/s, 00:27 elapsed, 00:03 left",
+    ]

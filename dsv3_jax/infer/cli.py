@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 
 import jax
@@ -50,10 +51,11 @@ def define_flags() -> None:
 
 
 class _Stream:
-    """Prints a row's text as its tokens arrive, holding back an incomplete UTF-8 character."""
+    """Prints a row's text as its tokens arrive, prompt first (echoed when the first tokens come, so
+    after the prompt was accepted), holding back an incomplete UTF-8 character."""
 
-    def __init__(self, tokenizer, eos_id):
-        self.tok, self.eos, self.ids, self.shown = tokenizer, eos_id, [], ""
+    def __init__(self, tokenizer, eos_id, prompt: list[int] | tuple[int, ...] = ()):
+        self.tok, self.eos, self.ids, self.shown = tokenizer, eos_id, [t for t in prompt if t != eos_id], ""
 
     def __call__(self, row: int, new: list[int]) -> None:
         self.ids.extend(t for t in new if t != self.eos)
@@ -74,6 +76,9 @@ def _prompts(f, tokenizer) -> tuple[list[list[int]], list[str]]:
                 texts += [line.rstrip("\n") for line in fh if line.strip()]
         except OSError as e:
             raise GenerationError(f"--prompts_file: {e}") from e
+        except UnicodeDecodeError as e:
+            raise GenerationError(f"--prompts_file {f.prompts_file}: not UTF-8 text (byte {e.start}: "
+                                  f"{e.reason})") from None
     ids = [tokenizer.encode(t) for t in texts]
     for spec in f.prompt_ids:
         try:
@@ -102,7 +107,26 @@ def _summary(res: Result, texts: list[str], cfg, rt, variables, prompts) -> dict
     return out
 
 
+# Each numeric flag of infer.py -> (its rule, as told to the user; whether a value keeps it).
+FLAG_RULES = {
+    "max_new_tokens": (">= 1", lambda v: v >= 1),
+    "temperature": ("a finite number >= 0 (0: greedy)", lambda v: math.isfinite(v) and v >= 0),
+    "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "top_k": (">= 0 (0: all)", lambda v: v >= 0),
+    "steps_per_call": (">= 1", lambda v: v >= 1),
+}
+
+
+def check_flags(f) -> None:
+    """Refuse a nonsensical numeric flag before the checkpoint is loaded."""
+    for name, (rule, ok) in FLAG_RULES.items():
+        value = getattr(f, name)
+        if not ok(value):
+            raise GenerationError(f"--{name} must be {rule}, got {value}")
+
+
 def run(f) -> dict:
+    check_flags(f)
     cfg, variables, tok_spec = load_checkpoint(f.checkpoint, f.weights)
     try:
         rt = runtime_for(f.weights, experts=f.experts, attention=f.attention)
@@ -121,12 +145,12 @@ def run(f) -> dict:
     except ValueError as e:
         raise GenerationError(f"--{e}") from e
     gen = GenerateConfig(f.max_new_tokens, sampling, f.speculative, tokenizer.eos_id, f.seed, f.steps_per_call)
-    stream = _Stream(tokenizer, tokenizer.eos_id) if len(prompts) == 1 else None
+    stream = _Stream(tokenizer, tokenizer.eos_id, prompts[0]) if len(prompts) == 1 else None
     res = generate(cfg, variables, prompts, gen, on_tokens=stream, runtime=rt)
     texts = [_decode(tokenizer, ids, tokenizer.eos_id) for ids in res.tokens]
     if stream is None:
-        for i, t in enumerate(texts):
-            print(f"[{i}] {t}")
+        for i, ids in enumerate(res.tokens):  # each with its prompt
+            print(f"[{i}] {_decode(tokenizer, prompts[i] + ids, tokenizer.eos_id)}")
     else:
         print()
     out = {**_summary(res, texts, cfg, rt, variables, prompts), "weights": f.weights}

@@ -21,12 +21,16 @@ LOSS_PNG = "loss.png"
 EXPERT_LOAD_PNG = "expert_load.png"
 # Expert-load colours saturate at this factor over or under the uniform share.
 LOAD_COLOR_RANGE = 4.0
-# (record key, legend label, line style) of the curves `plot_losses` draws when present.
+# (record key, legend label, line style) of the curves `loss_curves` draws when present: cross-entropies
+# only, so every line is on the axis it is labelled with. The training objective ("loss": next-token CE +
+# lambda x MTP CE + alpha x balance loss) is not a cross-entropy; it is drawn only for a log without
+# "ce" (runs from before the next-token CE was logged), labelled as the objective.
 _LOSS_CURVES = (
-    ("loss", "train loss", "-"),
-    ("mtp_loss", "train MTP loss", "-"),
-    ("eval_loss", "held-out loss", "o-"),
+    ("ce", "train: next-token cross-entropy (this step's batch)", "-"),
+    ("mtp_loss", "train: MTP cross-entropy (the extra tokens ahead, mean over depths)", "--"),
+    ("eval_loss", "held-out files: next-token cross-entropy", "o-"),
 )
+_OBJECTIVE_CURVE = ("loss", "train: objective (next-token + MTP + balance loss; not a cross-entropy)", ":")
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -42,21 +46,31 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nda
     return steps, values
 
 
+def loss_curves(records: list[dict[str, Any]]) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(label, line style, steps, values) of each curve `plot_losses` draws, in drawing order."""
+    curves = _LOSS_CURVES
+    if not any("ce" in r for r in records):
+        curves = (_OBJECTIVE_CURVE, *curves[1:])
+    out = []
+    for key, label, style in curves:
+        steps, values = _series(records, key)
+        if len(steps) and (key != "mtp_loss" or values.any()):  # a model without MTP logs 0
+            out.append((label, style, steps, values))
+    return out
+
+
 def plot_losses(records: list[dict[str, Any]], out_png: str) -> str:
-    """Train loss (and MTP loss) and held-out loss against step, on one figure."""
+    """Train and held-out next-token cross-entropy (and the train MTP cross-entropy) against step."""
+    curves = loss_curves(records)
+    if not curves:
+        raise ValueError("no record has 'ce', 'mtp_loss', 'eval_loss' or 'loss'; nothing to plot")
     fig = _new_figure(8, 4.5)
     ax = fig.add_subplot()
-    drawn = 0
-    for key, label, style in _LOSS_CURVES:
-        steps, values = _series(records, key)
-        if len(steps):
-            ax.plot(steps, values, style, label=label, markersize=4, linewidth=1.2)
-            drawn += 1
-    if not drawn:
-        raise ValueError("no record has 'loss', 'mtp_loss' or 'eval_loss'; nothing to plot")
+    for label, style, steps, values in curves:
+        ax.plot(steps, values, style, label=label, markersize=4, linewidth=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Training and held-out loss")
+    ax.set_title("Cross-entropy on training batches and on held-out files")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.savefig(out_png, dpi=100)
@@ -130,7 +144,7 @@ def write_plots(workdir: str) -> list[str]:
     """
     records = read_metrics(os.path.join(workdir, METRICS_FILE))
     written = []
-    if any(key in r for r in records for key, _, _ in _LOSS_CURVES):
+    if loss_curves(records):
         written.append(plot_losses(records, os.path.join(workdir, LOSS_PNG)))
     if any("expert_load" in r for r in records):
         written.append(plot_expert_load(records, os.path.join(workdir, EXPERT_LOAD_PNG)))
