@@ -31,6 +31,8 @@ flags.DEFINE_enum("attention", "auto", list(choices("attention")),
 flags.DEFINE_enum("remat", "none", list(choices("remat")),
                   "what a training step keeps for the backward and recomputes (same gradients, less memory): "
                   "none, full (each block keeps its input), save_attention, save_dots, offload_attention")
+flags.DEFINE_bool("scan_layers", False, "compile each stack of layers (dense, MoE) once, as a scan: compile time "
+                  "independent of depth; checkpoints hold the layers stacked (export and infer read either)")
 flags.DEFINE_integer("grad_accum", 1, "microbatches per optimizer step (gradients averaged; --batch_size divides)")
 flags.DEFINE_enum("moments", "auto", ["auto", "float32", "bfloat16"],
                   "AdamW moments' dtype; auto: bfloat16 (as DeepSeek-V3 trains) from 1B parameters, else float32")

@@ -37,7 +37,7 @@ from absl import flags
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.hf import save_hf_checkpoint
-from dsv3_jax.model import variable_shapes
+from dsv3_jax.model import unstack_layers, variable_shapes
 from dsv3_jax.train.workdir import WorkdirError, quiet_abandoned_reads, reason, restore_newest, warn
 
 HF_WEIGHTS = ("float32", "bfloat16", "fp8")
@@ -128,7 +128,8 @@ def _restore_step(mgr: ocp.CheckpointManager, checkpoints: str, step: int) -> tu
     wanted = {k: saved[k] for k in COLLECTIONS if saved.get(k)}
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=wanted, restore_args=_as_numpy(wanted), partial_restore=True)))["state"]
-    variables = {k: state[k] for k in COLLECTIONS if state.get(k)}
+    # A scanned run's checkpoint holds its layers stacked: exports are per layer, the interchange layout.
+    variables = unstack_layers({k: state[k] for k in COLLECTIONS if state.get(k)}, cfg)
     _check_shapes(cfg, variables, f"{checkpoints}/{step}")
     return cfg, variables, tokenizer
 

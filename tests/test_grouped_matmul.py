@@ -10,6 +10,7 @@ import pytest
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.ops import dispatch
+from dsv3_jax.ops.linear import cast_here
 from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
 from dsv3_jax.runtime import Runtime
 from pallas_kernels.grouped_matmul import TILE, gmm
@@ -73,3 +74,27 @@ def test_kernels_are_chosen_for_tpu_targets_only():
     assert dispatch.grouped_kernel(Runtime(platform="cpu")) is None
     assert dispatch.grouped_kernel(Runtime(platform="cpu", kernel_backend="interpret")) is True
     assert dispatch.grouped_kernel(Runtime(platform="tpu", fp8=True)) is None  # the FP8 grouped GEMMs
+
+
+def test_expert_parallel_in_token_chunks_is_the_same(monkeypatch):
+    """Expert parallelism with each device's tokens sent in chunks (one chunk's all-to-all buffers alive
+    at a time, each chunk recomputed for the backward): the same loss and gradients."""
+    variables = init_variables(CFG, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 16), 0, CFG.vocab_size)
+    mesh = make_mesh(parse_mesh("fsdp=2,expert=2", 4), devices=jax.devices()[:4])
+    rt = Runtime(experts="ragged")
+    with jax.set_mesh(mesh):
+        want = _loss_and_grads(rt, variables, tokens)
+        # 16 tokens a device, K=2, D=64, 4 bytes, n=2: 16 KiB a buffer; 4 KiB asks for 4 chunks
+        assert dispatch.ep_chunks(mesh, 64, CFG.num_experts_per_tok, CFG.hidden_size, 4) == 1
+        monkeypatch.setattr(dispatch, "EP_BUFFER_BYTES", 4096)
+        assert dispatch.ep_chunks(mesh, 64, CFG.num_experts_per_tok, CFG.hidden_size, 4) == 4
+        _close(_loss_and_grads(rt, variables, tokens), want)
+
+
+def test_cast_here_is_a_cast_both_ways():
+    w = jax.random.normal(jax.random.PRNGKey(0), (3, 4))
+    y, back = jax.vjp(lambda w: cast_here(w, jnp.bfloat16), w)
+    assert y.dtype == jnp.bfloat16 and np.array_equal(np.asarray(y), np.asarray(w.astype(jnp.bfloat16)))
+    (g,) = back(jnp.ones((3, 4), jnp.bfloat16))
+    assert g.dtype == jnp.float32 and np.all(np.asarray(g) == 1)

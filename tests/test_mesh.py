@@ -8,7 +8,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import logical_axes, variable_shapes
 from dsv3_jax.parallel.distributed import cluster_detected, maybe_initialize
 from dsv3_jax.parallel.mesh import MESH_AXES, make_mesh, parse_mesh
-from dsv3_jax.parallel.rules import RULES, batch_sharding, batch_shards, param_shardings, to_mesh_spec
+from dsv3_jax.parallel.rules import RULES, batch_sharding, batch_shards, param_shardings, spread, to_mesh_spec
 
 
 def test_parse_mesh_fills_every_axis():
@@ -96,17 +96,18 @@ def test_named_parameter_shardings(meshes):
     sh = param_shardings(logical_axes(cfg), variable_shapes(cfg), meshes["fsdp=2,expert=2,tensor=2"])
     p = sh["params"]
     assert isinstance(p["embed"], NamedSharding)
-    assert p["embed"].spec == P("tensor", "fsdp")  # [vocab, embed]
-    assert p["lm_head"].spec == P("fsdp", "tensor")  # [embed, vocab]
+    # [vocab, embed]: the logical axes give tensor and fsdp, ZeRO-3 adds the unused expert axis
+    assert p["embed"].spec == P(("tensor", "expert"), "fsdp")
+    assert p["lm_head"].spec == P("fsdp", ("tensor", "expert"))  # [embed, vocab]
     assert p["layers_1"]["ffn"]["w1"].spec == P("expert", "fsdp", "tensor")
     assert p["layers_1"]["ffn"]["w2"].spec == P("expert", "tensor", "fsdp")
     assert p["layers_1"]["ffn"]["router"].spec == P("fsdp", "expert")
-    assert p["layers_0"]["attn"]["wkv_b"].spec == P(None, "tensor", None)  # [kv_lora, heads, kv_dim]
+    assert p["layers_0"]["attn"]["wkv_b"].spec == P("fsdp", "tensor", "expert")  # [kv_lora, heads, kv_dim]
     assert sh["router"]["layers_1"]["ffn"]["bias"].spec == P()
     ep = param_shardings(logical_axes(cfg), variable_shapes(cfg), meshes["data=2,expert=4"])["params"]
     assert ep["layers_1"]["ffn"]["w1"].spec == P("expert", None, None)
     assert ep["mtp_0"]["block"]["ffn"]["w3"].spec == P("expert", None, None)
-    assert ep["embed"].spec == P(None, None)
+    assert ep["embed"].spec == P("expert", None)  # data parallel copies; the expert axis splits it
 
 
 def test_batch_sharding_spans_data_fsdp_and_expert(meshes):
@@ -158,3 +159,15 @@ def test_cluster_detection(no_cluster):
     assert cluster_detected() == "cloud-tpu"
     no_cluster.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
     assert cluster_detected() == "JAX_COORDINATOR_ADDRESS"
+
+
+def test_weights_are_spread_over_the_zero3_axes():
+    """A weight whose logical axes leave fsdp or expert unused takes them on its largest divisible
+    dimension; vectors, and dimensions the axes do not divide, stay as they were."""
+    mesh = make_mesh(parse_mesh("fsdp=2,expert=4", 8))
+    assert spread(P(None, None, None), (512, 128, 192), mesh) == P(("fsdp", "expert"), None, None)
+    assert spread(P(None, "fsdp"), (2048, 7168), mesh) == P(None, ("fsdp", "expert"))  # 3584 > 2048 a shard
+    assert spread(P(None, "fsdp"), (8192, 7168), mesh) == P("expert", "fsdp")
+    assert spread(P("expert", "fsdp", None), (8, 64, 32), mesh) == P("expert", "fsdp", None)
+    assert spread(P(None), (7168,), mesh) == P(None) and spread(P(), (7168,), mesh) == P()
+    assert spread(P(None, None), (3, 5), mesh) == P(None, None)

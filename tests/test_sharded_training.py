@@ -69,7 +69,10 @@ def test_parameters_are_really_sharded(runs):
     assert ep["param_specs"]["mtp_0/block/ffn/w2"] == P("expert", None, None)
     assert tp["param_specs"]["embed"] == P("tensor", "fsdp")
     assert tp["param_specs"]["layers_1/ffn/w1"] == P(None, "fsdp", "tensor")
-    assert tp["param_specs"]["layers_0/attn/wq_b"] == P(None, "tensor", None)
+    # No "embed" in its logical axes: ZeRO-3 spreads it over fsdp all the same (rules.spread), and a
+    # dense weight over the expert axis too
+    assert tp["param_specs"]["layers_0/attn/wq_b"] == P("fsdp", "tensor", None)
+    assert ep["param_specs"]["layers_0/attn/wq_b"] != P()
     assert "param_specs" not in runs("")[0]  # no mesh: the single-device path
 
 

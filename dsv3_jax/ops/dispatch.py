@@ -19,7 +19,7 @@ from dsv3_jax.ops import experts as experts_op
 from dsv3_jax.ops.attention import AttentionOptions
 from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY, CrossEntropyFn
 from dsv3_jax.ops.experts import EXPERTS, ExpertsFn
-from dsv3_jax.ops.linear import dense, fp8_ragged_matmul, kernel_ragged_matmul
+from dsv3_jax.ops.linear import cast_here, dense, fp8_ragged_matmul, kernel_ragged_matmul
 from dsv3_jax.ops.registry import AUTO
 from dsv3_jax.ops.remat import OFFLOAD_ATTENTION, REMAT
 from dsv3_jax.parallel.ep import data_parallel, expert_axis_size, expert_parallel
@@ -47,6 +47,10 @@ KEY_CHUNK = 512
 # at large vocabularies (V2-Lite, 8 x 4096 rows a chip: 13 GB a copy); from this size they are made
 # in slices of positions that keep each slice under it.
 HEAD_CHUNK_BYTES = 1 << 30
+# Expert parallelism's dropless all-to-all buffers hold n x (a device's tokens x K) rows of D (V3 at
+# 4096 tokens a device, n = 8: 3.8 GB each, several alive in a backward); from this size the tokens go
+# through in chunks (`in_token_chunks`).
+EP_BUFFER_BYTES = 1 << 28
 
 
 def _mesh_device():
@@ -121,17 +125,42 @@ def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> 
     (`with jax.set_mesh(mesh):`), else on this device's tokens; the same function either way. A
     kernel the compiler cannot partition runs per device's tokens (`parallel.ep.data_parallel`)."""
     w1, w3, w2 = (dense(w, x.dtype) for w in (w1, w3, w2))
+    if grouped_kernel(rt) is False:  # compiled megablox (TPU): each layer's weights cast in its own step
+        w1, w3, w2 = (cast_here(w, x.dtype) for w in (w1, w3, w2))
     mesh = jax.sharding.get_abstract_mesh()
     # Pallas calls (FP8 GEMMs, megablox) have no rules for jax's varying-axes check.
     kernel = rt.fp8 or grouped_kernel(rt) is not None
     if expert_axis_size(mesh) > 1:
-        return expert_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=experts_fn(rt, cfg, None),
+        ep = functools.partial(expert_parallel, w1=w1, w3=w3, w2=w2, mesh=mesh, local=experts_fn(rt, cfg, None),
                                fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not kernel)
+        return in_token_chunks(ep, ep_chunks(mesh, x.shape[0], ids.shape[1], x.shape[1], x.dtype.itemsize),
+                               x, gates, ids)
     fn = experts_fn(rt, cfg, x.shape[0])
     if not mesh.empty and not rt.fp8 and experts_variant(rt, cfg, x.shape[0]) == experts_op.RAGGED \
             and grouped_kernel(rt) is not None:  # megablox: the compiler cannot partition it
         return data_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=fn, check_vma=False)
     return fn(x, gates, ids, w1, w3, w2)
+
+
+def ep_chunks(mesh, tokens: int, k: int, d: int, itemsize: int) -> int:
+    """Token chunks for expert parallelism: the fewest (halving each device's tokens) that keep one
+    dropless all-to-all buffer, [n, tokens a device holds x K, D], within EP_BUFFER_BYTES."""
+    n, rows = expert_axis_size(mesh), tokens // max(math.prod(mesh.shape.get(a, 1) for a in batch_axes()), 1)
+    c = 1
+    while n * (rows // c) * k * d * itemsize > EP_BUFFER_BYTES and rows % (2 * c) == 0:
+        c *= 2
+    return c
+
+
+def in_token_chunks(fn, chunks: int, x, gates, ids) -> jax.Array:
+    """fn(x, gates, ids) over `chunks` slices of each device's rows in turn, each slice recomputed for the
+    backward: the same result, the buffers of one slice alive at a time. Row r goes to slice r % chunks,
+    so a device's contiguous rows split evenly and the slices keep the rows' sharding."""
+    if chunks <= 1:
+        return fn(x, gates, ids)
+    split = lambda a: a.reshape(a.shape[0] // chunks, chunks, *a.shape[1:]).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), (split(x), split(gates), split(ids)))
+    return out.swapaxes(0, 1).reshape(x.shape)
 
 
 # ---- attention ----------------------------------------------------------------------------------

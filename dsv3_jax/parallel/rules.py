@@ -114,11 +114,43 @@ def _is_spec(x) -> bool:
     return isinstance(x, PartitionSpec)
 
 
+# ZeRO-3: a weight is split over each of these mesh axes (devices with rows of their own, the data axis
+# aside) even where its logical axes do not name them: an axis its spec leaves unused goes to its
+# largest dimension that stays divisible. Without it MLA's up-projections ([q_lora | kv_lora, heads,
+# dim], no "embed") and, under an expert axis, every dense weight would be copied on every device
+# of those axes (V3 on 128 chips: ~2.3B replicated parameters, 23 GB a device with gradients and moments).
+SPREAD_AXES = ("fsdp", "expert")
+
+
+def spread(spec: PartitionSpec, shape: tuple[int, ...], mesh) -> PartitionSpec:
+    """`spec` with each SPREAD_AXES mesh axis it does not use added to the dimension it divides that has
+    the most elements a shard (none for vectors: norm scales and biases stay whole)."""
+    if len(shape) < 2:
+        return spec
+    entries, changed = list(spec) + [None] * (len(shape) - len(spec)), False
+    split = lambda e: math.prod(mesh.shape.get(a, 1) for a in _as_tuple(e))
+    used = {a for e in entries for a in _as_tuple(e)}
+    for axis in SPREAD_AXES:
+        size = mesh.shape.get(axis, 1)
+        if size == 1 or axis in used:
+            continue
+        fits = [i for i, e in enumerate(entries) if shape[i] % (split(e) * size) == 0]
+        if not fits:
+            continue
+        i = max(fits, key=lambda j: shape[j] // split(entries[j]))
+        kept = (*_as_tuple(entries[i]), axis)
+        entries[i] = kept[0] if len(kept) == 1 else kept
+        used.add(axis)
+        changed = True
+    return PartitionSpec(*entries) if changed else spec
+
+
 def param_shardings(axes: dict, shapes: dict, mesh: Mesh) -> dict:
     """NamedShardings for a variables tree, from the same tree of logical PartitionSpecs (the model's
-    `logical_axes(cfg)`) and of shapes (`variable_shapes(cfg)`)."""
+    `logical_axes(cfg)`) and of shapes (`variable_shapes(cfg)`), each `spread` over the ZeRO-3 axes."""
     return jax.tree_util.tree_map(
-        lambda spec, x: NamedSharding(mesh, to_mesh_spec(spec, mesh, x.shape)), axes, shapes, is_leaf=_is_spec)
+        lambda spec, x: NamedSharding(mesh, spread(to_mesh_spec(spec, mesh, x.shape), x.shape, mesh)),
+        axes, shapes, is_leaf=_is_spec)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

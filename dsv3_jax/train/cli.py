@@ -45,7 +45,8 @@ def config_from_flags(f) -> TrainConfig:
                        warmup_steps=f.warmup_steps, seed=f.seed, checkpoint_every=f.checkpoint_every,
                        eval_every=f.eval_every, precision=f.precision,
                        stop_after=f.stop_after, sample_tokens=f.sample_tokens, mesh=f.mesh, experts=f.experts,
-                       attention=f.attention, remat=f.remat, grad_accum=f.grad_accum, moments=f.moments)
+                       attention=f.attention, remat=f.remat, grad_accum=f.grad_accum, moments=f.moments,
+                       scan_layers=f.scan_layers)
 
 
 def _abandon_run(e: Exception) -> None:

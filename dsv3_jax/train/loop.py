@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data import (
@@ -41,6 +41,7 @@ from dsv3_jax.data import (
     split_documents,
     tokenize_documents,
 )
+from dsv3_jax.model import stack_layers, unstack_layers
 from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
 from dsv3_jax.parallel.rules import batch_sharding, batch_shards
 from dsv3_jax.runtime import Runtime
@@ -109,6 +110,9 @@ class TrainConfig:
     experts: str = "auto"
     attention: str = "auto"
     remat: str = "none"  # what a step keeps for the backward (dsv3_jax.ops.remat)
+    # Layers compiled once, as scans; checkpoints then hold the scanned layout (model.stack_layers) and
+    # say so, and a run resumes either layout's checkpoints in its own.
+    scan_layers: bool = False
     grad_accum: int = 1  # microbatches per optimizer step
     moments: str = "auto"  # AdamW moments: float32, bfloat16, or auto (bfloat16 from BF16_MOMENTS_MIN_PARAMS)
 
@@ -132,7 +136,8 @@ def runtime(tc: TrainConfig) -> Runtime:
         raise TrainingError(f"--precision={tc.precision!r}: expected one of {sorted(PRECISIONS)}")
     dtype, fp8 = PRECISIONS[tc.precision]
     try:
-        return Runtime(dtype=dtype, fp8=fp8, experts=tc.experts, attention=tc.attention, remat=tc.remat)
+        return Runtime(dtype=dtype, fp8=fp8, experts=tc.experts, attention=tc.attention, remat=tc.remat,
+                       scan_layers=tc.scan_layers)
     except ValueError as e:
         raise TrainingError(str(e)) from e
 
@@ -208,9 +213,10 @@ def _open_workdir(tc: TrainConfig) -> ocp.CheckpointManager:
     return _manager(tc)
 
 
-def _restore(mgr, cfg: ModelConfig, abstract: TrainState, batches) -> tuple[TrainState | None, list]:
-    """The newest checkpoint that restores, laid out as `abstract` says (shapes, dtypes, shardings), or
-    None; and [(step, why)] of the newer ones that did not restore (corrupt: an older one did)."""
+def _restore(mgr, cfg: ModelConfig, abstract, scan: bool, batches) -> tuple[TrainState | None, list]:
+    """The newest checkpoint that restores, laid out as `abstract(scan)` says (shapes, dtypes, shardings;
+    `scan` the run's layer layout), or None; and [(step, why)] of the newer ones that did not restore
+    (corrupt: an older one did). A checkpoint of the other layout is read in its own and converted."""
     if not mgr.all_steps():
         return None, []
 
@@ -221,8 +227,12 @@ def _restore(mgr, cfg: ModelConfig, abstract: TrainState, batches) -> tuple[Trai
             raise TrainingError(f"the workdir holds a checkpoint of another model config (fields differ: "
                                 f"{cfg.differences(saved)}); "
                                 "use a new --workdir or the same --config")
-        return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                         data=ocp.args.JsonRestore()))
+        saved_scan = bool(meta.get("scan_layers", False))  # written before scanning: per layer
+        got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(saved_scan)),
+                                                        data=ocp.args.JsonRestore()))
+        if saved_scan == scan:
+            return got
+        return {"state": _relayout(got["state"], cfg, scan, abstract(scan)), "data": got["data"]}
 
     try:
         _, got, skipped = restore_newest(mgr.all_steps(), attempt, str(mgr.directory), passthrough=(TrainingError,))
@@ -286,7 +296,7 @@ def make_layout(tc: TrainConfig, cfg: ModelConfig, optim: OptimConfig) -> Layout
                             f"use a multiple of {shards * tc.grad_accum}")
     batch = batch_sharding(mesh)
     _check_process_rows(batch, tc)
-    return Layout(mesh, state_shardings(cfg, optim, mesh), batch)
+    return Layout(mesh, state_shardings(cfg, optim, mesh, runtime(tc)), batch)
 
 
 def _check_process_rows(batch: NamedSharding, tc: TrainConfig) -> None:
@@ -302,25 +312,39 @@ def _check_process_rows(batch: NamedSharding, tc: TrainConfig) -> None:
                             f"feeds its own {share}; give the processes different data/fsdp/expert coordinates")
 
 
-def _initial_state(mgr, cfg: ModelConfig, optim: OptimConfig, seed: int, batches,
-                   layout: Layout) -> tuple[TrainState, list]:
+def _relayout(state: TrainState, cfg: ModelConfig, scan: bool, abstract: TrainState) -> TrainState:
+    """A state of the other layer layout in `scan`'s (the same values), placed as `abstract` says."""
+    convert = stack_layers if scan else unstack_layers
+    state = state.replace(params=convert(state.params, cfg), opt_state=convert(state.opt_state, cfg),
+                          router=convert(state.router, cfg))
+    return jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding), state, abstract)
+
+
+def _initial_state(mgr, cfg: ModelConfig, optim: OptimConfig, seed: int, batches, layout: Layout,
+                   rt: Runtime) -> tuple[TrainState, list]:
     """The workdir's newest checkpoint that restores if there is one, else a fresh state, laid out as
-    `layout` says; and the newer checkpoints that did not restore ([(step, why)])."""
+    `layout` and the runtime's layer layout say; and the newer checkpoints that did not restore."""
+    def abstract(scan: bool) -> TrainState:
+        other = rt.replace(scan_layers=scan)
+        shapes = jax.eval_shape(lambda: init_state(cfg, optim, seed, other))
+        shardings = (jax.tree_util.tree_map(lambda _: SingleDeviceSharding(jax.devices()[0]), shapes)
+                     if layout.mesh is None else
+                     layout.state if scan == rt.scan_layers else state_shardings(cfg, optim, layout.mesh, other))
+        return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      shapes, shardings)
+
+    restored, skipped = _restore(mgr, cfg, abstract, rt.scan_layers, batches)
+    if restored is not None:
+        return restored, skipped
     if layout.mesh is None:
-        fresh = init_state(cfg, optim, seed)
-        restored, skipped = _restore(mgr, cfg, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh),
-                                     batches)
-        return (fresh if restored is None else restored), skipped
-    shapes = jax.eval_shape(lambda: init_state(cfg, optim, seed))
-    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                      shapes, layout.state)
-    restored, skipped = _restore(mgr, cfg, abstract, batches)
-    return (init_state_sharded(cfg, optim, seed, layout.state) if restored is None else restored), skipped
+        return init_state(cfg, optim, seed, rt), skipped
+    return init_state_sharded(cfg, optim, seed, layout.state, rt), skipped
 
 
-def _save(mgr, step: int, state: TrainState, batches, cfg: ModelConfig, tokenizer: str) -> None:
-    # The tokenizer spec travels with the weights, so infer.py and export find it without a flag.
-    meta = {"model": cfg.to_dict(), "step": step,
+def _save(mgr, step: int, state: TrainState, batches, cfg: ModelConfig, tokenizer: str, scan: bool) -> None:
+    # The tokenizer spec travels with the weights, so infer.py and export find it without a flag; the
+    # layer layout says how to read them (model.unstack_layers).
+    meta = {"model": cfg.to_dict(), "step": step, "scan_layers": scan,
             "tokenizer": tokenizer if tokenizer == "byte" else os.path.abspath(tokenizer)}
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            data=ocp.args.JsonSave(batches.state()),
@@ -377,7 +401,7 @@ def run(tc: TrainConfig) -> dict:
     layout = make_layout(tc, cfg, optim)
     mgr = _open_workdir(tc)
     with layout.context():
-        state, skipped = _initial_state(mgr, cfg, optim, tc.seed, batches, layout)
+        state, skipped = _initial_state(mgr, cfg, optim, tc.seed, batches, layout, rt)
         if skipped:
             mgr = _set_aside_corrupt(tc, mgr, skipped, int(state.step))
         state, summary = _train(tc, cfg, rt, optim, state, batches, held, mgr, layout)
@@ -457,7 +481,7 @@ def _train(tc: TrainConfig, cfg: ModelConfig, rt: Runtime, optim: OptimConfig, s
             if rec is not None:
                 log.write(step, rec)
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == end:
-                _save(mgr, step, state, batches, cfg, tc.tokenizer)
+                _save(mgr, step, state, batches, cfg, tc.tokenizer, rt.scan_layers)
         bar.close()
     if "eval_loss" not in summary:  # nothing left to train: still report where the model stands
         summary["eval_loss"] = _evaluate(evaluate, state, held)
