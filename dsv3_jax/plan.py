@@ -369,7 +369,7 @@ def flops_note(setup: Setup, num_devices: int, compiled_flops: float, model_flop
     where = ("the routed experts' grouped matmuls, which XLA runs as dense matmuls over every expert (TPU: the "
              "weight gradients; GPU: forward and backward)"
              + ("" if setup.mesh.get("expert", 1) > 1 else ", on every device over the whole batch's rows"))
-    if dispatch.grouped_kernel(setup.runtime) is not None:  # megablox: grouped forward and backward
+    if dispatch.grouped_kernel(setup.runtime, setup.cfg) is not None:  # megablox: grouped forward and backward
         where = ("the routing, sorting and norms, less the routed experts' weight gradients, which the count "
                  "leaves out (megablox's tgmm kernel declares no cost: a third of the experts' FLOPs)")
     tail = f"the rest {share(rest)}" + (f" is mostly {where} (docs/SCALE.md)" if setup.cfg.n_routed_experts else "")

@@ -36,6 +36,14 @@ def _rows_kept_bwd(keep, g):
 _rows_kept.defvjp(_rows_kept_fwd, _rows_kept_bwd)
 
 
+def supports(k: int, n: int) -> str | None:
+    """Why the compiled kernels cannot take [M, k] x [G, k, n] (None: they can). Mosaic TPU blocks are
+    whole (8, 128) tiles or whole dimensions, and the backward reuses the forward's tiling transposed."""
+    if k % TILE or n % TILE:
+        return f"the kernels need both matmul dims in multiples of {TILE}; got {k} x {n}"
+    return None
+
+
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, interpret: bool = False) -> jax.Array:
     """The grouped matmul and its megablox VJP; rows padded to whole tiles (the padding in no group)."""
     m, k = x.shape

@@ -69,11 +69,13 @@ def test_model_with_kernel_experts_matches_dense(mesh):
 
 
 def test_kernels_are_chosen_for_tpu_targets_only():
-    assert dispatch.grouped_kernel(Runtime(platform="tpu")) is False  # compiled megablox
-    assert dispatch.grouped_kernel(Runtime(platform="gpu")) is None  # ragged_dot
-    assert dispatch.grouped_kernel(Runtime(platform="cpu")) is None
-    assert dispatch.grouped_kernel(Runtime(platform="cpu", kernel_backend="interpret")) is True
-    assert dispatch.grouped_kernel(Runtime(platform="tpu", fp8=True)) is None  # the FP8 grouped GEMMs
+    v2 = ModelConfig.from_json("deepseek_v2_lite_16b")  # 2048 x 1408: whole 128-tiles
+    assert dispatch.grouped_kernel(Runtime(platform="tpu"), v2) is False  # compiled megablox
+    assert dispatch.grouped_kernel(Runtime(platform="tpu"), CFG) is None  # 64 x 32: not tiles; ragged_dot
+    assert dispatch.grouped_kernel(Runtime(platform="gpu"), v2) is None  # ragged_dot
+    assert dispatch.grouped_kernel(Runtime(platform="cpu"), v2) is None
+    assert dispatch.grouped_kernel(Runtime(platform="cpu", kernel_backend="interpret"), CFG) is True
+    assert dispatch.grouped_kernel(Runtime(platform="tpu", fp8=True), v2) is None  # the FP8 grouped GEMMs
 
 
 def test_expert_parallel_in_token_chunks_is_the_same(monkeypatch):

@@ -66,8 +66,9 @@ def test_same_values_on_the_requested_shardings(checkpoints, weights, keep_fp8, 
         scale_spec = lambda w: tuple(ffn[w].scale.sharding.spec)
         if mesh == MESH:  # routed w1 [E, 512 / fsdp 4, 256], w2 [E, 256, 512 / fsdp 4]
             assert scale_spec("w1") == ("expert", None, "fsdp") and scale_spec("w2") == ("expert", "fsdp", None)
-        else:  # dense w1 [512 / fsdp 2, 384 / tensor 2]: 192 rows are not whole blocks
-            assert tuple(ffn["w1"].q.sharding.spec) == ("fsdp", "tensor") and scale_spec("w1") == (None, "fsdp")
+        else:  # dense w1 [512 / (fsdp 2 x expert 2, ZeRO-3), 384 / tensor 2]: 192 rows are not whole blocks
+            assert tuple(ffn["w1"].q.sharding.spec) == (("fsdp", "expert"), "tensor")
+            assert scale_spec("w1") == (None, ("fsdp", "expert"))
 
 
 def _at(tree, path: tuple[str, ...]):
@@ -97,8 +98,11 @@ def test_each_block_is_read_alone(checkpoints, weights, keep_fp8, monkeypatch):
         blocks = {str(index) for index in sharding.devices_indices_map(shape).values()}
         shared += len(blocks) < len(sharding.device_set)
         scale = entry.name.replace(".weight", ".weight_scale_inv")
-        if weights == "fp8" and entry.fp8:  # 512 rows split 4 ways are whole 128-blocks: no block read twice
-            assert sum(n for r, n in reads if r == scale) == math.prod(files.shape(scale)) * 4, scale
+        if weights == "fp8" and entry.fp8:
+            # every block's scale read; twice or more only where shards split a 128-block (ZeRO-3 spreads
+            # weights finer than their logical axes), at most once per distinct shard
+            got, once = sum(n for r, n in reads if r == scale), math.prod(files.shape(scale)) * 4
+            assert once <= got <= once * len(blocks), scale
     assert shared > 0
 
 

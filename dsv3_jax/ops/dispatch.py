@@ -24,6 +24,7 @@ from dsv3_jax.ops.registry import AUTO
 from dsv3_jax.ops.remat import OFFLOAD_ATTENTION, REMAT
 from dsv3_jax.parallel.ep import data_parallel, expert_axis_size, expert_parallel
 from dsv3_jax.parallel.rules import batch_axes
+from pallas_kernels import grouped_matmul as grouped_matmul_kernel
 from pallas_kernels import mla_decode as mla_decode_kernel
 from pallas_kernels.backends import capability_of_kind, resolve_backend
 
@@ -99,15 +100,17 @@ def experts_variant(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> st
     return experts_op.WINDOWED  # XLA:CPU runs 2-D matmuls faster than batched or ragged ones of the same size
 
 
-def grouped_kernel(rt: Runtime) -> bool | None:
-    """Whether the ragged path's grouped matmul is the megablox kernel: on TPU targets (XLA runs
-    ragged_dot's weight gradient dense over every expert there), or in Pallas' interpreter where the
-    runtime asks for "interpret" kernels. -> None: jax.lax.ragged_dot; else the `interpret` flag."""
+def grouped_kernel(rt: Runtime, cfg: ModelConfig) -> bool | None:
+    """Whether the ragged path's grouped matmul is the megablox kernel: on TPU targets whose expert
+    matmuls it tiles (XLA runs ragged_dot's weight gradient dense over every expert there), or in
+    Pallas' interpreter where the runtime asks for "interpret" kernels. -> None: jax.lax.ragged_dot;
+    else the `interpret` flag."""
     if rt.fp8:
         return None
     if rt.kernel_backend == "interpret":
         return True
-    return False if platform(rt) == "tpu" and rt.kernel_backend in (AUTO, "xla") else None
+    tiles = grouped_matmul_kernel.supports(cfg.hidden_size, cfg.moe_intermediate_size) is None
+    return False if platform(rt) == "tpu" and rt.kernel_backend in (AUTO, "xla") and tiles else None
 
 
 def experts_fn(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> ExpertsFn:
@@ -115,8 +118,8 @@ def experts_fn(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> Experts
     fn = EXPERTS[variant]
     if rt.fp8:  # Runtime allows fp8 only with the ragged path: the same path, FP8 grouped GEMMs
         fn = functools.partial(fn, gmm=fp8_ragged_matmul(kernel_backend(rt)))
-    elif variant == experts_op.RAGGED and grouped_kernel(rt) is not None:
-        fn = functools.partial(fn, gmm=kernel_ragged_matmul(interpret=grouped_kernel(rt)))
+    elif variant == experts_op.RAGGED and grouped_kernel(rt, cfg) is not None:
+        fn = functools.partial(fn, gmm=kernel_ragged_matmul(interpret=grouped_kernel(rt, cfg)))
     return fn
 
 
@@ -125,11 +128,11 @@ def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> 
     (`with jax.set_mesh(mesh):`), else on this device's tokens; the same function either way. A
     kernel the compiler cannot partition runs per device's tokens (`parallel.ep.data_parallel`)."""
     w1, w3, w2 = (dense(w, x.dtype) for w in (w1, w3, w2))
-    if grouped_kernel(rt) is False:  # compiled megablox (TPU): each layer's weights cast in its own step
+    if grouped_kernel(rt, cfg) is False:  # compiled megablox (TPU): each layer's weights cast in its own step
         w1, w3, w2 = (cast_here(w, x.dtype) for w in (w1, w3, w2))
     mesh = jax.sharding.get_abstract_mesh()
     # Pallas calls (FP8 GEMMs, megablox) have no rules for jax's varying-axes check.
-    kernel = rt.fp8 or grouped_kernel(rt) is not None
+    kernel = rt.fp8 or grouped_kernel(rt, cfg) is not None
     if expert_axis_size(mesh) > 1:
         ep = functools.partial(expert_parallel, w1=w1, w3=w3, w2=w2, mesh=mesh, local=experts_fn(rt, cfg, None),
                                fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not kernel)
@@ -137,7 +140,7 @@ def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> 
                                x, gates, ids)
     fn = experts_fn(rt, cfg, x.shape[0])
     if not mesh.empty and not rt.fp8 and experts_variant(rt, cfg, x.shape[0]) == experts_op.RAGGED \
-            and grouped_kernel(rt) is not None:  # megablox: the compiler cannot partition it
+            and grouped_kernel(rt, cfg) is not None:  # megablox: the compiler cannot partition it
         return data_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=fn, check_vma=False)
     return fn(x, gates, ids, w1, w3, w2)
 
