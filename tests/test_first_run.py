@@ -52,6 +52,7 @@ def test_a_run_ends_by_saying_what_the_workdir_holds(first_run):
     workdir, _, r = first_run
     listing = r.stdout[r.stdout.index(f"{os.path.join(workdir, '')} holds:"):]
     entries = dict(re.findall(r"^  (\S+)\s+(.+)$", listing, re.M))
+    assert all(line.startswith("  ") for line in listing.rstrip().splitlines()[1:])  # the last thing printed
     assert set(entries) == {"checkpoints/", "metrics.jsonl", "loss.png", "expert_load.png", "tensorboard/"}
     assert entries["checkpoints/"] == "orbax checkpoint of step 6; the same command again resumes from step 6"
     assert f"({len(read_metrics(workdir))} lines, steps 0 to {STEPS})" in entries["metrics.jsonl"]

@@ -10,6 +10,7 @@ from absl import logging
 
 from dsv3_jax.parallel.distributed import maybe_initialize
 from dsv3_jax.train.loop import TrainConfig, TrainingError, run
+from dsv3_jax.train.progress import describe_workdir
 
 # Each numeric flag of train.py -> (its rule, as told to the user; whether a value keeps it). A flag left
 # unset (None) is not checked.
@@ -89,3 +90,4 @@ def main(argv, flags) -> None:
           else f"held-out loss: {summary['eval_loss']:.3f}")
     if "sample" in summary:
         print(f"sample:\n{summary['sample']}")
+    print(describe_workdir(flags.workdir), flush=True)  # last: where everything went

@@ -47,7 +47,7 @@ from dsv3_jax.parallel.rules import batch_sharding, batch_shards
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.metrics import FRESH, METRICS_FILE, MetricsWriter, read_metrics
 from dsv3_jax.train.plots import write_plots
-from dsv3_jax.train.progress import Progress, describe_workdir
+from dsv3_jax.train.progress import Progress
 from dsv3_jax.train.sample import sample_text
 from dsv3_jax.train.step import (
     OptimConfig,
@@ -415,8 +415,6 @@ def run(tc: TrainConfig) -> dict:
     if tc.sample_tokens:
         summary["sample"] = sample_text(cfg, _local_state(state), tokenizer, tc.sample_prompt, tc.sample_tokens,
                                         seed=tc.seed, runtime=rt)
-    if jax.process_index() == 0:
-        print(describe_workdir(tc.workdir), flush=True)
     return summary
 
 
