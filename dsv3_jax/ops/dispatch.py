@@ -19,7 +19,7 @@ from dsv3_jax.ops import experts as experts_op
 from dsv3_jax.ops.attention import AttentionOptions
 from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY, CrossEntropyFn
 from dsv3_jax.ops.experts import EXPERTS, ExpertsFn
-from dsv3_jax.ops.linear import cast_here, dense, fp8_ragged_matmul, kernel_ragged_matmul
+from dsv3_jax.ops.linear import cast_here, dense_for, fp8_ragged_matmul, kernel_ragged_matmul
 from dsv3_jax.ops.registry import AUTO
 from dsv3_jax.ops.remat import OFFLOAD_ATTENTION, REMAT
 from dsv3_jax.parallel.ep import data_parallel, expert_axis_size, expert_parallel
@@ -127,7 +127,9 @@ def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> 
     """The routed experts on x [T, D]: expert-parallel when the current mesh has an expert axis
     (`with jax.set_mesh(mesh):`), else on this device's tokens; the same function either way. A
     kernel the compiler cannot partition runs per device's tokens (`parallel.ep.data_parallel`)."""
-    w1, w3, w2 = (dense(w, x.dtype) for w in (w1, w3, w2))
+    w1, x = dense_for(w1, x)
+    w3, x = dense_for(w3, x)
+    w2, x = dense_for(w2, x)
     if grouped_kernel(rt, cfg) is False:  # compiled megablox (TPU): each layer's weights cast in its own step
         w1, w3, w2 = (cast_here(w, x.dtype) for w in (w1, w3, w2))
     mesh = jax.sharding.get_abstract_mesh()

@@ -76,6 +76,16 @@ def dense(w: jax.Array | Fp8Weight, dtype) -> jax.Array:
     return w.dequantize(dtype) if isinstance(w, Fp8Weight) else w
 
 
+def dense_for(w: jax.Array | Fp8Weight, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(`dense(w, x.dtype)`, x): an `Fp8Weight` dequantised no earlier than `x` exists. Its expansion
+    depends on nothing computed, so XLA may otherwise schedule every layer's at the program's start: a
+    decode step of unrolled layers then holds all of the model's weights in bf16 at once."""
+    if isinstance(w, Fp8Weight):
+        w, x = jax.lax.optimization_barrier((w, x))
+        return w.dequantize(x.dtype), x
+    return w, x
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def cast_here(w: jax.Array, dtype) -> jax.Array:
     """w.astype(dtype), kept where it is written, and its gradient cast back there too. Inside a scan over
@@ -101,7 +111,7 @@ def linear(x: jax.Array, w: jax.Array | Fp8Weight, *, in_dims: int = 1, fp8: boo
 
     One 2-D matmul whatever the ranks: XLA:CPU lays out 3-D forms' backward with transposes.
     `fp8`: FP8 GEMMs on `backend` (a concrete `pallas_kernels` backend name)."""
-    w = dense(w, x.dtype)
+    w, x = dense_for(w, x)
     k, out = math.prod(w.shape[:in_dims]), w.shape[in_dims:]
     x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
     y = fp8_linear(x2, w2, backend=backend) if fp8 else x2 @ w2.astype(x.dtype)
