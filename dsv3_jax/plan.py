@@ -75,7 +75,7 @@ from dsv3_jax.train.step import MOMENT_DTYPES, OptimConfig, TrainState, init_sta
 
 GIB = 1 << 30
 EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT = 2, 3
-MODES, DECODE_WEIGHTS, SPECULATIVE = ("train", "decode"), ("bf16", "fp8"), ("none", "mtp")
+MODES, DECODE_WEIGHTS, SPECULATIVE = ("train", "prefill", "decode"), ("bf16", "fp8"), ("none", "mtp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +296,25 @@ def abstract_decode_state(setup: Setup, g: Generator, variables: dict, mesh):
     return jax.tree_util.tree_map(place, state, is_leaf=lambda x: isinstance(x, LatentCache))
 
 
+def compile_prefill(setup: Setup, devices: Sequence) -> tuple[jax.stages.Compiled, float]:
+    """The engine's jitted prefill (`Generator.prefill`: `--batch` prompts of `--seq` tokens into caches of
+    `--context` slots, the first token and the MTP drafts) compiled for `devices`; (compiled, seconds)."""
+    mesh = make_mesh(setup.mesh, devices=devices)
+    _check_decode(setup, mesh)
+    if not 1 <= setup.seq <= setup.context:
+        raise PlanError(f"--seq {setup.seq}: a prompt must fit its cache (--context {setup.context})")
+    g = decode_generator(setup)
+    variables = abstract_decode_variables(setup, mesh)
+    rows = batch_sharding(mesh)
+    tokens = jax.ShapeDtypeStruct((setup.batch, setup.seq), jnp.int32, sharding=rows)
+    lengths = jax.ShapeDtypeStruct((setup.batch,), jnp.int32, sharding=rows)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        lowered = g.prefill.lower(variables, tokens, lengths, cache_slots(setup, g.depth))
+    compiled = lowered.compile()
+    return compiled, time.perf_counter() - start
+
+
 def compile_decode(setup: Setup, devices: Sequence) -> tuple[jax.stages.Compiled, float]:
     """The engine's jitted decode step (`Generator.step`, the state donated) compiled for `devices`;
     (compiled, seconds). Raises jax.errors.JaxRuntimeError RESOURCE_EXHAUSTED as `compile_step`."""
@@ -417,6 +436,8 @@ def decode_estimate(chip: Chip, setup: Setup, num_devices: int, compiled_flops: 
 def _header(setup: Setup, devices: Sequence, chip: Chip) -> dict:
     decode = setup.mode == "decode"
     model = (decode_model_flops_per_device if decode else model_flops_per_device)(setup, len(devices))
+    if setup.mode == "prefill":  # a forward pass: a third of the training FLOPs of the same tokens
+        model /= 3
     report = {"mode": setup.mode, "config": setup.cfg.name, "target": setup.target, "chip": chip.name,
               "devices": len(devices), "mesh": dict(setup.mesh), "batch": setup.batch, "seq": setup.seq,
               "remat": setup.runtime.remat, "scan_layers": setup.runtime.scan_layers,
@@ -427,7 +448,7 @@ def _header(setup: Setup, devices: Sequence, chip: Chip) -> dict:
     if chip.link_bandwidth or chip.network_bandwidth:  # published; the estimate does not model communication yet
         report.update(link_bandwidth_per_device=chip.per_device(chip.link_bandwidth),
                       network_bandwidth_per_device=chip.per_device(chip.network_bandwidth))
-    if decode:
+    if setup.mode != "train":
         report.update(context=setup.context, weights=setup.weights, speculative=setup.speculative)
     return report
 
@@ -451,7 +472,8 @@ def plan(setup: Setup, devices: Sequence) -> dict:
     chip, decode = chip_of(setup.target), setup.mode == "decode"
     report = _header(setup, devices, chip)
     try:
-        compiled, seconds = (compile_decode if decode else compile_step)(setup, devices)
+        compile_fn = {"train": compile_step, "prefill": compile_prefill, "decode": compile_decode}[setup.mode]
+        compiled, seconds = compile_fn(setup, devices)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -467,6 +489,11 @@ def plan(setup: Setup, devices: Sequence) -> dict:
         report.update(flops_note=f"compiled / model = {flops / model:.2f}: the model's count leaves out "
                                  f"{left_out}sampling, the norms and the cache writes",
                       **decode_estimate(chip, setup, len(devices), flops, traffic, model))
+    elif setup.mode == "prefill":
+        report.update(flops_note=f"compiled / model = {flops / model:.2f}: the model's count (a third of the "
+                                 "training FLOPs of the prompts) leaves out the MTP drafts, the masked half of "
+                                 "the attention scores and the cache writes",
+                      **roofline(chip, flops, traffic, model))
     elif setup.runtime.scan_layers:
         report.update(**_scanned_figures(setup, len(devices), chip, flops, traffic, model))
     else:
@@ -506,8 +533,9 @@ def _duration(seconds: float) -> str:
 def refusal_line(r: dict) -> str:
     """The one line of a plan that does not fit."""
     b = r["per_device_bytes"]
-    shape = (f"decode, {r['batch']} rows x context {r['context']}, {r['weights']} weights"
-             if r["mode"] == "decode" else f"batch {r['batch']} x seq {r['seq']}")
+    shape = {"decode": f"decode, {r['batch']} rows x context {r['context']}, {r.get('weights')} weights",
+             "prefill": f"prefill, {r['batch']} prompts x {r['seq']} tokens into context {r.get('context')}"
+             }.get(r["mode"], f"batch {r['batch']} x seq {r['seq']}")
     where = f"{r['config']} on {r['target']} ({r['devices']} devices), {shape}"
     if r.get("refused_by_compiler"):
         return (f"does not fit: {where}: the compiler refused it, its temporaries alone need "
@@ -524,6 +552,9 @@ def format_report(r: dict) -> str:
     what = (f"decode step, {r['batch']} rows x context {r['context']}, {r['weights']} weights, speculative "
             f"{r['speculative']}" if decode else f"batch {r['batch']} x seq {r['seq']}, remat {r['remat']}, "
             f"grad_accum {r['grad_accum']}, moments {r['moments_dtype']}")
+    if r["mode"] == "prefill":
+        what = (f"prefill, {r['batch']} prompts x {r['seq']} tokens into context {r['context']}, {r['weights']} "
+                f"weights, speculative {r['speculative']}")
     lines = [
         f"plan: {r['config']} on {r['target']} ({r['chip']}, {r['devices']} devices, mesh {mesh}), {what}; "
         f"compiled in {r['compile_s']:.1f} s",
@@ -560,7 +591,8 @@ def _parser() -> argparse.ArgumentParser:
                    "or a GPU cluster CARD:NODESxGPUS: h100:8, h200:8, h800:32x8")
     p.add_argument("--mesh", default="", help="axis=size entries as train.py's, e.g. fsdp=2,expert=2 "
                                                   "(default: every device on fsdp)")
-    p.add_argument("--mode", default="train", choices=MODES, help="compile the training step or the decode step")
+    p.add_argument("--mode", default="train", choices=MODES,
+                   help="compile the training step, the inference prefill (--seq prompt tokens) or the decode step")
     p.add_argument("--batch", type=int, default=8, help="global sequences a step (decode: rows decoded at once)")
     p.add_argument("--seq", type=int, default=256, help="tokens a sequence")
     p.add_argument("--remat", default="none", choices=choices("remat"), help="Runtime.remat policy")
@@ -590,7 +622,9 @@ def setup_from_args(args: argparse.Namespace, num_devices: int) -> Setup:
                                          moments=args.moments), cfg)
     except (OSError, ValueError, TrainingError) as e:
         raise PlanError(str(e)) from e
-    context = cfg.max_position_embeddings if args.context is None else args.context
+    context = args.context
+    if context is None:  # decode: the longest cache; prefill: the prompt itself
+        context = args.seq if args.mode == "prefill" else cfg.max_position_embeddings
     return Setup(cfg, args.target, mesh, args.batch, args.seq, runtime, optim, mode=args.mode, context=context,
                  weights=args.weights, speculative=args.speculative)
 

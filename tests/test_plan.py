@@ -230,3 +230,19 @@ def test_cli_bad_input_is_one_line_and_exit_2(flags):
     assert out.returncode == plan.EXIT_BAD_INPUT
     assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert out.stderr.startswith("python -m dsv3_jax.plan: error: ")
+
+
+def test_prefill_compiles_and_holds_the_caches(devices):
+    """--mode prefill: the engine's prefill of BATCH prompts of SEQ tokens into caches of 256 slots; its
+    outputs are the new state, the latent caches above all (at least their bytes per device)."""
+    cfg = ModelConfig.from_json("tiny")
+    setup = dataclasses.replace(_decode_setup("tiny", context=256), mode="prefill")
+    r = plan.plan(setup, devices)
+    assert r["fits"] and r["mode"] == "prefill" and r["seq"] == SEQ and r["compile_s"] > 0
+    slots = plan.cache_slots(setup, 0)
+    caches = BATCH * slots * cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2  # bf16
+    assert r["per_device_bytes"]["outputs"] >= caches / 4
+    assert r["model_flops_per_device"] == pytest.approx(plan.model_flops_per_device(setup, 4) / 3)
+    assert r["estimated_step_s"] > 0 and "prefill" in plan.format_report(r)
+    with pytest.raises(plan.PlanError, match="must fit its cache"):
+        plan.plan(dataclasses.replace(setup, seq=512), devices)
