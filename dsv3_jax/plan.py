@@ -533,9 +533,11 @@ def _duration(seconds: float) -> str:
 def refusal_line(r: dict) -> str:
     """The one line of a plan that does not fit."""
     b = r["per_device_bytes"]
-    shape = {"decode": f"decode, {r['batch']} rows x context {r['context']}, {r.get('weights')} weights",
-             "prefill": f"prefill, {r['batch']} prompts x {r['seq']} tokens into context {r.get('context')}"
-             }.get(r["mode"], f"batch {r['batch']} x seq {r['seq']}")
+    shape = f"batch {r['batch']} x seq {r['seq']}"
+    if r["mode"] == "decode":
+        shape = f"decode, {r['batch']} rows x context {r['context']}, {r['weights']} weights"
+    elif r["mode"] == "prefill":
+        shape = f"prefill, {r['batch']} prompts x {r['seq']} tokens into context {r['context']}"
     where = f"{r['config']} on {r['target']} ({r['devices']} devices), {shape}"
     if r.get("refused_by_compiler"):
         return (f"does not fit: {where}: the compiler refused it, its temporaries alone need "

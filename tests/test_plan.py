@@ -244,5 +244,7 @@ def test_prefill_compiles_and_holds_the_caches(devices):
     assert r["per_device_bytes"]["outputs"] >= caches / 4
     assert r["model_flops_per_device"] == pytest.approx(plan.model_flops_per_device(setup, 4) / 3)
     assert r["estimated_step_s"] > 0 and "prefill" in plan.format_report(r)
+    assert plan.refusal_line({**r, "fits": False}).startswith(
+        f"does not fit: tiny on v5e:2x2 (4 devices), prefill, {BATCH} prompts x {SEQ} tokens")
     with pytest.raises(plan.PlanError, match="must fit its cache"):
         plan.plan(dataclasses.replace(setup, seq=512), devices)
