@@ -24,9 +24,14 @@ through the CUDA build of jaxlib (`pip install "jax[cuda12]==0.10.2"`), describe
 - FLOPs: the compiler's count for one device's program (`cost_analysis()`; for GPUs, whose compile-only
   executables have none, XLA's HLO cost analysis of the optimised module) beside the cost model's
   (`costmodel.train_flops_per_token` x tokens / devices), with the known reasons they differ.
-- an ESTIMATE of the step time: the larger of compute (FLOPs at the chip's published BF16 peak) and
-  HBM traffic (the compiler's bytes accessed at the published bandwidth); no communication, no
-  overlap losses. MFU = model FLOPs / (estimated step time x peak).
+- communication, from the optimised program (`hlo_comms`): every collective's bytes sent per device,
+  loops' trip counts multiplied in, and their time on the links at the published one-direction
+  bandwidth (TPU: the chip's ICI, half its bidirectional figure; GPU: NVLink inside a node, the
+  InfiniBand NIC for groups that cross nodes).
+- an ESTIMATE of the step time: the largest of compute (FLOPs at the chip's published BF16 peak), HBM
+  traffic (the compiler's bytes accessed at the published bandwidth) and communication, as if the three
+  overlapped perfectly (their sum is the other bound, reported as `serial_step_s`). MFU = model FLOPs /
+  (estimated step time x peak).
 
 `--mode decode` compiles the inference engine's decode step instead (`infer.engine.Generator.step`, one
 step a call, greedy, plain or `--speculative mtp`) for `--batch` rows whose latent caches hold
@@ -56,7 +61,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
-from dsv3_jax import gpu_targets
+from dsv3_jax import gpu_targets, hlo_comms
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.costmodel import active_matmul_params, attention_train_flops_per_token, train_flops_per_token
 from dsv3_jax.infer.engine import PREFILL_BUCKET, GenerateConfig, GenerationError, Generator, cache_length
@@ -92,8 +97,8 @@ class Chip:
     # ("exceeds available HBM (15.75G)", G = GiB); docs/SCALE.md has the command.
     usable_hbm_bytes: int
     platform: str = "tpu"  # the Runtime.platform a step for this chip is built for
-    # Interconnect, bytes/s per chip as published (0: not in FACTS.md): inside a node or NVLink domain
-    # (GPUs: NVLink), and between nodes (GPUs: the InfiniBand NIC each GPU has).
+    # Interconnect, bytes/s per chip as published, both directions together: inside a slice or node (TPU:
+    # ICI; GPU: NVLink), and between nodes (GPUs: the InfiniBand NIC each GPU has; a TPU plan is one slice).
     link_bandwidth: float = 0.0
     network_bandwidth: float = 0.0
 
@@ -101,11 +106,13 @@ class Chip:
         return value / self.devices_per_chip
 
 
+# ICI: Google Cloud's TPU pages (v5e, v5p, v6e, tpu7x), "bidirectional inter-chip interconnect bandwidth
+# per chip": 400, 1,200, 800 and 1,200 GB/s.
 CHIPS = {
-    "v5e": Chip("TPU v5e", 16 * GIB, 819e9, 197e12, 1, round(15.75 * GIB)),
-    "v5p": Chip("TPU v5p", 95 * GIB, 2765e9, 459e12, 1, round(95.74 * GIB)),
-    "v6e": Chip("TPU v6e", 32 * GIB, 1640e9, 918e12, 1, round(31.25 * GIB)),
-    "tpu7x": Chip("TPU7x", 192 * GIB, 7370e9, 2307e12, 2, round(94.75 * GIB)),
+    "v5e": Chip("TPU v5e", 16 * GIB, 819e9, 197e12, 1, round(15.75 * GIB), link_bandwidth=400e9),
+    "v5p": Chip("TPU v5p", 95 * GIB, 2765e9, 459e12, 1, round(95.74 * GIB), link_bandwidth=1200e9),
+    "v6e": Chip("TPU v6e", 32 * GIB, 1640e9, 918e12, 1, round(31.25 * GIB), link_bandwidth=800e9),
+    "tpu7x": Chip("TPU7x", 192 * GIB, 7370e9, 2307e12, 2, round(94.75 * GIB), link_bandwidth=1200e9),
 }
 # GPU cards (`h100:8`, `h800:32x8`): their facts and target descriptions live in `gpu_targets`.
 GPU_CHIPS = {name: Chip(card.name, card.memory_bytes, card.memory_bandwidth, card.bf16_flops, 1,
@@ -395,15 +402,33 @@ def flops_note(setup: Setup, num_devices: int, compiled_flops: float, model_flop
     return f"compiled / model = {compiled_flops / model:.2f}: " + "; ".join([r for r in reasons if r] + [tail])
 
 
-def roofline(chip: Chip, compiled_flops: float, bytes_accessed: float, model_flops: float) -> dict[str, float]:
-    """An ESTIMATE: compute at the published peak, HBM traffic at the published bandwidth, whichever
-    is longer; communication and overlap are not modelled. A compiled count below the model's (a loop
-    body counted once) is replaced by the model's."""
+def links(chip: Chip, target: str, num_devices: int) -> hlo_comms.Links:
+    """One device's one-direction bandwidths (half the published bidirectional figures)."""
+    per_node = gpu_targets.parse_target(target).gpus_per_node if chip.platform == "gpu" else num_devices
+    return hlo_comms.Links(chip.per_device(chip.link_bandwidth) / 2, chip.per_device(chip.network_bandwidth) / 2,
+                           per_node)
+
+
+def communication(compiled: jax.stages.Compiled, chip: Chip, target: str, num_devices: int) -> dict:
+    """The program's collectives (`hlo_comms`): bytes one device sends a step and their time on the links."""
+    found, unknown = hlo_comms.collectives(compiled.as_text(), num_devices)
+    comm = hlo_comms.communication(found, links(chip, target, num_devices))
+    return {"communication_bytes_per_device": comm["bytes"], "communication_by_kind": comm["by_kind"],
+            "network_bytes_per_device": comm["network_bytes"], "communication_s": comm["seconds"],
+            "loops_without_trip_count": unknown}
+
+
+def roofline(chip: Chip, compiled_flops: float, bytes_accessed: float, model_flops: float,
+             communication_s: float = 0.0) -> dict[str, float]:
+    """An ESTIMATE: compute at the published peak, HBM traffic at the published bandwidth and the
+    collectives on the links, whichever is longest (perfect overlap; `serial_step_s` is their sum). A
+    compiled count below the model's (a loop body counted once) is replaced by the model's."""
     peak, bandwidth = chip.per_device(chip.bf16_flops), chip.per_device(chip.hbm_bandwidth)
     compute_s = max(compiled_flops, model_flops) / peak
     memory_s = bytes_accessed / bandwidth
-    step_s = max(compute_s, memory_s)
+    step_s = max(compute_s, memory_s, communication_s)
     return {"compute_s": compute_s, "hbm_s": memory_s, "estimated_step_s": step_s,
+            "serial_step_s": compute_s + memory_s + communication_s,
             "estimated_mfu": model_flops / (step_s * peak) if step_s else 0.0}
 
 
@@ -421,13 +446,15 @@ def cfg_depth(setup: Setup) -> int:
 
 
 def decode_estimate(chip: Chip, setup: Setup, num_devices: int, compiled_flops: float, bytes_accessed: float,
-                    model_flops: float) -> dict[str, float]:
+                    model_flops: float, communication_s: float = 0.0) -> dict[str, float]:
     """An ESTIMATE of a memory-bound decode step: the compiler's bytes accessed at the published HBM
-    bandwidth (compute at peak shown beside it); tokens/s per device counts one token a row a step
-    (with MTP, accepted drafts add to it)."""
+    bandwidth, or the collectives' time if longer (compute at peak shown beside it); tokens/s per device
+    counts one token a row a step (with MTP, accepted drafts add to it)."""
     peak, bandwidth = chip.per_device(chip.bf16_flops), chip.per_device(chip.hbm_bandwidth)
-    step_s = bytes_accessed / bandwidth
-    return {"compute_s": compiled_flops / peak, "hbm_s": step_s, "estimated_step_s": step_s,
+    hbm_s = bytes_accessed / bandwidth
+    step_s = max(hbm_s, communication_s)
+    return {"compute_s": compiled_flops / peak, "hbm_s": hbm_s, "estimated_step_s": step_s,
+            "serial_step_s": hbm_s + communication_s,
             "estimated_mfu": model_flops / (step_s * peak) if step_s else 0.0,
             "estimated_tokens_per_s": setup.batch / num_devices / step_s if step_s else 0.0}
 
@@ -445,9 +472,8 @@ def _header(setup: Setup, devices: Sequence, chip: Chip) -> dict:
               "moments_dtype": setup.optim.moments_dtype, "dtype": setup.runtime.dtype,
               "hbm_bytes": chip.usable_hbm_bytes, "hbm_published_bytes_per_device": chip.per_device(chip.hbm_bytes),
               "model_flops_per_device": model}
-    if chip.link_bandwidth or chip.network_bandwidth:  # published; the estimate does not model communication yet
-        report.update(link_bandwidth_per_device=chip.per_device(chip.link_bandwidth),
-                      network_bandwidth_per_device=chip.per_device(chip.network_bandwidth))
+    report.update(link_bandwidth_per_device=chip.per_device(chip.link_bandwidth),
+                  network_bandwidth_per_device=chip.per_device(chip.network_bandwidth))
     if setup.mode != "train":
         report.update(context=setup.context, weights=setup.weights, speculative=setup.speculative)
     return report
@@ -483,22 +509,68 @@ def plan(setup: Setup, devices: Sequence) -> dict:
     flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     model = report["model_flops_per_device"]
     report.update(per_device_bytes=memory, fits=memory["total"] <= chip.usable_hbm_bytes, compile_s=seconds,
-                  compiled_flops_per_device=flops, compiled_bytes_accessed_per_device=traffic)
+                  compiled_flops_per_device=flops, compiled_bytes_accessed_per_device=traffic,
+                  **communication(compiled, chip, setup.target, len(devices)))
+    comm_s = report["communication_s"]
     if decode:
         left_out = "MTP drafting, " if setup.speculative == "mtp" else ""
         report.update(flops_note=f"compiled / model = {flops / model:.2f}: the model's count leaves out "
                                  f"{left_out}sampling, the norms and the cache writes",
-                      **decode_estimate(chip, setup, len(devices), flops, traffic, model))
+                      **decode_estimate(chip, setup, len(devices), flops, traffic, model, comm_s))
     elif setup.mode == "prefill":
         report.update(flops_note=f"compiled / model = {flops / model:.2f}: the model's count (a third of the "
                                  "training FLOPs of the prompts) leaves out the MTP drafts, the masked half of "
                                  "the attention scores and the cache writes",
-                      **roofline(chip, flops, traffic, model))
+                      **roofline(chip, flops, traffic, model, comm_s))
     elif setup.runtime.scan_layers:
-        report.update(**_scanned_figures(setup, len(devices), chip, flops, traffic, model))
+        report.update(**_scanned_figures(setup, len(devices), chip, flops, traffic, model, comm_s))
     else:
-        report.update(flops_note=flops_note(setup, len(devices), flops, model), **roofline(chip, flops, traffic, model))
+        report.update(flops_note=flops_note(setup, len(devices), flops, model),
+                      **roofline(chip, flops, traffic, model, comm_s))
     return report
+
+
+def batch_unit(setup: Setup, devices: Sequence) -> int:
+    """The batch's granularity: the mesh's batch shards (x microbatches for training)."""
+    shards = batch_shards(make_mesh(setup.mesh, devices=devices))
+    return shards * (setup.optim.grad_accum if setup.mode == "train" else 1)
+
+
+def largest_batch(setup: Setup, devices: Sequence, report: dict) -> dict:
+    """The largest batch that fits, found by compiling: from the planned batch, double until a batch does
+    not fit (halve until one does, if the planned one does not), then bisect in multiples of
+    `batch_unit`. Each probe is one full compile; every probe is reported."""
+    unit = batch_unit(setup, devices)
+    def probe(batch: int, r: dict) -> dict:  # a refused step has only its temporaries' figure
+        b = r["per_device_bytes"]
+        return {"batch": batch, "fits": r["fits"], "bytes": b["temporaries"] if b["total"] is None else b["total"],
+                "refused_by_compiler": bool(r.get("refused_by_compiler"))}
+
+    probes = [probe(setup.batch, report)]
+
+    def fits(batch: int) -> bool:
+        probes.append(probe(batch, plan(dataclasses.replace(setup, batch=batch), devices)))
+        return probes[-1]["fits"]
+
+    lo, hi = (setup.batch, None) if report["fits"] else (0, setup.batch)
+    while hi is None:
+        if fits(lo * 2):
+            lo *= 2
+        else:
+            hi = lo * 2
+    while lo == 0 and hi > unit:
+        half = hi // 2 // unit * unit
+        if fits(half):
+            lo = half
+        else:
+            hi = half
+    while hi - lo > unit:
+        mid = (lo + hi) // 2 // unit * unit
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return {"largest_batch": lo, "batch_unit": unit, "batch_probes": probes}
 
 
 def counted_once(cfg: ModelConfig) -> ModelConfig:
@@ -507,7 +579,8 @@ def counted_once(cfg: ModelConfig) -> ModelConfig:
     return cfg.replace(num_layers=len(stacks(cfg)), first_k_dense=min(cfg.first_k_dense, 1))
 
 
-def _scanned_figures(setup: Setup, n: int, chip: Chip, flops: float, traffic: float, model: float) -> dict:
+def _scanned_figures(setup: Setup, n: int, chip: Chip, flops: float, traffic: float, model: float,
+                     comm_s: float) -> dict:
     """The FLOPs note against a model of one layer per stack, and the roofline on the compiler's FLOPs and
     bytes scaled by the layers the scans repeat (an ESTIMATE: model FLOPs of all layers over one each)."""
     once = dataclasses.replace(setup, cfg=counted_once(setup.cfg))
@@ -516,7 +589,7 @@ def _scanned_figures(setup: Setup, n: int, chip: Chip, flops: float, traffic: fl
             + flops_note(once, n, flops, model_flops_per_device(once, n)))
     return {"flops_note": note, "compiled_flops_per_device_scaled": flops * scale,
             "compiled_bytes_accessed_per_device_scaled": traffic * scale,
-            **roofline(chip, flops * scale, traffic * scale, model)}
+            **roofline(chip, flops * scale, traffic * scale, model, comm_s)}
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -547,6 +620,15 @@ def refusal_line(r: dict) -> str:
             f"{_size(b['alias'])}), {_size(r['hbm_bytes'])} of HBM available")
 
 
+def search_line(r: dict) -> str:
+    """The outcome of --largest_batch, with every probe."""
+    probes = ", ".join(f"{p['batch']} " + ("refused, temporaries alone " if p["refused_by_compiler"] else
+                                           "fits, " if p["fits"] else "does not fit, ") + _size(p["bytes"])
+                       for p in sorted(r["batch_probes"], key=lambda p: p["batch"]))
+    return (f"largest batch that fits: {r['largest_batch'] or 'none'} (multiples of {r['batch_unit']}; "
+            f"compiled: {probes})")
+
+
 def format_report(r: dict) -> str:
     b = r["per_device_bytes"]
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
@@ -569,11 +651,18 @@ def format_report(r: dict) -> str:
         f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
         f"FLOPs per device: compiled {r['compiled_flops_per_device']:.4g}, cost model "
         f"{r['model_flops_per_device']:.4g} ({r['flops_note']})",
-        f"ESTIMATE (memory-bound, no communication): step {_duration(r['estimated_step_s'])} (bytes accessed "
-        f"{r['compiled_bytes_accessed_per_device']:.4g} at the HBM bandwidth; compute {_duration(r['compute_s'])} "
-        f"at peak), {r['estimated_tokens_per_s']:,.0f} tokens/s per device" if decode else
-        f"ESTIMATE (roofline, no communication): step {_duration(r['estimated_step_s'])} (compute "
-        f"{_duration(r['compute_s'])} at peak, HBM traffic {_duration(r['hbm_s'])}), MFU {r['estimated_mfu']:.1%}",
+        f"communication per device: {_size(r['communication_bytes_per_device'])} sent a step ("
+        + ", ".join(f"{k} {_size(v)}" for k, v in r["communication_by_kind"].items() if v)
+        + (f"; {_size(r['network_bytes_per_device'])} of it between nodes" if r["network_bytes_per_device"] else "")
+        + f"), {_duration(r['communication_s'])} on the links",
+        f"ESTIMATE (memory-bound): step {_duration(r['estimated_step_s'])} (bytes accessed "
+        f"{r['compiled_bytes_accessed_per_device']:.4g} at the HBM bandwidth, {_duration(r['hbm_s'])}; "
+        f"communication {_duration(r['communication_s'])}; compute {_duration(r['compute_s'])} at peak), "
+        f"{r['estimated_tokens_per_s']:,.0f} tokens/s per device" if decode else
+        f"ESTIMATE (roofline, perfect overlap): step {_duration(r['estimated_step_s'])} (compute "
+        f"{_duration(r['compute_s'])} at peak, HBM traffic {_duration(r['hbm_s'])}, communication "
+        f"{_duration(r['communication_s'])}; {_duration(r['serial_step_s'])} without overlap), "
+        f"MFU {r['estimated_mfu']:.1%}",
     ]
     return "\n".join(lines)
 
@@ -609,6 +698,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None,
                    help="decode: tokens each row's cache holds (default: the model's max_position_embeddings)")
     p.add_argument("--speculative", default="none", choices=SPECULATIVE, help="decode: plain or MTP-speculative")
+    p.add_argument("--largest_batch", action="store_true",
+                   help="also search the largest batch that fits, by compiling (doubling from --batch, then "
+                        "bisecting in multiples of the mesh's batch shards): one compile a probe")
     p.add_argument("--json", action="store_true", help="print the report as one line of JSON")
     return p
 
@@ -638,7 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_platforms", "cpu")
     try:
         devices = topology_devices(args.target)
-        report = plan(setup_from_args(args, len(devices)), devices)
+        setup = setup_from_args(args, len(devices))
+        report = plan(setup, devices)
+        if args.largest_batch:
+            report.update(largest_batch(setup, devices, report))
     except PlanError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -646,6 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report))
     else:
         print(refusal_line(report) if not report["fits"] else format_report(report))
+        if "largest_batch" in report:
+            print(search_line(report))
     return 0 if report["fits"] else EXIT_DOES_NOT_FIT
 
 

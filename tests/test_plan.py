@@ -113,6 +113,19 @@ def test_flops_and_estimate(reports, name):
     assert r["compiled_flops_per_device"] > r["model_flops_per_device"] > 0
     assert r["flops_note"].startswith("compiled / model = ")
     assert 0 < r["estimated_mfu"] <= 1 and r["estimated_step_s"] >= r["compute_s"] > 0
+    assert r["estimated_step_s"] >= r["communication_s"] > 0 and r["loops_without_trip_count"] == 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_communication_covers_the_fsdp_gathers(reports, devices, name):
+    """With every weight sharded 4 ways, each is gathered whole (bf16) at least once a step, 3/4 of it
+    through each device's links, and the gradients are reduced at least once (bf16 or wider)."""
+    r, count = reports[name], independent_count(name, devices)
+    gathers = 0.75 * count["gathered_weights"]
+    assert r["communication_by_kind"]["all-gather"] >= gathers
+    assert r["communication_bytes_per_device"] >= 2 * gathers
+    chip = plan.CHIPS["v5e"]
+    assert r["communication_s"] == pytest.approx(r["communication_bytes_per_device"] / (chip.link_bandwidth / 2))
 
 
 def test_remat_passes_through(reports, devices):
@@ -146,9 +159,11 @@ def test_decode_compiles_and_fits(decode_reports, weights):
     # The state (the caches above all) is donated: the new one is written over the old.
     assert b["alias"] >= 0.9 * b["outputs"] > 0
     assert r["compiled_flops_per_device"] > 0 and r["model_flops_per_device"] > 0
-    # The estimate is memory-bound: bytes accessed at the bandwidth, one token a row a step.
+    # The estimate is memory-bound (bytes accessed at the bandwidth) or communication-bound; one token
+    # a row a step.
     chip = plan.CHIPS["v5e"]
-    assert r["estimated_step_s"] == pytest.approx(r["compiled_bytes_accessed_per_device"] / chip.hbm_bandwidth)
+    assert r["hbm_s"] == pytest.approx(r["compiled_bytes_accessed_per_device"] / chip.hbm_bandwidth)
+    assert r["estimated_step_s"] == max(r["hbm_s"], r["communication_s"])
     assert r["estimated_tokens_per_s"] == pytest.approx(BATCH / 4 / r["estimated_step_s"])
 
 
@@ -248,3 +263,25 @@ def test_prefill_compiles_and_holds_the_caches(devices):
         f"does not fit: tiny on v5e:2x2 (4 devices), prefill, {BATCH} prompts x {SEQ} tokens")
     with pytest.raises(plan.PlanError, match="must fit its cache"):
         plan.plan(dataclasses.replace(setup, seq=512), devices)
+
+
+@pytest.mark.parametrize("planned, limit, expected", [(4, 40, 40), (4, 4, 4), (16, 9, 8), (8, 3, 0), (4, 1000, 1000)])
+def test_largest_batch_search(devices, monkeypatch, planned, limit, expected):
+    """--largest_batch: doubling then bisection in multiples of the batch shards (4 here), every probe a
+    plan; the search itself checked against a stand-in whose memory grows with the batch."""
+    calls = []
+
+    def fake_plan(setup, devices):
+        calls.append(setup.batch)
+        assert setup.batch % 4 == 0
+        total = setup.batch * plan.GIB
+        return {"fits": setup.batch <= limit, "per_device_bytes": {"total": total, "temporaries": total}}
+
+    monkeypatch.setattr(plan, "plan", fake_plan)
+    setup = dataclasses.replace(_setup("tiny"), batch=planned)
+    found = plan.largest_batch(setup, devices, fake_plan(setup, devices))
+    assert found["largest_batch"] == expected and found["batch_unit"] == 4
+    assert [p["batch"] for p in found["batch_probes"]] == calls
+    assert len(calls) <= 2 + 2 * math.ceil(math.log2(max(limit, 4)))
+    line = plan.search_line(found)
+    assert line.startswith(f"largest batch that fits: {expected or 'none'} (multiples of 4") and "does not fit" in line
