@@ -5,8 +5,8 @@ reduce-scatter, all-reduce, all-to-all, ragged all-to-all, collective-permute; t
 forms counted once, `-done` and the TPU's in-flight copies never) with the bytes it moves per device
 and how many times it runs: a collective inside a while loop's body runs once per iteration, so each
 computation's multiplicity is the sum over its call sites of the caller's multiplicity times the loop's
-trip count (the GPU compiler states `known_trip_count`; the TPU compiler's loops end on `counter < constant`, read from the
-condition). `cost_analysis()` has no such figures, and counts a loop body once.
+trip count (the GPU compiler states `known_trip_count`; the TPU compiler's loops end on
+`counter < constant`, read from the condition). `cost_analysis()` has no such figures, and counts a loop body once.
 
 Bytes a device sends in one execution, for the ring algorithms the libraries use on groups of n (B the
 op's output bytes on one device): all-gather B (n-1)/n; reduce-scatter B (n-1); all-reduce 2 B (n-1)/n;
