@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import backends
 from pallas_kernels.backends import FALLBACK_SMS, resolve_backend
+from pallas_kernels.mla_decode import fp8_cache
 from pallas_kernels.mla_decode.common import TRITON_MIN_ROWS
 from pallas_kernels.mla_decode.config import MlaDecodeConfig
 from pallas_kernels.mla_decode.mosaic_gpu import MOSAIC_REDUCTION_SCRATCH, MOSAIC_SMEM_ALIGN, SMEM_BYTES, WGMMA_M
@@ -36,7 +37,8 @@ from pallas_kernels.mla_decode.plan import LOG2E
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 
 __all__ = [
-    "FALLBACK_SMS", "LOG2E", "MOSAIC_REDUCTION_SCRATCH", "MOSAIC_SMEM_ALIGN", "SMEM_BYTES", "TRITON_MIN_ROWS",
+    "FALLBACK_SMS", "LOG2E", "fp8_cache", "is_fp8_cache",
+    "MOSAIC_REDUCTION_SCRATCH", "MOSAIC_SMEM_ALIGN", "SMEM_BYTES", "TRITON_MIN_ROWS",
     "WGMMA_M", "MlaDecodeConfig", "mla_decode", "mla_decode_reference", "supports",
 ]
 
@@ -47,19 +49,29 @@ def _shapes(**shapes) -> str:
     return ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
 
 
+def is_fp8_cache(q_shape, cache_shape, cache_dtype, v_dim: int) -> bool:
+    """Whether the cache is packed FP8 rows (`fp8_cache`) for queries of q_shape [..., C+R] and C = v_dim."""
+    return fp8_cache.is_packed(cache_shape, cache_dtype, v_dim, q_shape[-1] - v_dim)
+
+
 def _call_refusal(q_shape, cache_shape, cache_dtype, v_dim, config) -> str | None:
     """What makes a call invalid whatever the backend."""
     if len(q_shape) != 4:
         return f"q must be [B, Sq, H, C+R] ({_shapes(q=q_shape)})"
     if len(cache_shape) != 3 or cache_shape[0] != q_shape[0]:
         return f"cache must be [B, S, C+R] with the batch of q ({_shapes(q=q_shape, cache=cache_shape)})"
-    if cache_shape[-1] != q_shape[-1]:
-        return (f"cache last dim {cache_shape[-1]} != q last dim {q_shape[-1]} "
-                f"({_shapes(q=q_shape, cache=cache_shape)})")
     if not isinstance(v_dim, int) or not 0 < v_dim <= q_shape[-1]:
         return f"v_dim must be an int in [1, C+R = {q_shape[-1]}], got {v_dim!r}"
-    if not jnp.issubdtype(cache_dtype, jnp.floating):
-        return f"cache must be floating point, got {jnp.dtype(cache_dtype)}"
+    if jnp.dtype(cache_dtype) == fp8_cache.FP8_CACHE_DTYPE:
+        want = fp8_cache.row_bytes(v_dim, q_shape[-1] - v_dim)
+        if cache_shape[-1] != want:
+            return (f"an FP8 cache (uint8) of C={v_dim}, R={q_shape[-1] - v_dim} holds {want} bytes a row, "
+                    f"got {cache_shape[-1]} ({_shapes(q=q_shape, cache=cache_shape)})")
+    elif cache_shape[-1] != q_shape[-1]:
+        return (f"cache last dim {cache_shape[-1]} != q last dim {q_shape[-1]} "
+                f"({_shapes(q=q_shape, cache=cache_shape)})")
+    elif not jnp.issubdtype(cache_dtype, jnp.floating):
+        return f"cache must be floating point or a packed FP8 cache (uint8), got {jnp.dtype(cache_dtype)}"
     if config is not None and not isinstance(config, MlaDecodeConfig):
         return f"config must be an MlaDecodeConfig or None, got {type(config).__name__}"
     return None
@@ -77,6 +89,9 @@ def supports(q_shape, cache_shape, cache_dtype, *, v_dim: int, backend: str,
     if config.interpret is not False and backend not in backends.GPU_INTERPRETED:
         names = " or ".join(map(repr, backends.GPU_INTERPRETED))
         return f"config.interpret applies to backend {names} only, got backend {backend!r}"
+    if is_fp8_cache(q_shape, cache_shape, cache_dtype, v_dim) and not getattr(_MODULES[backend], "READS_FP8_CACHE",
+                                                                              False):
+        return f"backend {backend!r} does not read an FP8 cache"
     return _MODULES[backend].refusal(tuple(q_shape), tuple(cache_shape), jnp.dtype(cache_dtype), v_dim, config)
 
 
@@ -90,7 +105,7 @@ def _argument_refusal(q, cache, lengths, softmax_scale) -> str | None:
         return f"softmax_scale must be a positive Python number, got {softmax_scale!r}"
     if not jnp.issubdtype(q.dtype, jnp.floating):
         return f"q must be floating point, got {q.dtype}"
-    if q.dtype != cache.dtype:
+    if q.dtype != cache.dtype and cache.dtype != fp8_cache.FP8_CACHE_DTYPE:
         return f"q dtype {q.dtype} != cache dtype {cache.dtype}"
     return None
 
@@ -99,6 +114,9 @@ def _argument_refusal(q, cache, lengths, softmax_scale) -> str | None:
 def mla_decode(q, cache, lengths, *, v_dim: int, softmax_scale: float, backend: str = "auto",
                config: MlaDecodeConfig | None = None):
     """Absorbed MLA decode: q [B, Sq, H, C+R], cache [B, S, C+R], lengths [B] -> [B, Sq, H, v_dim] (q.dtype).
+
+    The cache may be packed FP8 rows instead (uint8 [B, S, fp8_cache.row_bytes(C, R)], FlashMLA's layout: 656
+    bytes a token for V3), on the backends that read it (`supports` says which).
 
     Lengths are clipped to [0, S]. If S is not a multiple of config.block_s the cache is padded (a
     copy); keep S a multiple of block_s on the fast path.

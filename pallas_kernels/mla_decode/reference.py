@@ -4,11 +4,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.mla_decode import fp8_cache
+
+READS_FP8_CACHE = True
+
 
 def mla_decode_reference(q, cache, lengths, *, v_dim: int, softmax_scale: float):
-    """Plain-jnp absorbed MLA decode: q [B, T, H, C+R], cache [B, S, C+R], lengths [B] -> [B, T, H, v_dim]."""
-    _, sq, _, _ = q.shape
+    """Plain-jnp absorbed MLA decode: q [B, T, H, C+R], cache [B, S, C+R] (or packed FP8 rows, `fp8_cache`),
+    lengths [B] -> [B, T, H, v_dim]."""
+    _, sq, _, dim = q.shape
     s_len = cache.shape[1]
+    if cache.dtype == fp8_cache.FP8_CACHE_DTYPE:  # packed FP8 rows: read as their dequantised values
+        cache = fp8_cache.dequantize_rows(cache, v_dim, dim - v_dim, jnp.float32)
     qf, cf = q.astype(jnp.float32), cache.astype(jnp.float32)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, s_len)
     pos = lengths[:, None] - sq + jnp.arange(sq)[None, :]  # [B, T]
