@@ -50,7 +50,7 @@ KEY_CHUNK = 512
 HEAD_CHUNK_BYTES = 1 << 30
 # Expert parallelism's dropless all-to-all buffers hold n x (a device's tokens x K) rows of D (V3 at
 # 4096 tokens a device, n = 8: 3.8 GB each, several alive in a backward); from this size the tokens go
-# through in chunks (`in_token_chunks`).
+# through in chunks (`parallel.ep.in_token_chunks`).
 EP_BUFFER_BYTES = 1 << 28
 
 
@@ -136,10 +136,9 @@ def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> 
     # Pallas calls (FP8 GEMMs, megablox) have no rules for jax's varying-axes check.
     kernel = rt.fp8 or grouped_kernel(rt, cfg) is not None
     if expert_axis_size(mesh) > 1:
-        ep = functools.partial(expert_parallel, w1=w1, w3=w3, w2=w2, mesh=mesh, local=experts_fn(rt, cfg, None),
-                               fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not kernel)
-        return in_token_chunks(ep, ep_chunks(mesh, x.shape[0], ids.shape[1], x.shape[1], x.dtype.itemsize),
-                               x, gates, ids)
+        return expert_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=experts_fn(rt, cfg, None),
+                               fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not kernel,
+                               chunks=ep_chunks(mesh, x.shape[0], ids.shape[1], x.shape[1], x.dtype.itemsize))
     fn = experts_fn(rt, cfg, x.shape[0])
     if not mesh.empty and not rt.fp8 and experts_variant(rt, cfg, x.shape[0]) == experts_op.RAGGED \
             and grouped_kernel(rt, cfg) is not None:  # megablox: the compiler cannot partition it
@@ -150,22 +149,11 @@ def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> 
 def ep_chunks(mesh, tokens: int, k: int, d: int, itemsize: int) -> int:
     """Token chunks for expert parallelism: the fewest (halving each device's tokens) that keep one
     dropless all-to-all buffer, [n, tokens a device holds x K, D], within EP_BUFFER_BYTES."""
-    n, rows = expert_axis_size(mesh), tokens // max(math.prod(mesh.shape.get(a, 1) for a in batch_axes()), 1)
+    n, rows = expert_axis_size(mesh), -(-tokens // max(math.prod(mesh.shape.get(a, 1) for a in batch_axes()), 1))
     c = 1
     while n * (rows // c) * k * d * itemsize > EP_BUFFER_BYTES and rows % (2 * c) == 0:
         c *= 2
     return c
-
-
-def in_token_chunks(fn, chunks: int, x, gates, ids) -> jax.Array:
-    """fn(x, gates, ids) over `chunks` slices of each device's rows in turn, each slice recomputed for the
-    backward: the same result, the buffers of one slice alive at a time. Row r goes to slice r % chunks,
-    so a device's contiguous rows split evenly and the slices keep the rows' sharding."""
-    if chunks <= 1:
-        return fn(x, gates, ids)
-    split = lambda a: a.reshape(a.shape[0] // chunks, chunks, *a.shape[1:]).swapaxes(0, 1)
-    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), (split(x), split(gates), split(ids)))
-    return out.swapaxes(0, 1).reshape(x.shape)
 
 
 # ---- attention ----------------------------------------------------------------------------------

@@ -138,6 +138,25 @@ def _ep_body(x, gates, ids, w1, w3, w2, *, axis: str, n: int, fp8: bool, local: 
         return jnp.einsum("tkd,tk->td", per_assignment, gates.astype(dt))
 
 
+def in_token_chunks(fn, chunks: int, x, gates, ids) -> jax.Array:
+    """fn(x, gates, ids) over `chunks` slices of the rows in turn, each slice recomputed for the backward:
+    the same result, the buffers of one slice alive at a time. Row r goes to slice r % chunks, so
+    contiguous rows split evenly."""
+    if chunks <= 1:
+        return fn(x, gates, ids)
+    split = lambda a: a.reshape(a.shape[0] // chunks, chunks, *a.shape[1:]).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), (split(x), split(gates), split(ids)))
+    return out.swapaxes(0, 1).reshape(x.shape)
+
+
+def _chunked_body(x, gates, ids, w1, w3, w2, *, chunks: int, **kw):
+    """`_ep_body` over `chunks` slices of this device's tokens. The loop runs inside the shard_map, so the
+    expert weights cross its boundary once a layer: gathered once, their gradients summed once, not in
+    every slice."""
+    body = lambda xc, gc, ic: _ep_body(xc, gc, ic, w1, w3, w2, **kw)
+    return in_token_chunks(body, chunks, x, gates, ids)
+
+
 def _pad_tokens(shards: int, *arrays):
     """Zero rows appended so that the token count divides by `shards` (zero gates: no effect)."""
     pad = -arrays[0].shape[0] % shards
@@ -147,7 +166,7 @@ def _pad_tokens(shards: int, *arrays):
 def expert_parallel(x: jax.Array, gates: jax.Array, ids: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
                     *, mesh, local: LocalExperts, expert_axis: str = EXPERT_AXIS,
                     token_axes: Sequence[str] | None = None, fp8_dispatch: bool = False,
-                    check_vma: bool = True) -> jax.Array:
+                    check_vma: bool = True, chunks: int = 1) -> jax.Array:
     """What `local(x, gates, ids, w1, w3, w2)` computes, with the experts split over `expert_axis` of
     `mesh` (a Mesh or AbstractMesh). x [T, D]; gates, ids [T, K]; w1, w3 [E, D, F]; w2 [E, F, D].
 
@@ -156,6 +175,8 @@ def expert_parallel(x: jax.Array, gates: jax.Array, ids: jax.Array, w1: jax.Arra
     T need not divide by their size: zero tokens with zero gates pad it, then are cut off.
     `check_vma` off for a local function whose collectives-free body jax's varying-axes check
     refuses (the FP8 grouped GEMM reference scans with an accumulator created unvarying).
+    `chunks` > 1 sends each device's tokens in that many slices, one slice's buffers alive at a time
+    (`in_token_chunks`); the device's token count must divide by it.
     """
     token_axes = default_token_axes(mesh) if token_axes is None else tuple(token_axes)
     if expert_axis not in token_axes:
@@ -173,7 +194,9 @@ def expert_parallel(x: jax.Array, gates: jax.Array, ids: jax.Array, w1: jax.Arra
         shards *= mesh.shape[a]
     x, gates, ids = _pad_tokens(shards, x, gates, ids.astype(jnp.int32))
     tok, ex = P(token_axes, None), P(expert_axis, None, None)
-    body = functools.partial(_ep_body, axis=expert_axis, n=n, fp8=fp8_dispatch, local=local)
+    if (x.shape[0] // shards) % chunks:
+        raise ValueError(f"expert_parallel: {x.shape[0] // shards} tokens a device do not split into {chunks} chunks")
+    body = functools.partial(_chunked_body, chunks=chunks, axis=expert_axis, n=n, fp8=fp8_dispatch, local=local)
     out = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, ex, ex, ex), out_specs=tok,
                         check_vma=check_vma)(x, gates, ids, w1, w3, w2)
     return out[:t]
