@@ -10,10 +10,11 @@ trip count (the GPU compiler states `known_trip_count`; the TPU compiler's loops
 
 Bytes a device sends in one execution, for the ring algorithms the libraries use on groups of n (B the
 op's output bytes on one device): all-gather B (n-1)/n; reduce-scatter B (n-1); all-reduce 2 B (n-1)/n;
-all-to-all B (n-1)/n (ragged: its output buffer, an upper bound); collective-permute B when the device
-sends to another. A ring runs at the slowest link it crosses, so `seconds` charges a collective whose
-groups stay inside a node (GPUs: an NVLink domain; TPUs: the slice's ICI) at the link's one-direction
-bandwidth and one that crosses nodes at the network's.
+all-to-all B (n-1)/n (ragged: B the smaller of its operand and output buffers, as if the rows spread
+evenly); collective-permute B when the device sends to another. A ring runs at the slowest link it
+crosses, so `seconds` charges a collective whose groups stay inside a node (GPUs: an NVLink domain;
+TPUs: the slice's ICI) at the link's one-direction bandwidth and one that crosses nodes at the
+network's.
 """
 from __future__ import annotations
 
@@ -256,15 +257,25 @@ def collectives(text: str, num_devices: int) -> tuple[list[Collective], int]:
     for name, lines in comps.items():
         if name == "ENTRY" or not runs.get(name):
             continue
+        types = {}
         for ins in lines:
             head, eq, rest = ins.partition(" = ")
             if not eq:
                 continue
+            target = head.split()[-1]
             m = _OPCODE.search(" " + rest)
+            types[target] = rest[:m.start()] if m else rest.split(" ", 1)[0] if not rest.startswith("(") else ""
             if m is None or _CONTINUATION in ins:
                 continue
             kind, start = m.group(1), bool(m.group(2))
             out = _output_type(kind, start, rest[:m.start()])
+            if kind == "ragged-all-to-all":
+                # Operand and output are buffers sized for the worst case (all rows to one peer): a device
+                # sends at most its operand and its peers receive at most their outputs. With the rows
+                # spread evenly, the smaller of the two travels.
+                first = re.match(r"\s*(%[^\s,)]+)", rest[m.end() - 1:])
+                operand = types.get(first.group(1), out) if first else out
+                out = min(out, operand, key=type_bytes)
             groups = _permute_pairs(ins) if kind == "collective-permute" else replica_groups(ins, num_devices)
             size = 2 if kind == "collective-permute" else len(groups[0])
             found.append(Collective(kind, type_bytes(out), size, groups, runs[name]))

@@ -1,5 +1,7 @@
 """Expert parallelism on 8 fake CPU devices equals the single-device experts: forward, gradients,
 adversarial routing, FP8 dispatch, and the MoE module under a mesh."""
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.moe import MoE
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.ops.experts import EXPERTS
-from dsv3_jax.parallel.ep import dequantize_rows, expert_parallel, quantize_rows
+from dsv3_jax.parallel.ep import dequantize_rows, emulated_ragged_all_to_all, expert_parallel, quantize_rows
 from dsv3_jax.runtime import Runtime
 
 E, K, D, F = 32, 4, 160, 24  # D = 160: one full 128-wide FP8 tile and one partial
@@ -157,3 +159,77 @@ def test_whole_model_logits_under_a_mesh_and_fp8_dispatch_flag():
     close(got, want, 1e-5)
     err = float(jnp.abs(fp8 - want).max() / jnp.abs(want).max())
     assert 0 < err < 5e-2
+
+
+# ---- the ragged exchange (accelerators): only the routed rows travel --------------------------------
+RAGGED = dict(exchange=emulated_ragged_all_to_all)
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_ragged_exchange_matches_dense_values_and_gradients(mesh_name, chunks):
+    """The ragged layout (sorted by expert, counts exchanged, offsets on both sides) through the collective's
+    CPU emulation: the dense experts' outputs and gradients, also with each device's tokens in chunks."""
+    x, gates, ids, w1, w3, w2 = problem(8 * 12, seed=7)
+    mesh = make_mesh(mesh_name)
+    ragged = lambda *a: expert_parallel(*a, mesh=mesh, local=EXPERTS["windowed"], chunks=chunks, **RAGGED)
+    close(jax.jit(ragged)(x, gates, ids, w1, w3, w2), dense(x, gates, ids, w1, w3, w2), 1e-5)
+    loss = lambda fn: lambda x, gates, w1, w3, w2: jnp.sum(fn(x, gates, ids, w1, w3, w2) ** 2)
+    want = jax.grad(loss(dense), argnums=range(5))(x, gates, w1, w3, w2)
+    got = jax.jit(jax.grad(loss(ragged), argnums=range(5)))(x, gates, w1, w3, w2)
+    for g, w in zip(got, want):
+        close(g, w, 1e-5)
+
+
+def test_ragged_exchange_adversarial_routing_and_padding():
+    t = 8 * 20 + 3
+    args = problem(t, experts=np.tile(np.arange(8, 8 + K), (t, 1)), seed=8)
+    close(ep(make_mesh("expert8"), **RAGGED)(*args), dense(*args), 1e-5)
+    with pytest.raises(ValueError, match="FP8 dispatch"):
+        expert_parallel(*args, mesh=make_mesh("expert8"), local=dense, fp8_dispatch=True, **RAGGED)
+
+
+def test_emulated_ragged_all_to_all_follows_jax_documented_example():
+    """jax.lax.ragged_all_to_all's docstring example, axis of size 2."""
+    mesh = jax.make_mesh((2,), ("x",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
+    operand = jnp.array([[1, 2, 2], [3, 4, 0]], jnp.int32)
+    args = [jnp.array(v, jnp.int32) for v in ([[0, 1], [0, 1]], [[1, 2], [1, 1]], [[0, 0], [1, 2]], [[1, 1], [2, 1]])]
+    body = lambda o, i, s, oo, r: emulated_ragged_all_to_all(o[0], jnp.zeros(4, jnp.int32), i[0], s[0], oo[0], r[0],
+                                                             axis_name="x")[None]
+    spec = jax.sharding.PartitionSpec("x")
+    out = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)(operand, *args)
+    np.testing.assert_array_equal(np.asarray(out), [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="compile-only TPU programs need libtpu")
+def test_ragged_exchange_compiles_for_tpu_and_sends_only_routed_rows():
+    """On a TPU target the real collective compiles; its bytes (hlo_comms) are the routed rows a device
+    holds, not the padded buffer's n times as many."""
+    from dsv3_jax import hlo_comms
+    from dsv3_jax.plan import topology_devices
+    devices = topology_devices("v5e:2x2")
+    mesh = jax.sharding.Mesh(np.array(devices), ("expert",), axis_types=(AxisType.Auto,))
+    t, d = 4 * 64, 1024  # rows wide enough that the expert ids sent beside them weigh little
+    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # as the model sends them
+    x, gates, ids, w1, w3, w2 = (shape(t, d), shape(t, K), jax.ShapeDtypeStruct((t, K), jnp.int32), shape(E, d, F),
+                                 shape(E, d, F), shape(E, F, d))
+    sent = {}
+    for name, kw in (("ragged", dict(exchange=jax.lax.ragged_all_to_all)), ("padded", {})):
+        fn = jax.jit(lambda *a, kw=kw: expert_parallel(*a, mesh=mesh, local=dense, **kw))
+        text = fn.lower(x, gates, ids, w1, w3, w2).compile().as_text()
+        assert ("ragged-all-to-all" in text) == (name == "ragged")
+        found, _ = hlo_comms.collectives(text, 4)
+        sent[name] = sum(c.sent_bytes * c.runs for c in found if "all-to-all" in c.kind and c.output_bytes > 4096)
+    # A device's 64 x K assignments out and back, 3/4 of them to other devices (plus their expert ids,
+    # padded to 128 lanes on TPU); the padded buffers carry n = 4 times the rows.
+    routed = 2 * 64 * K * d * 2 * 3 / 4
+    assert routed <= sent["ragged"] <= 1.2 * routed
+    assert sent["padded"] >= 3.5 * routed
+
+
+def test_ragged_exchange_is_chosen_for_accelerator_targets():
+    from dsv3_jax.ops import dispatch
+    assert dispatch.ep_exchange(Runtime(platform="tpu")) is jax.lax.ragged_all_to_all
+    assert dispatch.ep_exchange(Runtime(platform="gpu")) is jax.lax.ragged_all_to_all
+    assert dispatch.ep_exchange(Runtime(platform="cpu")) is None  # XLA:CPU lacks the collective
+    assert dispatch.ep_exchange(Runtime(platform="gpu", ep_fp8_dispatch=True)) is None

@@ -137,13 +137,21 @@ def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> 
     kernel = rt.fp8 or grouped_kernel(rt, cfg) is not None
     if expert_axis_size(mesh) > 1:
         return expert_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=experts_fn(rt, cfg, None),
-                               fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not kernel,
+                               fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not kernel, exchange=ep_exchange(rt),
                                chunks=ep_chunks(mesh, x.shape[0], ids.shape[1], x.shape[1], x.dtype.itemsize))
     fn = experts_fn(rt, cfg, x.shape[0])
     if not mesh.empty and not rt.fp8 and experts_variant(rt, cfg, x.shape[0]) == experts_op.RAGGED \
             and grouped_kernel(rt, cfg) is not None:  # megablox: the compiler cannot partition it
         return data_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=fn, check_vma=False)
     return fn(x, gates, ids, w1, w3, w2)
+
+
+def ep_exchange(rt: Runtime):
+    """How expert parallelism sends its rows: `jax.lax.ragged_all_to_all` on accelerators (only the routed
+    rows travel: with n-way EP the padded dropless buffers carry n times as many bytes, which the V3 plans
+    measured as the step's whole cost); None, the padded all-to-all, on CPU targets (XLA:CPU lacks the
+    ragged collective) and with FP8 dispatch."""
+    return None if platform(rt) == "cpu" or rt.ep_fp8_dispatch else jax.lax.ragged_all_to_all
 
 
 def ep_chunks(mesh, tokens: int, k: int, d: int, itemsize: int) -> int:

@@ -138,6 +138,79 @@ def _ep_body(x, gates, ids, w1, w3, w2, *, axis: str, n: int, fp8: bool, local: 
         return jnp.einsum("tkd,tk->td", per_assignment, gates.astype(dt))
 
 
+# ---- the ragged exchange: only the routed rows travel (accelerators) ------------------------------
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name: str) -> jax.Array:
+    """`jax.lax.ragged_all_to_all`'s result built from all-gathers, for platforms that lack the collective
+    (XLA:CPU): every device's operand and offsets gathered, each received slice copied where the sender
+    says. Same values and gradients; n times the traffic. Tests run the ragged EP layout through it."""
+    del recv_sizes  # implied by the senders' sizes
+    me = jax.lax.axis_index(axis_name)
+    operands = jax.lax.all_gather(operand, axis_name)  # [n, N, ...]
+    starts = jax.lax.all_gather(input_offsets, axis_name)[:, me]  # what each source sends me: from,
+    sizes = jax.lax.all_gather(send_sizes, axis_name)[:, me]  # how many,
+    lands = jax.lax.all_gather(output_offsets, axis_name)[:, me]  # and where it lands here
+    row = jnp.arange(output.shape[0])
+    result = output
+    for i in range(operands.shape[0]):
+        inside = (row >= lands[i]) & (row < lands[i] + sizes[i])
+        src = jnp.clip(starts[i] + row - lands[i], 0, operand.shape[0] - 1)
+        mask = inside.reshape(-1, *([1] * (operand.ndim - 1)))
+        result = jnp.where(mask, operands[i][src], result)
+    return result
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _ep_body_ragged(x, gates, ids, w1, w3, w2, *, axis: str, n: int, local: LocalExperts, exchange):
+    """`_ep_body` with a ragged exchange (DeepEP's scheme): assignments sorted by expert, the per-destination
+    counts exchanged first, then only the routed rows sent (`exchange` is jax.lax.ragged_all_to_all or its
+    emulation). The receive buffer is still sized for the worst case (n x Tl x K rows, static shapes), but
+    the links carry Tl x K rows a device each way, not n times that."""
+    tl, k = ids.shape
+    d, num_local = x.shape[1], w1.shape[0]
+    a = tl * k
+    with jax.named_scope("ep_layout"):
+        flat = ids.reshape(-1)
+        order = jnp.argsort(flat, stable=True)  # by destination, then by local expert there
+        dest = flat[order] // num_local
+        rows = x[order // k]
+        send_sizes = jnp.sum(dest[:, None] == jnp.arange(n), axis=0).astype(jnp.int32)  # [n]
+        table = jax.lax.all_gather(send_sizes, axis)  # [n sources, n destinations]
+        me = jax.lax.axis_index(axis)
+        input_offsets = _exclusive_cumsum(send_sizes)
+        recv_sizes = table[:, me]
+        # Where my rows land on each destination: after those of the sources before me.
+        output_offsets = jnp.sum(jnp.where(jnp.arange(n)[:, None] < me, table, 0), axis=0).astype(jnp.int32)
+        recv_offsets = _exclusive_cumsum(recv_sizes)  # where each source's rows start here
+        # Where my returning rows sat in each source's sorted send buffer.
+        back_offsets = _exclusive_cumsum(table, axis=1)[:, me]
+    # The receive buffers vary over the token shards like the rows they receive: the collective's result
+    # takes its buffer's type, and an invariant buffer would have every use of the result cast to varying,
+    # whose backward sums a cotangent over the shards in every slice. No gradient flows into a buffer.
+    varying = tuple(sorted(jax.typeof(x).mat.varying))
+    buffer = lambda *shape_fill: jax.lax.stop_gradient(
+        jax.lax.pcast(jnp.full(*shape_fill), varying, to="varying") if varying else jnp.full(*shape_fill))
+    with jax.named_scope("ep_dispatch"):
+        recv = exchange(rows, buffer((n * a, d), 0, x.dtype), input_offsets, send_sizes, output_offsets,
+                        recv_sizes, axis_name=axis)
+        recv_ids = exchange((flat[order] % num_local)[:, None], buffer((n * a, 1), -1, jnp.int32), input_offsets,
+                            send_sizes, output_offsets, recv_sizes, axis_name=axis)
+    with jax.named_scope("ep_experts"):
+        valid = (jnp.arange(n * a) < jnp.sum(recv_sizes))[:, None]
+        spread = jnp.arange(n * a)[:, None] % num_local
+        y = local(recv, valid.astype(jnp.float32), jnp.where(valid, recv_ids, spread), w1, w3, w2)
+    with jax.named_scope("ep_combine"):
+        back = exchange(y, buffer((a, d), 0, y.dtype), recv_offsets, recv_sizes, back_offsets, send_sizes,
+                        axis_name=axis)
+        # A gather, not a scatter into zeros: zeros are the same on every device, and a scatter's
+        # backward would sum their (unused) gradient over the token shards in every slice.
+        per_assignment = back[jnp.argsort(order)].reshape(tl, k, d)
+        return jnp.einsum("tkd,tk->td", per_assignment, gates.astype(x.dtype))
+
+
 def in_token_chunks(fn, chunks: int, x, gates, ids) -> jax.Array:
     """fn(x, gates, ids) over `chunks` slices of the rows in turn, each slice recomputed for the backward:
     the same result, the buffers of one slice alive at a time. Row r goes to slice r % chunks, so
@@ -149,11 +222,19 @@ def in_token_chunks(fn, chunks: int, x, gates, ids) -> jax.Array:
     return out.swapaxes(0, 1).reshape(x.shape)
 
 
-def _chunked_body(x, gates, ids, w1, w3, w2, *, chunks: int, **kw):
-    """`_ep_body` over `chunks` slices of this device's tokens. The loop runs inside the shard_map, so the
+def _chunked_body(x, gates, ids, w1, w3, w2, *, chunks: int, exchange, fp8: bool, **kw):
+    """The EP body over `chunks` slices of this device's tokens. The loop runs inside the shard_map, so the
     expert weights cross its boundary once a layer: gathered once, their gradients summed once, not in
     every slice."""
-    body = lambda xc, gc, ic: _ep_body(xc, gc, ic, w1, w3, w2, **kw)
+    # The weights are the same on every token shard (invariant); used inside the slice loop, jax would
+    # sum their gradients over those shards in every slice. Marked varying here, the sum happens once.
+    missing = tuple(sorted(set(jax.typeof(x).mat.varying) - set(jax.typeof(w1).mat.varying)))
+    if missing and chunks > 1:
+        w1, w3, w2 = jax.lax.pcast((w1, w3, w2), missing, to="varying")
+    if exchange is None:
+        body = lambda xc, gc, ic: _ep_body(xc, gc, ic, w1, w3, w2, fp8=fp8, **kw)
+    else:
+        body = lambda xc, gc, ic: _ep_body_ragged(xc, gc, ic, w1, w3, w2, exchange=exchange, **kw)
     return in_token_chunks(body, chunks, x, gates, ids)
 
 
@@ -166,7 +247,7 @@ def _pad_tokens(shards: int, *arrays):
 def expert_parallel(x: jax.Array, gates: jax.Array, ids: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
                     *, mesh, local: LocalExperts, expert_axis: str = EXPERT_AXIS,
                     token_axes: Sequence[str] | None = None, fp8_dispatch: bool = False,
-                    check_vma: bool = True, chunks: int = 1) -> jax.Array:
+                    check_vma: bool = True, chunks: int = 1, exchange=None) -> jax.Array:
     """What `local(x, gates, ids, w1, w3, w2)` computes, with the experts split over `expert_axis` of
     `mesh` (a Mesh or AbstractMesh). x [T, D]; gates, ids [T, K]; w1, w3 [E, D, F]; w2 [E, F, D].
 
@@ -176,8 +257,13 @@ def expert_parallel(x: jax.Array, gates: jax.Array, ids: jax.Array, w1: jax.Arra
     `check_vma` off for a local function whose collectives-free body jax's varying-axes check
     refuses (the FP8 grouped GEMM reference scans with an accumulator created unvarying).
     `chunks` > 1 sends each device's tokens in that many slices, one slice's buffers alive at a time
-    (`in_token_chunks`); the device's token count must divide by it.
+    (`in_token_chunks`); the device's token count must divide by it. `exchange`: None sends the padded
+    dropless buffers by all-to-all (`_ep_body`, every platform); `jax.lax.ragged_all_to_all` (GPU, TPU) or
+    `emulated_ragged_all_to_all` sends only the routed rows (`_ep_body_ragged`; FP8 dispatch is the
+    padded path's).
     """
+    if exchange is not None and fp8_dispatch:
+        raise ValueError("expert_parallel: FP8 dispatch is sent by the padded all-to-all; pass exchange=None")
     token_axes = default_token_axes(mesh) if token_axes is None else tuple(token_axes)
     if expert_axis not in token_axes:
         raise ValueError(f"expert_parallel: token_axes {token_axes} must include the expert axis "
@@ -196,7 +282,8 @@ def expert_parallel(x: jax.Array, gates: jax.Array, ids: jax.Array, w1: jax.Arra
     tok, ex = P(token_axes, None), P(expert_axis, None, None)
     if (x.shape[0] // shards) % chunks:
         raise ValueError(f"expert_parallel: {x.shape[0] // shards} tokens a device do not split into {chunks} chunks")
-    body = functools.partial(_chunked_body, chunks=chunks, axis=expert_axis, n=n, fp8=fp8_dispatch, local=local)
+    body = functools.partial(_chunked_body, chunks=chunks, exchange=exchange, axis=expert_axis, n=n, fp8=fp8_dispatch,
+                             local=local)
     out = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, ex, ex, ex), out_specs=tok,
                         check_vma=check_vma)(x, gates, ids, w1, w3, w2)
     return out[:t]
