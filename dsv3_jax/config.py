@@ -50,6 +50,11 @@ class ModelConfig:
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
+    # DeepSeek Sparse Attention (V3.2): the lightning indexer's heads, their dim, and how many keys each
+    # query keeps. All 0: no indexer, dense MLA (V3, V2); a V3 config is a V3.2 one without it.
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
     # DeepSeekMoE.
     n_routed_experts: int = 16
     n_shared_experts: int = 1
@@ -95,6 +100,10 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.index_topk > 0
 
     @property
     def kv_cache_dim(self) -> int:
@@ -146,15 +155,24 @@ class ModelConfig:
         kv += self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
         return q + kv + h * self.v_head_dim * d
 
+    @property
+    def indexer_params(self) -> int:
+        """The lightning indexer of one layer: wq_b on the q latent, wk and its LayerNorm (scale and
+        bias), weights_proj. Kept apart from `attention_params`, which counts MLA alone."""
+        if not self.has_indexer:
+            return 0
+        d, h, k = self.hidden_size, self.index_n_heads, self.index_head_dim
+        return self.q_lora_rank * h * k + d * k + 2 * k + d * h
+
     def _block_params(self, moe: bool, active: bool) -> int:
         d = self.hidden_size
-        norms = 2 * d
+        norms_and_attention = 2 * d + self.attention_params + self.indexer_params
         if not moe:
-            return norms + self.attention_params + 3 * d * self.intermediate_size
+            return norms_and_attention + 3 * d * self.intermediate_size
         expert = 3 * d * self.moe_intermediate_size
         routed = self.num_experts_per_tok if active else self.n_routed_experts
         router = d * self.n_routed_experts + (self.n_routed_experts if self.router_bias else 0)
-        return norms + self.attention_params + router + (routed + self.n_shared_experts) * expert
+        return norms_and_attention + router + (routed + self.n_shared_experts) * expert
 
     def _count(self, active: bool, with_mtp: bool) -> int:
         d = self.hidden_size
@@ -310,7 +328,8 @@ def _validate(c: ModelConfig) -> None:
         if v <= 0:
             _fail(name, v, "must be a positive integer")
     non_negative = ["intermediate_size", "moe_intermediate_size", "first_k_dense", "q_lora_rank",
-                    "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "mtp_depth"]
+                    "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "mtp_depth",
+                    "index_n_heads", "index_head_dim", "index_topk"]
     for name in non_negative:
         v = getattr(c, name)
         if v < 0:
@@ -323,6 +342,7 @@ def _validate(c: ModelConfig) -> None:
         _fail("qk_rope_head_dim", c.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
     if c.num_moe_layers > 0 or c.mtp_depth > 0:
         _validate_moe(c)
+    _validate_indexer(c)
     if c.score_func not in ("sigmoid", "softmax"):
         _fail("score_func", c.score_func, "must be 'sigmoid' or 'softmax'")
     if c.group_score not in ("top2_sum", "max"):
@@ -337,6 +357,20 @@ def _validate(c: ModelConfig) -> None:
     for name in ("mtp_loss_weight", "aux_loss_alpha", "bias_update_speed"):
         if getattr(c, name) < 0:
             _fail(name, getattr(c, name), "must be >= 0")
+
+
+def _validate_indexer(c: ModelConfig) -> None:
+    sizes = {"index_n_heads": c.index_n_heads, "index_head_dim": c.index_head_dim, "index_topk": c.index_topk}
+    if not any(sizes.values()):
+        return
+    for name, v in sizes.items():
+        if v == 0:
+            _fail(name, v, f"must be > 0 when the model has an indexer ({', '.join(sizes)}: all 0 or all > 0)")
+    if c.index_head_dim < c.qk_rope_head_dim:
+        _fail("index_head_dim", c.index_head_dim,
+              f"must be >= qk_rope_head_dim ({c.qk_rope_head_dim}): RoPE rotates its first qk_rope_head_dim dims")
+    if not c.q_lora_rank:
+        _fail("q_lora_rank", 0, "must be > 0 when the model has an indexer (its queries read the q latent)")
 
 
 def _validate_moe(c: ModelConfig) -> None:

@@ -1,13 +1,14 @@
 """Hugging Face checkpoints (DeepSeek's released layout) <-> our variables.
 
 `load_hf_checkpoint(path)` reads `config.json` plus `model.safetensors` or a sharded index, of
-DeepseekV3 or DeepseekV2 type; FP8 weights are dequantised with their 128x128 `weight_scale_inv`
-blocks; the MTP layer (index == num_hidden_layers) is loaded when present. Every tensor in the
-files must be one the config gives a place to, and the layer count must be the files' (else an MTP
-layer would load as a decoder layer, or a layer be dropped). Tensors are read one at
-a time from memory-mapped files, so a checkpoint is never held twice in host memory. Given
-`shardings`, each leaf is made on its devices instead, every device's block read alone from the files
-(`jax.make_array_from_callback`), so no host holds a whole model, and no device a tensor it shards.
+DeepseekV3.2, V3 or V2 type (V3.2: each attention block's `self_attn.indexer.*` too); FP8 weights
+are dequantised with their 128x128 `weight_scale_inv` blocks; the MTP layer (index ==
+num_hidden_layers) is loaded when present. Every tensor in the files must be one the config gives a
+place to, and the layer count must be the files' (else an MTP layer would load as a decoder layer,
+or a layer be dropped). Tensors are read one at a time from memory-mapped files, so a checkpoint
+is never held twice in host memory. Given `shardings`, each leaf is made on its devices instead,
+every device's block read alone from the files (`jax.make_array_from_callback`), so no host holds a
+whole model, and no device a tensor it shards.
 `save_hf_checkpoint` writes the same layout (optionally FP8 with block scales).
 
 One table (`layout`) maps every tensor name to a place in our tree; load and save both walk it.
@@ -71,6 +72,8 @@ def _block_entries(cfg: ModelConfig, prefix: str, ours: tuple[str, ...], moe: bo
     norms = ["q_norm", "kv_norm"] if cfg.q_lora_rank else ["kv_norm"]
     for key in norms:
         yield Entry(f"{prefix}.self_attn.{_NORMS[key]}.weight", (*p, "attn", key, "scale"), False)
+    if cfg.has_indexer:
+        yield from _indexer_entries(f"{prefix}.self_attn.indexer", (*p, "attn", "indexer"))
     if not moe:
         for key, hf in _FFN.items():
             yield Entry(f"{prefix}.mlp.{hf}.weight", (*p, "ffn", key), True, fp8=True)
@@ -84,6 +87,17 @@ def _block_entries(cfg: ModelConfig, prefix: str, ours: tuple[str, ...], moe: bo
     if cfg.n_shared_experts:
         for key, hf in _FFN.items():
             yield Entry(f"{prefix}.mlp.shared_experts.{hf}.weight", (*p, "ffn", "shared", key), True, fp8=True)
+
+
+def _indexer_entries(prefix: str, p: tuple[str, ...]) -> Iterator[Entry]:
+    """DeepSeek-V3.2's lightning indexer, named as its checkpoints and transformers name it. Its two
+    projections are FP8 in DeepSeek's release; weights_proj stays in higher precision there (BF16 in
+    the file, float32 in DeepSeek's code and transformers), as do the LayerNorm's scale and bias."""
+    yield Entry(f"{prefix}.wq_b.weight", (*p, "wq_b"), True, fp8=True)
+    yield Entry(f"{prefix}.wk.weight", (*p, "wk"), True, fp8=True)
+    yield Entry(f"{prefix}.k_norm.weight", (*p, "k_norm", "scale"), False)
+    yield Entry(f"{prefix}.k_norm.bias", (*p, "k_norm", "bias"), False)
+    yield Entry(f"{prefix}.weights_proj.weight", (*p, "weights_proj"), True)
 
 
 def _mtp_entries(cfg: ModelConfig, k: int) -> Iterator[Entry]:
@@ -389,7 +403,7 @@ def _load_sharded(files: SafetensorsDir, cfg: ModelConfig, shapes: dict, shardin
 
 def load_hf_checkpoint(path: str, dtype=jnp.float32, keep_fp8: bool = False,
                        shardings: Shardings | None = None) -> tuple[ModelConfig, dict]:
-    """Read a transformers-layout DeepseekV3/V2 directory -> (ModelConfig, variables).
+    """Read a transformers-layout DeepseekV3.2/V3/V2 directory -> (ModelConfig, variables).
 
     `keep_fp8`: weights stored in FP8 (with weight_scale_inv) become `Fp8Weight`s holding the file's
     8-bit values and scales, never expanded to full precision on the host; the rest load at `dtype`.

@@ -1,13 +1,19 @@
-"""Translate between `ModelConfig` and a Hugging Face `config.json` (DeepseekV3 / DeepseekV2).
+"""Translate between `ModelConfig` and a Hugging Face `config.json` (DeepseekV3.2 / V3 / V2).
 
 Reads both the transformers 5 spelling (`rope_parameters`) and the older one (`rope_scaling`,
-`rope_theta` at top level, DeepSeek's remote-code keys `scoring_func` / `topk_method`).
+`rope_theta` at top level, DeepSeek's remote-code keys `scoring_func` / `topk_method`). A
+"deepseek_v32" config is a V3 one plus the DSA indexer (`index_n_heads`, `index_head_dim`,
+`index_topk`, transformers' and DeepSeek's names); a config with an indexer is written as one.
 """
 from __future__ import annotations
 
 from dsv3_jax.config import ModelConfig, json_type
 
-V3, V2 = "deepseek_v3", "deepseek_v2"
+V32, V3, V2 = "deepseek_v32", "deepseek_v3", "deepseek_v2"
+MODEL_TYPES = (V32, V3, V2)
+_ARCHITECTURES = {V32: "DeepseekV32ForCausalLM", V3: "DeepseekV3ForCausalLM", V2: "DeepseekV2ForCausalLM"}
+# transformers' DeepseekV32Config defaults, which it reads for indexer keys a deepseek_v32 file leaves out.
+INDEXER_DEFAULTS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
 
 
 _REQUIRED = object()
@@ -60,12 +66,13 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 def _routing_fields(hf: dict, model_type: str) -> dict:
     n_group = _get(hf, "n_group", int, 1) or 1
     topk_group = _get(hf, "topk_group", int, 1) or 1
-    method = _get(hf, "topk_method", str, "noaux_tc" if model_type == V3 else "greedy")
+    v3 = model_type in (V3, V32)
+    method = _get(hf, "topk_method", str, "noaux_tc" if v3 else "greedy")
     if method not in TOPK_METHODS:
         raise ValueError(f"config.json: topk_method {method!r} is not supported {TOPK_METHODS}")
     if method == "greedy":  # no group limit
         n_group, topk_group = 1, 1
-    if model_type == V3:
+    if v3:
         return dict(score_func=_get(hf, "scoring_func", str, "sigmoid"), group_score="top2_sum",
                     router_bias=True, n_group=n_group, topk_group=topk_group,
                     norm_topk_prob=_get(hf, "norm_topk_prob", bool, True))
@@ -79,8 +86,8 @@ def _check_supported(hf: dict) -> str:
     if not isinstance(hf, dict):
         raise ValueError(f"config.json: expected a JSON object, got {json_type(hf)}")
     model_type = hf.get("model_type")
-    if model_type not in (V3, V2):
-        raise ValueError(f"config.json: model_type {model_type!r} is not supported ({V3}, {V2})")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not supported ({', '.join(MODEL_TYPES)})")
     heads = _get(hf, "num_attention_heads", int)
     if _get(hf, "num_key_value_heads", int, heads) != heads:
         raise ValueError("config.json: MLA needs num_key_value_heads == num_attention_heads")
@@ -116,7 +123,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         max_position_embeddings=_get(hf, "max_position_embeddings", int, 4096),
         # Absent: V3 has one MTP module, V2 none; null: none.
         mtp_depth=_get(hf, "num_nextn_predict_layers", int, 0) if "num_nextn_predict_layers" in hf
-        else (1 if model_type == V3 else 0),
+        else (0 if model_type == V2 else 1),
         aux_loss_alpha=_get(hf, "aux_loss_alpha", float, 0.0001),
         # Not transformers keys: ours, written by config_to_hf so that training settings survive.
         bias_update_speed=_get(hf, "bias_update_speed", float, 0.001),
@@ -127,6 +134,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
     values.update(_routing_fields(hf, model_type))
     values.update(_rope_fields(hf))
+    if model_type == V32:  # V3 and V2 files have no indexer, whatever keys they carry
+        values.update({key: _get(hf, key, int, default) for key, default in INDEXER_DEFAULTS.items()})
     try:
         return ModelConfig(**values)
     except ValueError as e:
@@ -147,10 +156,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                     original_max_position_embeddings=cfg.original_max_position_embeddings,
                     beta_fast=cfg.beta_fast, beta_slow=cfg.beta_slow, mscale=cfg.mscale,
                     mscale_all_dim=cfg.mscale_all_dim)
+    if cfg.has_indexer and not v3:
+        raise ValueError("config_to_hf: an indexer (DeepSeek-V3.2) needs a V3-shaped router (router_bias)")
+    model_type = V32 if cfg.has_indexer else (V3 if v3 else V2)
     grouped = cfg.n_group > 1
     hf = {
-        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
-        "model_type": V3 if v3 else V2,
+        "architectures": [_ARCHITECTURES[model_type]],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
         "moe_intermediate_size": cfg.moe_intermediate_size,
@@ -176,6 +188,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": False,
     }
-    if v3:
+    if model_type == V3:
         hf["rope_interleave"] = True  # our rope key layout is DeepSeek's adjacent pairs
+    if model_type == V32:
+        # transformers' V3.2 has no rope_interleave key: its MLA always takes the interleaved layout.
+        hf.update(index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk)
     return hf

@@ -6,7 +6,8 @@ import pytest
 from dsv3_jax.config import ModelConfig, list_presets
 from dsv3_jax.hf_config import config_from_hf, config_to_hf
 
-PRESETS = ["deepseek_v3_671b", "deepseek_v2_236b", "deepseek_v2_lite_16b", "small", "tiny"]
+PRESETS = ["deepseek_v3_671b", "deepseek_v3_2_671b", "deepseek_v2_236b", "deepseek_v2_lite_16b", "small",
+           "small_dsa", "tiny"]
 
 
 def test_presets_exist_and_load():
@@ -15,7 +16,7 @@ def test_presets_exist_and_load():
         assert ModelConfig.from_json(name).name == name
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3_671b", "small", "tiny"])
+@pytest.mark.parametrize("name", ["deepseek_v3_671b", "deepseek_v3_2_671b", "small", "small_dsa", "tiny"])
 def test_v3_family_has_one_mtp_module(name):
     assert ModelConfig.from_json(name).mtp_depth == 1
 

@@ -15,6 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.cache import LatentCache
 from dsv3_jax.layers.common import weight
+from dsv3_jax.layers.indexer import INDEX_SCORES, Indexer  # DSA indexer hook (issue 17)
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import apply_rope, rope_angles
 from dsv3_jax.ops import dispatch
@@ -47,6 +48,8 @@ class MLA(nn.Module):
         self.wkv_b = weight(self, "wkv_b", (c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim),
                             ("kv_lora", "heads", "kv_dim"), std)
         self.wo = weight(self, "wo", (c.num_heads, c.v_head_dim, c.hidden_size), ("heads", "v_dim", "embed"), std)
+        if c.has_indexer:  # DSA indexer hook (issue 17): its parameters, attn/indexer
+            self.indexer = Indexer(c)
 
     def _linear(self, x: jax.Array, w, in_dims: int = 1) -> jax.Array:
         rt = self.runtime
@@ -91,6 +94,14 @@ class MLA(nn.Module):
         q_pe = apply_rope(q[..., c.qk_nope_head_dim:], cos[:, None], sin[:, None])
         unflat = lambda a: a.reshape(b, t, *a.shape[1:])
         kv, kv_positions = unflat(checkpoint_name(self.latent(flat, cos, sin), "mla_latent")), positions
+        # ---- DSA indexer hook (issue 17). Until the sparse attention consumes them, the indexer's scores
+        # are computed only at init (creating its parameters) or sown for a caller that makes
+        # INDEX_SCORES mutable (per-layer layout); decoding (a cache) has no indexer keys yet.
+        if c.has_indexer and cache is None and (self.is_initializing() or self.is_mutable_collection(INDEX_SCORES)):
+            scores = self.indexer(x, unflat(self.q_norm(self._linear(flat, self.wq_a))), positions)
+            if not self.is_initializing():
+                self.sow(INDEX_SCORES, "scores", scores)
+        # ---- end of the DSA indexer hook
         if cache is not None:
             cache = cache.write(kv, positions[:, 0])
             kv, kv_positions = cache.view(), None

@@ -1,0 +1,146 @@
+"""The lightning indexer of DeepSeek Sparse Attention (DeepSeek-V3.2 report s.2.1, eq. 1).
+
+Each query t scores every key s it may see with a few cheap heads, and the attention then reads only
+the `index_topk` best keys:
+
+    I(t, s) = sum_h w(t, h) * ReLU(q(t, h) . k(s)) / sqrt(index_head_dim),
+    w(t, h) = weights_proj(x_t)[h] / sqrt(index_n_heads).
+
+The queries come from the query latent MLA already computes (q_a_proj then its RMSNorm, [Q]); the key
+is one vector per token shared by all heads: wk on the block's normed hidden state, then a LayerNorm
+with scale and bias. RoPE rotates the first qk_rope_head_dim dims of q and k in the half-split layout
+(x_i paired with x_{i+R/2}), not MLA's adjacent pairs: DeepSeek's reference code fixed its indexer to
+this layout (2025-11), and transformers' DeepseekV32Indexer uses it. The frequencies and YaRN factor
+are MLA's (`rope.rope_angles`).
+
+Precision, against DeepSeek's reference code: it rotates q and k by a normalised Hadamard transform,
+quantises both to FP8 (1x128 blocks) and scores them with an FP8 kernel. The rotation is orthogonal,
+so without the quantisation it changes no dot product; transformers computes the scores in float32
+without either, and so does this reference path. DeepSeek's FP8 scores differ from these by FP8
+rounding only, which can swap near-tied keys at the top-k boundary.
+
+Letters beyond the package legend: here H counts the indexer's heads, I is index_head_dim, K is
+index_topk (keys kept per query).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.common import weight
+from dsv3_jax.layers.rope import rope_angles
+from dsv3_jax.ops.attention import visible
+from dsv3_jax.ops.linear import linear
+
+# DeepSeek's code and transformers fix the key LayerNorm's eps; the config has no field for it.
+KEY_NORM_EPS = 1e-6
+# The variable collection MLA sows the indexer's scores into when a caller makes it mutable.
+INDEX_SCORES = "index_scores"
+NONE = -1  # a slot of `select`'s indices that holds no key (FlashMLA's sparse layout)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, in float32 whatever x's dtype, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return (y * scale + bias).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float = KEY_NORM_EPS
+    axis_name: str = "qk_dim"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        axes = (self.axis_name,)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, axes), (x.shape[-1],),
+                           jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes), (x.shape[-1],),
+                          jnp.float32)
+        return layer_norm(x, scale, bias, self.eps)
+
+
+def apply_rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the first R dims of x[..., I] as halves (x_i with x_{i+R/2}), R = 2 * cos.shape[-1];
+    the dims past R pass unchanged. cos/sin broadcast against x[..., R/2]."""
+    half = cos.shape[-1]
+    x32 = x.astype(jnp.float32)
+    x1, x2, rest = x32[..., :half], x32[..., half: 2 * half], x32[..., 2 * half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    return out.astype(x.dtype)
+
+
+def index_scores(q: jax.Array, w: jax.Array, k: jax.Array, q_positions: jax.Array,
+                 kv_positions: jax.Array | None) -> jax.Array:
+    """q [B,T,H,I], w [B,T,H] (both scales folded in), k [B,S,I] -> float32 scores [B,T,S], -inf
+    where the key is not visible (after the query's position; `kv_positions` None: slot s holds
+    position s, as in a cache). Materialises [B,T,H,S]: the ReLU sits between the dot product and
+    the sum over heads, so the two do not fold into one matmul."""
+    logits = jnp.einsum("bthi,bsi->bths", q.astype(jnp.float32), k.astype(jnp.float32))
+    scores = jnp.einsum("bth,bths->bts", w.astype(jnp.float32), jax.nn.relu(logits))
+    return jnp.where(visible(q_positions, kv_positions, k.shape[1]), scores, -jnp.inf)
+
+
+def select(scores: jax.Array, topk: int) -> jax.Array:
+    """scores [B,T,S] (-inf: not visible) -> int32 indices [B,T,topk] of each query's best keys, by
+    descending score (equal scores: the lower index first). A query that sees fewer than `topk`
+    keys has its slots past them set to NONE (-1), as FlashMLA's sparse kernels read them; so
+    does every slot past S when S < topk. The shape is [B,T,topk] whatever S."""
+    kept = min(topk, scores.shape[-1])
+    values, idx = jax.lax.top_k(scores, kept)
+    idx = jnp.where(values > -jnp.inf, idx, NONE).astype(jnp.int32)
+    if kept < topk:
+        idx = jnp.pad(idx, ((0, 0), (0, 0), (0, topk - kept)), constant_values=NONE)
+    return idx
+
+
+def selection_mask(indices: jax.Array, num_keys: int) -> jax.Array:
+    """indices [B,T,K] from `select` -> bool [B,T,S=num_keys], True at the selected keys: the mask a
+    masked-dense reference of sparse attention applies (NONE slots select nothing). Scattered, not
+    compared against every key, so it costs [B,T,S], not [B,T,K,S]."""
+    # NONE goes to a spare column past the keys, dropped after the scatter.
+    target = jnp.where(indices < 0, num_keys, indices)
+    mask = jnp.zeros((*indices.shape[:-1], num_keys + 1), bool)
+    return jnp.put_along_axis(mask, target, True, axis=-1, inplace=False)[..., :num_keys]
+
+
+class Indexer(nn.Module):
+    """The indexer's weights, named as DeepSeek's checkpoints name them (`self_attn.indexer.*`):
+    wq_b [Q,H,I], wk [D,I], k_norm (LayerNorm scale and bias [I]), weights_proj [D,H]."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        c, std = self.cfg, self.cfg.init_std
+        h, i = c.index_n_heads, c.index_head_dim
+        self.wq_b = weight(self, "wq_b", (c.q_lora_rank, h, i), ("q_lora", "heads", "qk_dim"), std)
+        self.wk = weight(self, "wk", (c.hidden_size, i), ("embed", "qk_dim"), std)
+        self.k_norm = LayerNorm(KEY_NORM_EPS)
+        self.weights_proj = weight(self, "weights_proj", (c.hidden_size, h), ("embed", "heads"), std)
+
+    def queries(self, q_latent: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """q_latent [B,T,Q] (MLA's normed query latent), cos/sin [B,T,R/2] -> [B,T,H,I]."""
+        return apply_rope_half(linear(q_latent, self.wq_b), cos[..., None, :], sin[..., None, :])
+
+    def keys(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B,S,D] (the block's normed hidden state), cos/sin [B,S,R/2] -> [B,S,I]: what a cache of
+        the indexer's keys would hold, one row per token."""
+        return apply_rope_half(self.k_norm(linear(x, self.wk)), cos, sin)
+
+    def head_weights(self, x: jax.Array) -> jax.Array:
+        """x [B,T,D] -> float32 [B,T,H]: each head's weight with both of eq. 1's scales folded in
+        (ReLU commutes with a positive scale). In float32 from a float32 x, as DeepSeek's code and
+        transformers keep weights_proj."""
+        c = self.cfg
+        w = linear(x.astype(jnp.float32), self.weights_proj)
+        return w * (c.index_n_heads ** -0.5 * c.index_head_dim ** -0.5)
+
+    def __call__(self, x: jax.Array, q_latent: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [B,T,D], q_latent [B,T,Q], positions [B,T] -> scores [B,T,T] of each query against the
+        same tokens as keys, -inf where causality hides the key (`select` picks from them)."""
+        cos, sin = rope_angles(positions, self.cfg)
+        q, k = self.queries(q_latent, cos, sin), self.keys(x, cos, sin)
+        return index_scores(q, self.head_weights(x), k, positions, positions)
