@@ -1,8 +1,9 @@
 """Kernel backends: their names, which module implements each op on each, how "auto" picks one, the device
-facts the kernels size their grids by, and the settings of JAX's GPU interpreter.
+facts the kernels size their grids by, and the settings of JAX's GPU and TPU interpreters.
 
 - "interpret": `pl.pallas_call(..., interpret=True)`; the kernel body run by XLA on any platform (CPU tests).
 - "mosaic_gpu": Pallas' Mosaic GPU lowering (Hopper and later: TMA copies, wgmma).
+- "mosaic_tpu": Pallas' Mosaic TPU lowering (v5e and later; "auto" does not pick it yet).
 - "triton": Pallas' Triton lowering (any CUDA GPU).
 - "xla": the plain-jnp `*_reference` of each op.
 - "auto": "mosaic_gpu" on a GPU of compute capability >= 9.0, "triton" on other GPUs, "xla" elsewhere.
@@ -12,13 +13,14 @@ This module imports no op: the table names modules, and each op's package import
 from __future__ import annotations
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
 
 try:  # private in jax 0.10; without it only the configs that ask for the GPU interpreter fail
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 except ImportError:  # pragma: no cover - depends on the installed jax
     InterpretGPUParams = None
 
-BACKENDS = ("interpret", "mosaic_gpu", "triton", "xla", "auto")
+BACKENDS = ("interpret", "mosaic_gpu", "mosaic_tpu", "triton", "xla", "auto")
 HOPPER = 9.0  # compute capability from which "auto" picks Mosaic GPU (TMA, wgmma)
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
@@ -27,16 +29,20 @@ _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 KERNELS = {
     ("fp8_gemm", "interpret"): "pallas_kernels.fp8_gemm.interpret",
     ("fp8_gemm", "mosaic_gpu"): "pallas_kernels.fp8_gemm.mosaic_gpu",
+    ("fp8_gemm", "mosaic_tpu"): "pallas_kernels.fp8_gemm.mosaic_tpu",
     ("fp8_gemm", "triton"): "pallas_kernels.fp8_gemm.triton",
     ("fp8_gemm", "xla"): "pallas_kernels.fp8_gemm.reference",
     ("mla_decode", "interpret"): "pallas_kernels.mla_decode.interpret",
     ("mla_decode", "mosaic_gpu"): "pallas_kernels.mla_decode.mosaic_gpu",
+    ("mla_decode", "mosaic_tpu"): "pallas_kernels.mla_decode.mosaic_tpu",
     ("mla_decode", "triton"): "pallas_kernels.mla_decode.triton",
     ("mla_decode", "xla"): "pallas_kernels.mla_decode.reference",
 }
 
 # Backends whose kernels JAX's GPU interpreter can run on the CPU (the configs' `interpret=` switch).
 GPU_INTERPRETED = ("mosaic_gpu",)
+# Backends whose kernels JAX's TPU interpreter can run on the CPU (`interpret=` a `pltpu.InterpretParams`).
+TPU_INTERPRETED = ("mosaic_tpu",)
 
 # SMs per device kind, for sizing persistent grids and decode splits where the device does not report
 # `core_count` (a host lowering for a GPU it does not have). The longest key found in `device_kind` wins.
@@ -107,6 +113,27 @@ def num_sms(device=None) -> int:
 
 def is_interpret_params(value) -> bool:
     return InterpretGPUParams is not None and isinstance(value, InterpretGPUParams)
+
+
+def is_tpu_interpret_params(value) -> bool:
+    return isinstance(value, pltpu.InterpretParams)
+
+
+def interpret_refusal(setting, backend: str) -> str | None:
+    """Why a config's `interpret` cannot apply to `backend` (None: it can, or it is off). The value names the
+    interpreter: a `pltpu.InterpretParams` the TPU one (TPU_INTERPRETED), True or an InterpretGPUParams the
+    GPU one (GPU_INTERPRETED)."""
+    if setting is False:
+        return None
+    tpu = is_tpu_interpret_params(setting)
+    allowed = TPU_INTERPRETED if tpu else GPU_INTERPRETED
+    if backend in allowed:
+        return None
+    names = " or ".join(map(repr, allowed))
+    if tpu:
+        return f"config.interpret=pltpu.InterpretParams(...) applies to backend {names} only, got backend {backend!r}"
+    hint = "; interpret it with config.interpret=pltpu.InterpretParams()" if backend in TPU_INTERPRETED else ""
+    return f"config.interpret applies to backend {names} only, got backend {backend!r}{hint}"
 
 
 def gpu_interpret_params(setting, *, detect_races: bool):

@@ -15,12 +15,19 @@ the same kernels with the tile's expert weight, and gathers the rows back.
 `fp8_linear` / `fp8_grouped_linear` are the differentiable entries for training (custom VJP: Fprop, Dgrad
 and Wgrad all run on E4M3 inputs).
 
+Weight-only FP8 for decoding (`fp8_weight_gemm`, `fp8_grouped_weight_gemm`): x stays bf16 or f32 and only the
+weight is E4M3 with its 128x128 block scales, dequantised where the kernel reads it (in VMEM on TPUs), so a
+decode step reads half the weight bytes of bf16 on any generation; the promotion is the same with the
+activation scales gone (each K block's partial product times its weight block's scale).
+
 Modules: `reference` (backend "xla": plain jnp, the promotion as a scan over K blocks), `interpret` and
-`triton` (one Pallas kernel body, `common`), `mosaic_gpu` (the Hopper kernel); `operands` (validation and
-shared math), `tiles` (padding to whole tiles, the aligned grouped layout), `config`. `backends.KERNELS`
-names the module of each backend; each provides `DEFAULTS` (its Fp8GemmConfig defaults),
-`config_refusal(config)`, `gemm(a, a_scale, b, b_scale, *, out_dtype, config)` and
-`grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype, config)`.
+`triton` (one Pallas kernel body, `common`), `mosaic_gpu` (the Hopper kernel), `mosaic_tpu` (the TPU kernels,
+v5e to TPU7x); `operands` (validation and shared math), `tiles` (padding to whole tiles, the aligned grouped
+layout), `config`. `backends.KERNELS` names the module of each backend; each provides `DEFAULTS` (its
+Fp8GemmConfig defaults), `config_refusal(config)`, `gemm(a, a_scale, b, b_scale, *, out_dtype, config)` and
+`grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype, config)`; those with the weight-only GEMMs
+("xla", "interpret", "mosaic_tpu") also `weight_gemm(x, w, w_scale, *, out_dtype, config)` and
+`grouped_weight_gemm(x, w, w_scale, group_sizes, *, out_dtype, config)`.
 
 Letters: M rows (tokens), N output features, K contraction, G groups (experts); kb = ceil(K/128).
 """
@@ -42,18 +49,22 @@ from pallas_kernels.fp8_gemm.operands import (
     operand_refusal,
     refuse,
     shape_refusal,
+    weight_operand_refusal,
 )
 from pallas_kernels.fp8_gemm.reference import (
     fp8_gemm_reference,
     fp8_grouped_gemm_reference,
+    fp8_grouped_weight_gemm_reference,
     fp8_kgrouped_gemm_reference,
+    fp8_weight_gemm_reference,
 )
 from pallas_kernels.fp8_gemm.tiles import aligned_layout
 from pallas_kernels.quant import quantize_act, quantize_weight
 
 __all__ = [
     "BLOCK_K", "Fp8GemmConfig", "default_config", "fp8_gemm", "fp8_gemm_reference", "fp8_grouped_gemm",
-    "fp8_grouped_gemm_reference", "fp8_grouped_linear", "fp8_kgrouped_gemm_reference", "fp8_linear", "supports",
+    "fp8_grouped_gemm_reference", "fp8_grouped_linear", "fp8_grouped_weight_gemm", "fp8_grouped_weight_gemm_reference",
+    "fp8_kgrouped_gemm_reference", "fp8_linear", "fp8_weight_gemm", "fp8_weight_gemm_reference", "supports",
 ]
 
 _MODULES = {backend: importlib.import_module(module) for backend, module in backends.kernels("fp8_gemm").items()}
@@ -69,10 +80,16 @@ def _filled(backend: str, config: Fp8GemmConfig | None) -> Fp8GemmConfig:
 
 
 def _config_refusal(backend: str, config: Fp8GemmConfig) -> str | None:
-    if config.interpret and backend not in backends.GPU_INTERPRETED:
+    if backends.is_tpu_interpret_params(config.interpret):
+        reason = backends.interpret_refusal(config.interpret, backend)
+        if reason:
+            return reason
+    elif config.interpret and backend not in backends.GPU_INTERPRETED:
         names = " or ".join(backends.GPU_INTERPRETED)
+        hint = ("; the TPU interpreter runs it with Fp8GemmConfig(interpret=pltpu.InterpretParams())"
+                if backend in backends.TPU_INTERPRETED else "")
         return (f"Fp8GemmConfig.interpret runs the {names} kernel in JAX's GPU interpreter; "
-                f"it needs backend={names!r}, got {backend!r}")
+                f"it needs backend={names!r}, got {backend!r}{hint}")
     return _MODULES[backend].config_refusal(config)
 
 
@@ -86,11 +103,14 @@ def default_config(backend: str, config: Fp8GemmConfig | None = None) -> Fp8Gemm
     return config
 
 
-def supports(a_shape, b_shape, *, backend: str, config: Fp8GemmConfig | None = None) -> str | None:
+def supports(a_shape, b_shape, *, backend: str, config: Fp8GemmConfig | None = None,
+             weight_only: bool = False) -> str | None:
     """Why the GEMM of a [M, K] by b [N, K] (`fp8_gemm`) or b [G, N, K] (`fp8_grouped_gemm`) cannot run on
     `backend` with `config`, in one line; None: it can. The wrappers refuse exactly these (ValueError).
+    weight_only: the same for `fp8_weight_gemm` / `fp8_grouped_weight_gemm` (a is the unquantised x).
 
-    Any M, N, K runs on every backend; what a backend refuses is a config it cannot tile with.
+    Any M, N, K runs on every backend; what a backend refuses is a config it cannot tile with, or a weight-only
+    GEMM it has no kernel for.
     """
     reason = shape_refusal(a_shape, b_shape) or backends.backend_refusal(backend)
     if reason is None and config is not None and not isinstance(config, Fp8GemmConfig):
@@ -98,6 +118,9 @@ def supports(a_shape, b_shape, *, backend: str, config: Fp8GemmConfig | None = N
     if reason:
         return reason
     backend = resolve_backend(backend)
+    if weight_only and not hasattr(_MODULES[backend], "weight_gemm"):
+        have = ", ".join(repr(b) for b, module in _MODULES.items() if hasattr(module, "weight_gemm"))
+        return f"backend {backend!r} has no weight-only FP8 GEMM; {have} have"
     return _config_refusal(backend, _filled(backend, config))
 
 
@@ -141,6 +164,46 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloa
     backend = resolve_backend(backend)
     return _fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, out_dtype=jnp.dtype(out_dtype),
                              backend=backend, config=default_config(backend, config))
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "config"))
+def _fp8_weight_gemm(x, w, w_scale, *, out_dtype, backend: str, config: Fp8GemmConfig):
+    return _MODULES[backend].weight_gemm(x, w, w_scale, out_dtype=out_dtype, config=config)
+
+
+def fp8_weight_gemm(x, w, w_scale, *, out_dtype=None, backend: str = "auto",
+                    config: Fp8GemmConfig | None = None) -> jax.Array:
+    """x @ dequant(w).T -> [M, N] with only the weight in FP8 (decoding: half the weight bytes of bf16). Any M, N, K.
+
+    x: bf16 or f32 [M, K], not quantised; w: e4m3 [N, K], w_scale: f32 [ceil(N/128), ceil(K/128)]
+    (`quant.quantize_weight`). Each 128-wide K block's f32 partial product is scaled by its weight block's scale
+    and added into an f32 accumulator. out_dtype None: x's dtype.
+    """
+    refuse("fp8_weight_gemm", weight_operand_refusal(x, w, w_scale, grouped=False)
+           or supports(x.shape, w.shape, backend=backend, config=config, weight_only=True))
+    backend = resolve_backend(backend)
+    return _fp8_weight_gemm(x, w, w_scale, out_dtype=jnp.dtype(out_dtype or x.dtype), backend=backend,
+                            config=default_config(backend, config))
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "config"))
+def _fp8_grouped_weight_gemm(x, w, w_scale, group_sizes, *, out_dtype, backend: str, config: Fp8GemmConfig):
+    return _MODULES[backend].grouped_weight_gemm(x, w, w_scale, group_sizes, out_dtype=out_dtype, config=config)
+
+
+def fp8_grouped_weight_gemm(x, w, w_scale, group_sizes, *, out_dtype=None, backend: str = "auto",
+                            config: Fp8GemmConfig | None = None) -> jax.Array:
+    """Grouped (MoE) weight-only FP8 GEMM: rows of x sorted by group; row r of group g gets x[r] @ dequant(w[g]).T.
+
+    x: bf16 or f32 [M, K]; w: e4m3 [G, N, K], w_scale [G, ceil(N/128), ceil(K/128)]; group_sizes: int [G],
+    summing to <= M (rows past the sum come out as zeros). Returns [M, N] in out_dtype (None: x's dtype).
+    """
+    refuse("fp8_grouped_weight_gemm", weight_operand_refusal(x, w, w_scale, grouped=True)
+           or group_sizes_refusal(group_sizes, w.shape[0], f"w {w.shape}")
+           or supports(x.shape, w.shape, backend=backend, config=config, weight_only=True))
+    backend = resolve_backend(backend)
+    return _fp8_grouped_weight_gemm(x, w, w_scale, group_sizes, out_dtype=jnp.dtype(out_dtype or x.dtype),
+                                    backend=backend, config=default_config(backend, config))
 
 
 # ----------------------------------------------------------------------------- differentiable entries

@@ -56,6 +56,31 @@ def operand_refusal(a, a_scale, b, b_scale, grouped: bool) -> str | None:
     return None
 
 
+WEIGHT_ONLY_DTYPES = (jnp.bfloat16, jnp.float32)  # x of the weight-only GEMMs: activations as the model holds them
+
+
+def weight_operand_refusal(x, w, w_scale, grouped: bool) -> str | None:
+    """Shapes and dtypes of a weight-only GEMM's operands: x [M, K] (not quantised), w e4m3 [(G,) N, K] with
+    float32 block scales [(G,) ceil(N/128), ceil(K/128)]."""
+    want_w = "[G, N, K]" if grouped else "[N, K]"
+    if x.ndim != 2:
+        return f"x must be [M, K], got shape {x.shape}"
+    if x.dtype not in WEIGHT_ONLY_DTYPES:
+        return f"x must be bfloat16 or float32 (it is not quantised), got {x.dtype}"
+    if w.dtype != E4M3:
+        return f"w must be float8_e4m3fn, got {w.dtype}"
+    if w.ndim != (3 if grouped else 2):
+        return f"w must be {want_w}, got shape {w.shape}"
+    if w.shape[-1] != x.shape[1]:
+        return f"K of x {x.shape} and w {w.shape} differ ({x.shape[1]} vs {w.shape[-1]})"
+    if w_scale.dtype != jnp.float32:
+        return f"w_scale must be float32, got {w_scale.dtype}"
+    want = (*w.shape[:-2], cdiv(w.shape[-2], BLOCK), cdiv(w.shape[-1], BLOCK_K))
+    if w_scale.shape != want:
+        return f"w {w.shape} needs w_scale of shape {want}, got {w_scale.shape}"
+    return None
+
+
 def group_sizes_refusal(group_sizes, groups: int, what: str) -> str | None:
     """group_sizes: int [G], for the G groups of `what` (an operand's name and shape)."""
     if group_sizes.shape != (groups,):
@@ -76,8 +101,11 @@ def column_scales(b_scale: jax.Array, n: int) -> jax.Array:
 
 
 def promote(acc, part, sa, sb):
-    """One promotion step: scale a K block's raw partial sums and add them to the FP32 accumulator."""
-    return acc + part * (sa[:, None] * sb[None, :])
+    """One promotion step: scale a K block's raw partial sums and add them to the FP32 accumulator.
+
+    sa [rows] (None: a was not quantised, the weight-only GEMMs), sb [cols].
+    """
+    return acc + part * (sb[None, :] if sa is None else sa[:, None] * sb[None, :])
 
 
 def group_ids(group_sizes: jax.Array, m: int) -> jax.Array:

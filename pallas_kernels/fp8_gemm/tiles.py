@@ -1,14 +1,16 @@
 """Operands cut to whole output tiles for the Pallas backends, and put back.
 
-A tile kernel takes a [Mp, Kp] e4m3, as_t [kb, Mp] f32, b [(G,) Np, Kp] e4m3 and bs_t [(G,) kb, Np] f32 (the
-scale of every output column, per K block), with Mp, Np multiples of the tile and Kp of 128 (zero padding:
-padded products are zero). The grouped GEMM first moves rows so that every group starts on a `block_m` tile
-(DeepGEMM's "contiguous" layout); each tile then reads one expert's b.
+A tile kernel takes a [Mp, Kp] e4m3, as_t [Kp/128, Mp] f32, b [(G,) Np, Kp] e4m3 and bs_t [(G,) Kp/128, Np] f32
+(the scale of every output column, per K block), with Mp, Np multiples of the tile and Kp of 128, or of the
+`k_multiple` a backend steps K by (zero padding: padded products are zero). The weight-only GEMMs pass an
+unquantised a and no a_scale (as_t None). The grouped GEMM first moves rows so that every group starts on a
+`block_m` tile (DeepGEMM's "contiguous" layout); each tile then reads one expert's b.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.fp8_gemm.config import Fp8GemmConfig
 from pallas_kernels.fp8_gemm.operands import BLOCK_K, cdiv, column_scales, group_ids
@@ -18,18 +20,43 @@ def pad_rows(x: jax.Array, rows: int) -> jax.Array:
     return jnp.pad(x, ((0, rows - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
 
-def pad_k(x: jax.Array) -> jax.Array:
-    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, -x.shape[-1] % BLOCK_K),))
+def pad_k(x: jax.Array, multiple: int = BLOCK_K) -> jax.Array:
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, -x.shape[-1] % multiple),))
 
 
-def run_dense(kernel, a, a_scale, b, b_scale, out_dtype, config: Fp8GemmConfig) -> jax.Array:
-    """kernel(a, as_t, b, bs_t, out_dtype, config) on the padded operands -> [M, N]."""
-    (m, _), n = a.shape, b.shape[0]
+def _scales_t(scale: jax.Array, cols: int, kp: int) -> jax.Array:
+    """[R, kb] per-K-block scales -> [Kp/128, cols]: transposed, zero-padded (zero scales for padded K)."""
+    return jnp.pad(scale, ((0, cols - scale.shape[0]), (0, kp // BLOCK_K - scale.shape[1]))).T
+
+
+def _column_scales_t(b_scale: jax.Array, n: int, np_: int, kp: int) -> jax.Array:
+    """[(G,) nb, kb] block scales -> [(G,) Kp/128, Np], the scale of every output column per K block."""
+    cs = column_scales(b_scale, n)
+    pads = ((0, 0),) * (cs.ndim - 2) + ((0, kp // BLOCK_K - cs.shape[-2]), (0, np_ - n))
+    return jnp.pad(cs, pads)
+
+
+def run_dense(kernel, a, a_scale, b, b_scale, out_dtype, config: Fp8GemmConfig, k_multiple: int = BLOCK_K):
+    """kernel(a, as_t, b, bs_t, out_dtype, config) on the padded operands -> [M, N]; a_scale None: as_t None."""
+    (m, k), n = a.shape, b.shape[0]
     mp, np_ = cdiv(m, config.block_m) * config.block_m, cdiv(n, config.block_n) * config.block_n
-    a_p, b_p = pad_rows(pad_k(a), mp), pad_rows(pad_k(b), np_)
-    as_t = pad_rows(a_scale, mp).T  # [kb, Mp]
-    bs_t = jnp.pad(column_scales(b_scale, n), ((0, 0), (0, np_ - n)))  # [kb, Np]
+    kp = cdiv(k, k_multiple) * k_multiple
+    a_p, b_p = pad_rows(pad_k(a, k_multiple), mp), pad_rows(pad_k(b, k_multiple), np_)
+    as_t = None if a_scale is None else _scales_t(a_scale, mp, kp)  # [Kp/128, Mp]
+    bs_t = _column_scales_t(b_scale, n, np_, kp)  # [Kp/128, Np]
     return kernel(a_p, as_t, b_p, bs_t, out_dtype, config)[:m, :n]
+
+
+def rows_to(x: jax.Array, dest: jax.Array, rows: int) -> jax.Array:
+    """x [R, ...] with row r moved to row dest[r] of a zero [rows, ...] array; out-of-range dest: dropped.
+
+    8-bit floats move as int8, the same bytes: XLA:TPU expands a scatter of float8 rows into far more code (and
+    compile time) than one of int8 rows.
+    """
+    byte = x.dtype.itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating)
+    moved = lax.bitcast_convert_type(x, jnp.int8) if byte else x
+    out = jnp.zeros((rows, *x.shape[1:]), moved.dtype).at[dest].set(moved, mode="drop")
+    return lax.bitcast_convert_type(out, x.dtype) if byte else out
 
 
 def aligned_layout(group_sizes: jax.Array, m: int, g: int, bm: int):
@@ -54,16 +81,17 @@ def aligned_layout(group_sizes: jax.Array, m: int, g: int, bm: int):
     return dest, tile_group, num_tiles, t
 
 
-def run_grouped(kernel, a, a_scale, b, b_scale, group_sizes, out_dtype, config: Fp8GemmConfig) -> jax.Array:
-    """kernel(tile_group, num_tiles, a, as_t, b, bs_t, out_dtype, config) on the aligned rows -> [M, N]."""
-    (m, _), (g, n, _) = a.shape, b.shape
+def run_grouped(kernel, a, a_scale, b, b_scale, group_sizes, out_dtype, config: Fp8GemmConfig,
+                k_multiple: int = BLOCK_K) -> jax.Array:
+    """kernel(tile_group, num_tiles, a, as_t, b, bs_t, out_dtype, config) on the aligned rows -> [M, N];
+    a_scale None: as_t None."""
+    (m, k), (g, n, _) = a.shape, b.shape
     bm, bn = config.block_m, config.block_n
     dest, tile_group, num_tiles, t = aligned_layout(group_sizes, m, g, bm)
-    mp, np_ = t * bm, cdiv(n, bn) * bn
-    a_p = jnp.zeros((mp, a.shape[1]), a.dtype).at[dest].set(a, mode="drop")
-    a_p = pad_k(a_p)
-    as_t = jnp.zeros((mp, a_scale.shape[1]), jnp.float32).at[dest].set(a_scale, mode="drop").T
-    b_p = jnp.pad(pad_k(b), ((0, 0), (0, np_ - n), (0, 0)))
-    bs_t = jnp.pad(column_scales(b_scale, n), ((0, 0), (0, 0), (0, np_ - n)))  # [G, kb, Np]
+    mp, np_, kp = t * bm, cdiv(n, bn) * bn, cdiv(k, k_multiple) * k_multiple
+    a_p = pad_k(rows_to(a, dest, mp), k_multiple)
+    as_t = None if a_scale is None else _scales_t(rows_to(a_scale, dest, mp), mp, kp)
+    b_p = jnp.pad(pad_k(b, k_multiple), ((0, 0), (0, np_ - n), (0, 0)))
+    bs_t = _column_scales_t(b_scale, n, np_, kp)  # [G, Kp/128, Np]
     out = kernel(tile_group, num_tiles, a_p, as_t, b_p, bs_t, out_dtype, config)
     return jnp.take(out[:, :n], dest, axis=0, mode="fill", fill_value=0)

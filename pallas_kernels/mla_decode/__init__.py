@@ -12,12 +12,15 @@ Query t of a sequence of length L sits at position L - T + t and sees cache posi
 (positions >= L are never valid); a query with nothing to see returns zeros.
 
 Modules: `reference` (backend "xla", plain jnp), `interpret` and `triton` (one pallas_call kernel body,
-`common`), `mosaic_gpu` (the Hopper kernel); `plan` (how a call is cut into programs: flash-decoding splits,
-the block table, the merge of splits), `flash` (the online-softmax math both kernel bodies share), `config`.
+`common`), `mosaic_gpu` (the Hopper kernel), `mosaic_tpu` (the Pallas TPU kernel); `plan` (how a call is cut
+into programs: flash-decoding splits, the block table, the merge of splits), `flash` (the online-softmax math
+the kernel bodies share), `config`.
 `backends.KERNELS` names the module of each backend; each provides
 `refusal(q_shape, cache_shape, dtype, v_dim, config) -> str | None` (its limits) and
 `decode(q, cache, lengths, *, v_dim, softmax_scale, config)`; the kernel modules build `decode` from their
 `make_plan(q_shape, cache_shape, v_dim, config)` and kernel `run(...)` with `plan.decode`.
+`mla_decode_paged` takes FlashMLA's paged cache (pages and a block table): the kernels read it through their
+`run`, the reference through `plan.gather_pages`.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import backends
 from pallas_kernels.backends import FALLBACK_SMS, resolve_backend
-from pallas_kernels.mla_decode import fp8_cache
+from pallas_kernels.mla_decode import fp8_cache, plan
 from pallas_kernels.mla_decode.common import TRITON_MIN_ROWS
 from pallas_kernels.mla_decode.config import MlaDecodeConfig
 from pallas_kernels.mla_decode.mosaic_gpu import MOSAIC_REDUCTION_SCRATCH, MOSAIC_SMEM_ALIGN, SMEM_BYTES, WGMMA_M
@@ -39,7 +42,8 @@ from pallas_kernels.mla_decode.reference import mla_decode_reference
 __all__ = [
     "FALLBACK_SMS", "LOG2E", "fp8_cache", "is_fp8_cache",
     "MOSAIC_REDUCTION_SCRATCH", "MOSAIC_SMEM_ALIGN", "SMEM_BYTES", "TRITON_MIN_ROWS",
-    "WGMMA_M", "MlaDecodeConfig", "mla_decode", "mla_decode_reference", "supports",
+    "WGMMA_M", "MlaDecodeConfig", "mla_decode", "mla_decode_paged", "mla_decode_reference", "supports",
+    "supports_paged",
 ]
 
 _MODULES = {backend: importlib.import_module(module) for backend, module in backends.kernels("mla_decode").items()}
@@ -86,13 +90,14 @@ def supports(q_shape, cache_shape, cache_dtype, *, v_dim: int, backend: str,
     if reason:
         return reason
     backend, config = resolve_backend(backend), config or MlaDecodeConfig()
-    if config.interpret is not False and backend not in backends.GPU_INTERPRETED:
-        names = " or ".join(map(repr, backends.GPU_INTERPRETED))
-        return f"config.interpret applies to backend {names} only, got backend {backend!r}"
+    reason = backends.interpret_refusal(config.interpret, backend)
+    if reason:
+        return reason
+    refusal = _MODULES[backend].refusal(tuple(q_shape), tuple(cache_shape), jnp.dtype(cache_dtype), v_dim, config)
     if is_fp8_cache(q_shape, cache_shape, cache_dtype, v_dim) and not getattr(_MODULES[backend], "READS_FP8_CACHE",
                                                                               False):
-        return f"backend {backend!r} does not read an FP8 cache"
-    return _MODULES[backend].refusal(tuple(q_shape), tuple(cache_shape), jnp.dtype(cache_dtype), v_dim, config)
+        return refusal or f"backend {backend!r} does not read an FP8 cache"  # the backend's own why, if it says
+    return refusal
 
 
 def _argument_refusal(q, cache, lengths, softmax_scale) -> str | None:
@@ -127,3 +132,53 @@ def mla_decode(q, cache, lengths, *, v_dim: int, softmax_scale: float, backend: 
         raise ValueError(f"mla_decode: {reason}")
     backend, config = resolve_backend(backend), config or MlaDecodeConfig()
     return _MODULES[backend].decode(q, cache, lengths, v_dim=v_dim, softmax_scale=softmax_scale, config=config)
+
+
+def _paged_config(config, page_size: int):
+    """The kernels' block is the page: no config means the defaults at that block_s."""
+    return MlaDecodeConfig(block_s=page_size) if config is None else config
+
+
+def supports_paged(q_shape, pages_shape, table_shape, cache_dtype, *, v_dim: int, backend: str,
+                   config: MlaDecodeConfig | None = None) -> str | None:
+    """`supports` for `mla_decode_paged`: q [B, Sq, H, C+R] over pages [P, block_s, C+R] (or packed FP8 rows)
+    through a block table [B, blocks], as the dense cache [B, blocks * block_s, C+R] they stand for."""
+    if len(pages_shape) != 3 or len(table_shape) != 2 or not q_shape or table_shape[0] != q_shape[0]:
+        return (f"pages must be [P, block_s, C+R] and block_table [B, blocks] with the batch of q "
+                f"({_shapes(q=q_shape, pages=pages_shape, block_table=table_shape)})")
+    if pages_shape[1] % 8 or not pages_shape[0] or not table_shape[1]:
+        return f"pages must be non-empty and hold a multiple of 8 rows each ({_shapes(pages=pages_shape)})"
+    if isinstance(config, MlaDecodeConfig) and config.block_s != pages_shape[1]:
+        return f"config.block_s {config.block_s} must be the page size {pages_shape[1]} (or config None)"
+    cache_shape = (table_shape[0], table_shape[1] * pages_shape[1], pages_shape[2])
+    return supports(q_shape, cache_shape, cache_dtype, v_dim=v_dim, backend=backend,
+                    config=_paged_config(config, pages_shape[1]))
+
+
+@functools.partial(jax.jit, static_argnames=("v_dim", "softmax_scale", "backend", "config"))
+def mla_decode_paged(q, pages, block_table, lengths, *, v_dim: int, softmax_scale: float, backend: str = "auto",
+                     config: MlaDecodeConfig | None = None):
+    """Absorbed MLA decode over a paged cache (FlashMLA's): q [B, Sq, H, C+R], pages [P, block_s, C+R] (or packed
+    FP8 rows, uint8 [P, block_s, fp8_cache.row_bytes(C, R)]), block_table [B, blocks] (sequence b's block j is
+    page block_table[b, j]; entries are clipped to [0, P), and those past a sequence's end are never read),
+    lengths [B] -> [B, Sq, H, v_dim] (q.dtype). The page size is the kernels' block_s.
+
+    Kernel backends (their modules provide `make_plan` and `run`) read the pages through the table; the
+    others ("xla") decode the dense cache the pages stand for (`plan.gather_pages`: a copy).
+    """
+    reason = (supports_paged(q.shape, pages.shape, block_table.shape, pages.dtype, v_dim=v_dim, backend=backend,
+                             config=config)
+              or _argument_refusal(q, pages, lengths, softmax_scale))
+    if reason is None and not jnp.issubdtype(block_table.dtype, jnp.integer):
+        reason = f"block_table must be integers, got {block_table.dtype}"
+    if reason:
+        raise ValueError(f"mla_decode_paged: {reason}")
+    backend, config = resolve_backend(backend), _paged_config(config, pages.shape[1])
+    module = _MODULES[backend]
+    if not hasattr(module, "run"):
+        cache = plan.gather_pages(pages, block_table)
+        return module.decode(q, cache, lengths, v_dim=v_dim, softmax_scale=softmax_scale, config=config)
+    cache_shape = (q.shape[0], block_table.shape[1] * pages.shape[1], pages.shape[2])
+    layout = module.make_plan(q.shape, cache_shape, v_dim, config)
+    return plan.decode_pages(q, pages, block_table, lengths, softmax_scale=softmax_scale, plan=layout,
+                             run=functools.partial(module.run, config=config))

@@ -108,6 +108,13 @@ def decode_pages(q, pages, table, lengths, *, softmax_scale: float, plan: Plan, 
     return _from_blocks(_combine(o, lse2), plan).astype(q.dtype)
 
 
+def gather_pages(pages, table):
+    """pages [P, block_s, W] through a block table [B, blocks] -> the dense cache [B, blocks * block_s, W] they
+    stand for (entries clipped to [0, P), as `decode_pages` reads them): for backends without a paged kernel."""
+    table = jnp.clip(table.astype(jnp.int32), 0, pages.shape[0] - 1)
+    return pages[table].reshape(table.shape[0], table.shape[1] * pages.shape[1], pages.shape[2])
+
+
 def decode(q, cache, lengths, *, v_dim: int, softmax_scale: float, config, make_plan, run):
     """q [B, T, H, C+R] over a dense cache [B, S, C+R] (padded to whole blocks: a copy), lengths [B], on a
     backend's `make_plan(q_shape, cache_shape, v_dim, config)` and kernel `run(..., *, config)`."""
