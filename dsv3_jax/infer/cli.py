@@ -1,7 +1,8 @@
 """What `infer.py` runs: flags -> load -> generate -> stream text (and one JSON line with --json).
 
 Bad input (an empty prompt, one longer than the context, an id outside the vocabulary, a directory
-of unknown layout) ends with one line on stderr and exit status 1.
+of unknown layout) ends with one line on stderr and exit status 1; a --kv_cache outside its choices, with
+one line and status 2 (a usage error, as argparse ends one).
 """
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ from dsv3_jax.infer.engine import (
     Result,
     cache_bytes_per_token,
     generate,
+    resolve_cache_dtype,
     use_decode_xla_flags,
 )
 from dsv3_jax.infer.sampling import Sampling
 from dsv3_jax.infer.weights import WEIGHTS, CheckpointError, load_checkpoint, runtime_for, weight_bytes
+from dsv3_jax.layers.cache import FP8
 from dsv3_jax.runtime import choices
+
+# --kv_cache -> the engine's cache dtype (unset: the compute dtype, which --weights sets).
+KV_CACHES = {"bf16": "bfloat16", "fp8": FP8}
 
 
 def define_flags() -> None:
@@ -47,6 +53,10 @@ def define_flags() -> None:
                       "how the routed experts run (all compute the same function): auto picks per platform and shape")
     flags.DEFINE_enum("attention", "auto", list(choices("attention")),
                       "how MLA attends (all compute the same function): auto picks per platform and shape")
+    # A string, not an enum, so that a bad value ends with one line (absl's enum error is two, and status 1).
+    flags.DEFINE_string("kv_cache", None, "how the latent KV cache stores tokens: bf16, or fp8 (FlashMLA's packed "
+                        "rows: E4M3 latent with a float32 scale per 128 values, bf16 rope key; 656 bytes a token "
+                        "and layer for V3 against 1152); default: the compute dtype")
     flags.DEFINE_bool("json", False, "print one JSON object with the results as the last line")
 
 
@@ -95,12 +105,12 @@ def _decode(tokenizer, ids: list[int], eos_id) -> str:
     return tokenizer.decode([t for t in ids if t != eos_id])
 
 
-def _summary(res: Result, texts: list[str], cfg, rt, variables, prompts) -> dict:
+def _summary(res: Result, texts: list[str], cfg, cache_dtype, variables, prompts) -> dict:
     out = {"text": texts[0] if len(texts) == 1 else texts,
            "tokens": res.tokens[0] if len(res.tokens) == 1 else res.tokens,
            "tokens_per_s": res.tokens_per_s, "prefill_s": res.prefill_s, "decode_s": res.decode_s,
            "compile_s": res.compile_s, "prefill_tokens_per_s": sum(map(len, prompts)) / res.prefill_s,
-           "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, rt.dtype),
+           "kv_cache": str(cache_dtype), "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, cache_dtype),
            "weight_bytes": weight_bytes(variables), "batch": len(prompts)}
     if res.acceptance_rate is not None:
         out.update(acceptance_rate=res.acceptance_rate, accepted_per_step=res.accepted_per_step)
@@ -146,16 +156,18 @@ def run(f) -> dict:
         raise GenerationError(f"--{e}") from e
     gen = GenerateConfig(f.max_new_tokens, sampling, f.speculative, tokenizer.eos_id, f.seed, f.steps_per_call)
     stream = _Stream(tokenizer, tokenizer.eos_id, prompts[0]) if len(prompts) == 1 else None
-    res = generate(cfg, variables, prompts, gen, on_tokens=stream, runtime=rt)
+    cache_dtype = resolve_cache_dtype(KV_CACHES.get(f.kv_cache), rt)
+    res = generate(cfg, variables, prompts, gen, on_tokens=stream, cache_dtype=cache_dtype, runtime=rt)
     texts = [_decode(tokenizer, ids, tokenizer.eos_id) for ids in res.tokens]
     if stream is None:
         for i, ids in enumerate(res.tokens):  # each with its prompt
             print(f"[{i}] {_decode(tokenizer, prompts[i] + ids, tokenizer.eos_id)}")
     else:
         print()
-    out = {**_summary(res, texts, cfg, rt, variables, prompts), "weights": f.weights}
+    out = {**_summary(res, texts, cfg, cache_dtype, variables, prompts), "weights": f.weights}
     if f.speculative == "mtp" and f.compare_plain:
-        plain = generate(cfg, variables, prompts, dataclasses.replace(gen, speculative="none"), runtime=rt)
+        plain = generate(cfg, variables, prompts, dataclasses.replace(gen, speculative="none"), cache_dtype=cache_dtype,
+                         runtime=rt)
         out.update(plain_tokens_per_s=plain.tokens_per_s,
                    speedup=res.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else None,
                    same_as_plain=plain.tokens == res.tokens)
@@ -165,6 +177,10 @@ def run(f) -> dict:
 def main(argv, f) -> None:
     if len(argv) > 1:
         sys.exit(f"infer.py: unexpected arguments {argv[1:]}")
+    if f.kv_cache is not None and f.kv_cache not in KV_CACHES:
+        print(f"infer.py: --kv_cache={f.kv_cache!r}: expected one of {', '.join(KV_CACHES)} (unset: the compute "
+              "dtype)", file=sys.stderr)
+        sys.exit(2)
     if not f.checkpoint:
         sys.exit("infer.py: --checkpoint is required")
     if not f["verbosity"].present:  # orbax logs every restore at INFO

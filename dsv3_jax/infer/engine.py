@@ -2,8 +2,11 @@
 
 The cache holds, per layer and token, only the normalised KV latent and the rotated rope key
 (kv_lora_rank + qk_rope_head_dim values: 576 for V3), and attention reads it through the absorbed
-MLA path. Every row of a batch has its own length: prompts of different lengths share one padded
-prefill, and each row then decodes at its own position and stops at its own EOS.
+MLA path. With cache dtype "fp8" (`layers.cache.FP8`) each token's row is stored packed as it is written
+(E4M3 latent with a float32 scale per 128 values, bfloat16 rope key: 656 bytes for V3 against 1,152 in
+bfloat16), in prefill, decode and the MTP modules' caches alike, and every attention path reads it so.
+Every row of a batch has its own length: prompts of different lengths share one padded prefill, and
+each row then decodes at its own position and stops at its own EOS.
 
 One step function serves both modes. A step feeds the main model the newest token plus the D
 tokens the MTP modules drafted after it (D = 0 for plain decoding), at the row's positions n..n+D:
@@ -34,6 +37,7 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.sampling import Sampling, draw, greedy, log_probs
+from dsv3_jax.layers import cache as latent_cache
 from dsv3_jax.layers.cache import LatentCache
 from dsv3_jax.model import Transformer
 from dsv3_jax.runtime import Runtime
@@ -140,7 +144,7 @@ class Generator:
             raise GenerationError("--speculative=mtp needs MTP modules, and this model has none (mtp_depth 0)")
         self.model = Transformer(cfg, runtime)
         self.greedy = gen.sampling.temperature == 0
-        self.cache_dtype = jnp.dtype(cache_dtype or runtime.dtype)
+        self.cache_dtype = resolve_cache_dtype(cache_dtype, runtime)
         self.prefill = jax.jit(self._prefill, static_argnums=3)
         self.step = jax.jit(self._steps, donate_argnums=1)
         self._compiled = {}  # signature of the arguments -> the AOT prefill, or True for a compiled step
@@ -166,7 +170,9 @@ class Generator:
     # -- the pieces, traced once per shape ------------------------------------------------------
 
     def _empty_cache(self, batch: int, length: int, n: int) -> tuple[LatentCache, ...]:
-        return tuple(LatentCache.empty(batch, length, self.cfg.kv_cache_dim, self.cache_dtype) for _ in range(n))
+        c = self.cfg
+        return tuple(LatentCache.empty(batch, length, c.kv_cache_dim, self.cache_dtype, c.kv_lora_rank)
+                     for _ in range(n))
 
     def _draft(self, variables, mtp_cache, h, ext, positions, at, key):
         """The MTP chain over a window: h [B,W,D] main hidden at `positions` [B,W]; ext [B, W+D+1] the
@@ -342,9 +348,10 @@ def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: G
     arrive (streaming). Compilation is timed apart from prefill and decode, and happens once per
     settings and shapes (later calls reuse it); `warm_prefill` also runs the prefill once untimed
     first (an executable's first run pays one-time costs: benchmarks). `runtime`: how the model
-    computes (`infer.weights.runtime_for` matches it to the weights' precision)."""
+    computes (`infer.weights.runtime_for` matches it to the weights' precision). `cache_dtype`: None (the
+    compute dtype), a jnp dtype, or "fp8" (`layers.cache.FP8`: packed FP8 rows)."""
     validate_prompts(cfg, prompts, gen.max_new_tokens)
-    g = generator(cfg, gen, None if cache_dtype is None else jnp.dtype(cache_dtype), runtime)
+    g = generator(cfg, gen, None if cache_dtype is None else resolve_cache_dtype(cache_dtype, runtime), runtime)
     variables = g.model.prepare_decode(variables)
     tokens, lengths = pad_prompts(prompts)
     s = cache_length(cfg, tokens.shape[1], gen.max_new_tokens, g.depth)
@@ -398,6 +405,14 @@ def _take_chunk(chunk: np.ndarray, depth: int, res: Result, on_tokens) -> bool:
     return done
 
 
+def resolve_cache_dtype(cache_dtype, runtime: Runtime):
+    """The cache dtype a Generator stores: "fp8" (packed rows), a jnp dtype, or None: the runtime's compute dtype."""
+    if latent_cache.is_fp8(cache_dtype):
+        return latent_cache.FP8
+    return jnp.dtype(cache_dtype or runtime.dtype)
+
+
 def cache_bytes_per_token(cfg: ModelConfig, cache_dtype) -> int:
-    """Bytes the main model's cache holds per token, all layers (the cost model's figure at this dtype)."""
-    return cfg.num_layers * cfg.kv_cache_dim * jnp.dtype(cache_dtype).itemsize
+    """Bytes the main model's cache holds per token, all layers (the cost model's figure at this dtype; "fp8":
+    packed rows, `layers.cache.row_bytes`)."""
+    return cfg.num_layers * latent_cache.row_bytes(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cache_dtype)

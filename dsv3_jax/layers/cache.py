@@ -5,11 +5,30 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.mla_decode import fp8_cache
+
+# The cache dtype that stores rows packed in FP8 (`fp8_cache`: FlashMLA's layout, 656 bytes a token for V3
+# against 1,152 in bfloat16); any other cache dtype is a jnp dtype the rows are stored in as they are.
+FP8 = "fp8"
+
+
+def is_fp8(cache_dtype) -> bool:
+    return isinstance(cache_dtype, str) and cache_dtype == FP8
+
+
+def row_bytes(latent_dim: int, rope_dim: int, cache_dtype) -> int:
+    """Bytes of one cached token of one layer in `cache_dtype` (FP8 or a jnp dtype)."""
+    if is_fp8(cache_dtype):
+        return fp8_cache.row_bytes(latent_dim, rope_dim)
+    return (latent_dim + rope_dim) * jnp.dtype(cache_dtype).itemsize
+
 
 @flax.struct.dataclass
 class LatentCache:
     """`rows` [B*S, C+R]: slot s of batch row b at row b*S + s holds [normalised c_kv; rotated k_pe]
-    of the token at position s (576 values per token for V3).
+    of the token at position s (576 values per token for V3); packed FP8 rows instead (uint8
+    [B*S, fp8_cache.row_bytes(C, R)]) when `fp8_dims` is (C, R): quantised as they are written, read
+    by the attention ops (`dsv3_jax.ops.attention`) through `fp8_cache`.
 
     Stored flat, one row per (batch row, slot): XLA:CPU then updates it in place with one row scatter;
     as [B, S, C+R] with B = 1 it duplicates the update into each reader and copies the whole cache
@@ -18,19 +37,26 @@ class LatentCache:
 
     rows: jax.Array
     slots: int = flax.struct.field(pytree_node=False)
+    fp8_dims: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
 
     AXES = ("batch", "kv_latent")  # logical axes of `rows` (dsv3_jax.parallel.rules)
 
     @classmethod
-    def empty(cls, batch: int, slots: int, dim: int, dtype) -> LatentCache:
-        return cls(jnp.zeros((batch * slots, dim), dtype), slots)
+    def empty(cls, batch: int, slots: int, dim: int, dtype, latent_dim: int | None = None) -> LatentCache:
+        """Rows of `dim` = C + R values in `dtype`; dtype FP8 packs them, and needs C (`latent_dim`)."""
+        if not is_fp8(dtype):
+            return cls(jnp.zeros((batch * slots, dim), dtype), slots)
+        if latent_dim is None or not 0 < latent_dim <= dim:
+            raise ValueError(f"an FP8 latent cache needs latent_dim in [1, {dim}], got {latent_dim!r}")
+        dims = (latent_dim, dim - latent_dim)
+        return cls(jnp.zeros((batch * slots, fp8_cache.row_bytes(*dims)), fp8_cache.FP8_CACHE_DTYPE), slots, dims)
 
     @property
     def batch(self) -> int:
         return self.rows.shape[0] // self.slots
 
     def view(self) -> jax.Array:
-        """[B, S, C+R] (a reshape: no copy)."""
+        """[B, S, C+R], or [B, S, row bytes] packed (a reshape: no copy)."""
         return self.rows.reshape(self.batch, self.slots, self.rows.shape[-1])
 
     def write(self, new: jax.Array, start: jax.Array) -> LatentCache:
@@ -38,9 +64,11 @@ class LatentCache:
         Entries past a row's S slots are dropped (never written into the next row's slots, nor outside
         the array). Rolling back (speculative decoding) needs no undo: a later write at the same
         positions replaces whatever a rejected draft left there before any query can see it."""
+        if self.fp8_dims is not None:  # each token's row quantised on its own: its scales are its own
+            new = fp8_cache.quantize_rows(new, self.fp8_dims[0])
         b, t, k = new.shape
         slot = start[:, None] + jnp.arange(t)
         past_end = self.rows.shape[0]  # dropped by mode="drop"
         at = jnp.where(slot < self.slots, jnp.arange(b)[:, None] * self.slots + slot, past_end).reshape(-1)
         rows = self.rows.at[at].set(new.reshape(b * t, k).astype(self.rows.dtype), mode="drop")
-        return LatentCache(rows, self.slots)
+        return LatentCache(rows, self.slots, self.fp8_dims)

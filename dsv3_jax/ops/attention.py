@@ -4,8 +4,9 @@ variants, for training, prefill and decoding alike.
     fn(q_nope [B,T,H,N], q_pe [B,T,H,R], kv [B,S,C+R], q_positions [B,T], kv_positions [B,S] | None,
        w: KvWeights, opts: AttentionOptions) -> [B,T,H,V]
 
-`kv` holds the latent rows [c_kv; k_pe] as a cache stores them; `kv_positions` None means a cache
-(slot s holds position s). A query sees the keys at or before its own position.
+`kv` holds the latent rows [c_kv; k_pe] as a cache stores them, or packed FP8 rows (uint8 [B,S,bytes],
+`pallas_kernels.mla_decode.fp8_cache`: FlashMLA's layout) that each variant reads as their dequantised values;
+`kv_positions` None means a cache (slot s holds position s). A query sees the keys at or before its own position.
 - `naive`: c_kv expanded through wkv_b into per-head keys and values, then an attention core
   (`CORES`: `plain` softmax, or `blocked`: causal query blocks and a hand-written backward).
 - `absorbed`: wkv_b's key half folded into the query and its value half into the output; scores
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.ops.linear import Fp8Weight, dense, linear
 from dsv3_jax.ops.registry import Registry
-from pallas_kernels.mla_decode import mla_decode
+from pallas_kernels.mla_decode import fp8_cache, mla_decode
 
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
 # The variants' names, declared once; dispatch and the runtime use these constants.
@@ -62,6 +63,13 @@ def visible(q_positions: jax.Array, kv_positions: jax.Array | None, num_keys: in
     if kv_positions is None:
         kv_positions = jnp.arange(num_keys)[None, :]
     return kv_positions[:, None, :] <= q_positions[:, :, None]
+
+
+def latent_rows(kv: jax.Array, latent_dim: int, rope_dim: int, dtype) -> jax.Array:
+    """kv [B,S,C+R] in `dtype`; packed FP8 rows are dequantised (E4M3 times each tile's scale, bf16 rope)."""
+    if kv.dtype == fp8_cache.FP8_CACHE_DTYPE:
+        return fp8_cache.dequantize_rows(kv, latent_dim, rope_dim, dtype)
+    return kv.astype(dtype)
 
 
 def absorbed_weights(wkv_b: jax.Array, v_head_dim: int) -> tuple[jax.Array, jax.Array]:
@@ -227,7 +235,7 @@ def core_chunked(q, k, v, mask, scale, blocks=1):
 def attend_naive(q_nope, q_pe, kv, q_positions, kv_positions, w: KvWeights, opts: AttentionOptions):
     (b, s, _), (c, h) = kv.shape, w.wkv_b.shape[:2]
     n = q_nope.shape[-1]
-    kv = kv.astype(q_nope.dtype)
+    kv = latent_rows(kv, c, q_pe.shape[-1], q_nope.dtype)
     expanded = linear(kv[..., :c], w.wkv_b, fp8=opts.fp8, backend=opts.backend)  # [B,S,H,N+V]
     k_pe = jnp.broadcast_to(kv[:, :, None, c:], (b, s, h, kv.shape[-1] - c))
     # One score matmul over [nope; rope] dims, heads moved ahead of positions once: [B,H,T,N+R].
@@ -254,7 +262,7 @@ def attend_absorbed(q_nope, q_pe, kv, q_positions, kv_positions, w: KvWeights, o
     dt, c = q_nope.dtype, w.wkv_b.shape[0]
     w_k, w_v = _absorbed_halves(w, w.wkv_b.shape[2] - q_nope.shape[-1], dt)
     q = _latent_query(q_nope, q_pe, w_k)
-    kv = kv.astype(dt)
+    kv = latent_rows(kv, c, q_pe.shape[-1], dt)
     scores = jnp.einsum("bsk,bthk->bsth", kv, q).astype(jnp.float32) * opts.scale
     mask = visible(q_positions, kv_positions, kv.shape[1]).transpose(0, 2, 1)  # [B,S,T]
     probs = jax.nn.softmax(jnp.where(mask[..., None], scores, NEG_INF), axis=1).astype(dt)
@@ -270,6 +278,8 @@ def attend_latent_kernel(q_nope, q_pe, kv, q_positions, kv_positions, w: KvWeigh
         raise ValueError(f"attention {LATENT_KERNEL!r} reads a cache: kv_positions must be None")
     w_k, w_v = _absorbed_halves(w, w.wkv_b.shape[2] - q_nope.shape[-1], dt)
     q = _latent_query(q_nope, q_pe, w_k)
-    o_lat = mla_decode(q.astype(kv.dtype), kv, q_positions[:, 0] + t, v_dim=c, softmax_scale=opts.scale,
+    # The kernel takes q in the cache's dtype; a packed FP8 cache is dequantised to q's (the compute dtype).
+    q = q if kv.dtype == fp8_cache.FP8_CACHE_DTYPE else q.astype(kv.dtype)
+    o_lat = mla_decode(q, kv, q_positions[:, 0] + t, v_dim=c, softmax_scale=opts.scale,
                        backend=opts.backend).astype(dt)
     return jnp.einsum("bthc,hvc->bthv", o_lat, w_v)

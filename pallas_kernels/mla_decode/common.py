@@ -3,6 +3,9 @@
 Program (b, head block, split): an online softmax over the split's cache blocks for its block_h x T query
 rows, two passes (blocks every row sees in full, then the masked tail). Cache rows past a sequence's end are
 zeroed before P.V: they may hold anything, and 0 * NaN would leak.
+
+A packed FP8 cache (`fp8_cache`: uint8 rows) is dequantised block by block as it streams in, to q's dtype,
+so the matrix products are those of a cache in that dtype (`_packed_block`).
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.mla_decode import fp8_cache
 from pallas_kernels.mla_decode.flash import finish, online_softmax, step_counts, visible
 from pallas_kernels.mla_decode.plan import Plan, make_plan, next_pow2
+from pallas_kernels.quant import BLOCK, E4M3
 
 TRITON_MIN_ROWS = 16  # tl.dot needs M >= 16 (the interpreter pads alike, so both run the same programs)
 
@@ -25,8 +30,46 @@ def make_pow2_plan(q_shape, cache_shape, v_dim: int, config, *, row_cap: int) ->
                      rows=lambda n: next_pow2(max(TRITON_MIN_ROWS, n)))
 
 
+def _dense_block(pages_ref, page, plan: Plan, dtype):
+    """One cache block as stored: (latent [block_s, C], rope [block_s, R] or None)."""
+    del dtype
+    dv, dr = plan.v_dim, plan.rope_dim
+    return pages_ref[page, :, pl.ds(0, dv)], (pages_ref[page, :, pl.ds(dv, dr)] if dr else None)
+
+
+def _float32_from_bytes(pages_ref, page, first: int, count: int, stride: int, shifts) -> jax.Array:
+    """[block_s, count] float32 whose bit patterns are put together from single bytes: value j's byte k sits at
+    first + stride * j + k and goes `shifts[k]` bits up (little-endian). Pallas' Triton lowering bitcasts only
+    between types of one width, so a uint8 row cannot be viewed as float32 words; strided byte loads can."""
+    bits = None
+    for k, shift in enumerate(shifts):
+        byte = pages_ref[page, :, pl.ds(first + k, count, stride)].astype(jnp.uint32)
+        byte = lax.shift_left(byte, jnp.full(byte.shape, shift, jnp.uint32))
+        bits = byte if bits is None else bits | byte
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _packed_block(pages_ref, page, plan: Plan, dtype):
+    """One block of packed FP8 rows dequantised to `dtype`: the E4M3 latent times its tile's float32 scale, and
+    the bfloat16 rope values (exactly: a bfloat16 is the high half of a float32)."""
+    dv, dr, bs = plan.v_dim, plan.rope_dim, plan.block_s
+    at_scales, at_rope = fp8_cache.offsets(dv)
+    codes = lax.bitcast_convert_type(pages_ref[page, :, pl.ds(0, dv)], E4M3).astype(jnp.float32)
+    # Each tile's scale as a [block_s, 1] column, spread over its 128 latent columns by selects: slicing or
+    # reshaping a loaded value is not something the Triton lowering does.
+    column = lax.broadcasted_iota(jnp.int32, (bs, dv), 1)
+    scale = None
+    for tile in range(fp8_cache.tiles(dv)):
+        tile_scale = _float32_from_bytes(pages_ref, page, at_scales + 4 * tile, 1, 4, (0, 8, 16, 24))
+        scale = tile_scale if scale is None else jnp.where(column >= tile * BLOCK, tile_scale, scale)
+    latent = (codes * scale).astype(dtype)
+    rope = _float32_from_bytes(pages_ref, page, at_rope, dr, 2, (16, 24)).astype(dtype) if dr else None
+    return latent, rope
+
+
 def _kernel(table_ref, len_ref, q_ref, pages_ref, o_ref, lse_ref, *, plan: Plan, scale2: float):
-    """Program (b, head block, split). q_ref [M, C+R]; pages_ref [P, block_s, C+R]; o_ref [M, C]; lse_ref [M]."""
+    """Program (b, head block, split). q_ref [M, C+R]; pages_ref [P, block_s, C+R] (or [P, block_s, row bytes],
+    uint8: packed FP8 rows); o_ref [M, C]; lse_ref [M]."""
     b, split = pl.program_id(0), pl.program_id(2)
     length = len_ref[b]
     first = split * plan.steps
@@ -39,14 +82,14 @@ def _kernel(table_ref, len_ref, q_ref, pages_ref, o_ref, lse_ref, *, plan: Plan,
     row_iota = lax.broadcasted_iota(jnp.int32, (rows, bs), 0)
     key_iota = lax.broadcasted_iota(jnp.int32, (rows, bs), 1)
     key_vec = lax.broadcasted_iota(jnp.int32, (bs,), 0)
+    read = _packed_block if pages_ref.dtype == fp8_cache.FP8_CACHE_DTYPE else _dense_block
 
     def step(t, carry, masked):
         acc, m, denom = carry
-        page = table_ref[b, first + t]
-        k_lat = pages_ref[page, :, pl.ds(0, dv)]  # [block_s, C]; also the values
+        k_lat, k_pe = read(pages_ref, table_ref[b, first + t], plan, q_ref.dtype)  # [block_s, C]: also the values
         s = dot(q_lat, k_lat, qk)
         if dr:
-            s = s + dot(q_pe, pages_ref[page, :, pl.ds(dv, dr)], qk)
+            s = s + dot(q_pe, k_pe, qk)
         s = s * scale2
         if masked:
             base = (first + t) * bs

@@ -5,6 +5,7 @@ import functools
 
 from pallas_kernels.mla_decode import common, plan
 
+READS_FP8_CACHE = True  # packed FP8 rows are dequantised in the kernel body (`common`)
 ROW_CAP = 64  # query rows (block_h x T) per program by default, as one Hopper MMA
 
 

@@ -68,6 +68,12 @@ def smem_bytes(layout: plan.Plan, itemsize: int, num_stages: int) -> int:
 
 
 def refusal(q_shape, cache_shape, dtype, v_dim: int, config) -> str | None:
+    if jnp.dtype(dtype) == jnp.dtype(jnp.uint8):
+        # Its wgmma reads K straight from the TMA-copied shared-memory tile in q's dtype; an E4M3 block would
+        # need a dequantising pass through registers into a second, bfloat16 tile, for which the 227 KiB are
+        # already spent (Q 72 KiB + 2 cache stages 144 KiB at V3's shape).
+        return ("mosaic_gpu: reads no packed FP8 cache (wgmma takes K from shared memory as stored; "
+                "use backend 'triton', which dequantises each block)")
     layout = make_plan(q_shape, cache_shape, v_dim, config)
     dv, dr = layout.v_dim, layout.rope_dim
     if layout.block_h * layout.sq > WGMMA_M:

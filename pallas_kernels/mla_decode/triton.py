@@ -7,6 +7,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.mla_decode import common, plan
 
+READS_FP8_CACHE = True  # packed FP8 rows are dequantised in the kernel body (`common`)
 ROW_CAP = 32  # query rows (block_h x T) per program by default
 
 
