@@ -3,10 +3,12 @@ facts the kernels size their grids by, and the settings of JAX's GPU and TPU int
 
 - "interpret": `pl.pallas_call(..., interpret=True)`; the kernel body run by XLA on any platform (CPU tests).
 - "mosaic_gpu": Pallas' Mosaic GPU lowering (Hopper and later: TMA copies, wgmma).
-- "mosaic_tpu": Pallas' Mosaic TPU lowering (v5e and later; "auto" does not pick it yet).
+- "mosaic_tpu": Pallas' Mosaic TPU lowering (v5e and later).
 - "triton": Pallas' Triton lowering (any CUDA GPU).
 - "xla": the plain-jnp `*_reference` of each op.
-- "auto": "mosaic_gpu" on a GPU of compute capability >= 9.0, "triton" on other GPUs, "xla" elsewhere.
+- "auto": "mosaic_gpu" on a GPU of compute capability >= 9.0, "triton" on other GPUs, "mosaic_tpu" on TPUs,
+  "xla" elsewhere. A call a backend cannot take is refused up front (`supports`), and the model falls back
+  to XLA with that reason (`dsv3_jax.ops.dispatch`).
 
 This module imports no op: the table names modules, and each op's package imports the ones it lists.
 """
@@ -87,6 +89,8 @@ def resolve_backend(backend: str, platform: str | None = None, compute_capabilit
         return backend
     if platform is None:
         platform = jax.devices()[0].platform
+    if platform == "tpu":
+        return "mosaic_tpu"
     if platform not in _GPU_PLATFORMS:
         return "xla"
     if compute_capability is None:

@@ -184,6 +184,16 @@ def test_accelerator_targets_get_their_choices_on_a_cpu_host(target, monkeypatch
         assert capability_of_kind("NVIDIA H100 80GB HBM3") == capability_of_kind("NVIDIA H800") == 9.0
         assert resolve_backend("auto", "gpu", capability_of_kind("NVIDIA H200")) == "mosaic_gpu"
         assert resolve_backend("auto", "gpu", capability_of_kind("NVIDIA A100-SXM4-80GB")) == "triton"
+    if target == "tpu":  # the Mosaic TPU kernels; a decode they cannot take falls back, saying why
+        assert dispatch.kernel_backend(rt) == "mosaic_tpu"
+        v3 = dict(q_shape=(8, 1, 128, 576), kv_shape=(8, 4096, 576), kv_dtype=jnp.bfloat16, sorted_positions=False)
+        cfg = CFG.replace(kv_lora_rank=512, qk_rope_head_dim=64)
+        assert dispatch.attention(rt, cfg, cached=True, **v3)[0] == "latent_kernel"
+        odd = dict(v3, q_shape=(8, 1, 128, 80), kv_shape=(8, 4096, 80))  # C = 64: not whole 128-lane tiles
+        assert dispatch.attention(rt, cfg.replace(kv_lora_rank=64, qk_rope_head_dim=16), cached=True, **odd)[0] \
+            == "absorbed"
+        assert "multiple of 128" in dispatch.kernel_refusal("mosaic_tpu", odd["q_shape"], odd["kv_shape"],
+                                                            jnp.bfloat16, 64)
 
 
 def test_platform_follows_the_mesh_not_the_host(monkeypatch):
@@ -221,3 +231,35 @@ def test_runtime_validates_against_the_registries():
     with pytest.raises(ValueError, match="true or false"):
         Runtime(fp8=1)
     assert Runtime(fp8=True).experts == "auto"
+
+
+def test_kernels_run_on_each_devices_rows_under_a_mesh():
+    """A Pallas call is not partitioned by the compiler: under a mesh the decode kernel and the FP8 linear
+    run on each device's rows (`rules.local_rows`), with the same values as on one device, gradients too."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dsv3_jax.ops.linear import linear
+    from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
+
+    q_nope, q_pe, kv, q_pos, _, wkv_b = _attention_args(True)
+    opts = AttentionOptions(0.3, backend="interpret")
+    decode = lambda *a: ATTENTION["latent_kernel"](*a, q_pos, None, KvWeights(wkv_b), opts)
+    x = jax.random.normal(jax.random.PRNGKey(3), (4, 6, 256))
+    w = jax.random.normal(jax.random.PRNGKey(4), (256, 128)) / 16
+    fp8 = lambda x, w: jnp.sum(jnp.sin(linear(x, w, fp8=True, backend="interpret")))
+    want = decode(q_nope, q_pe, kv), jax.value_and_grad(fp8, argnums=(0, 1))(x, w)
+    mesh = make_mesh(parse_mesh("fsdp=2", 2), devices=jax.devices()[:2])
+    rows = lambda a: jax.device_put(a, NamedSharding(mesh, P("fsdp")))
+    with jax.set_mesh(mesh):
+        assert q_nope.shape[0] % 2 == 0
+        text = jax.jit(decode).lower(rows(q_nope), rows(q_pe), rows(kv)).as_text()
+        assert "shard_map" in text or "sdy.manual_computation" in text
+        got = jax.jit(decode)(rows(q_nope), rows(q_pe), rows(kv)), jax.jit(jax.value_and_grad(fp8, argnums=(0, 1)))(
+            rows(x), w)
+    _close(got[0], want[0], atol=1e-5)
+    (value, (dx, dw)), (want_value, (want_dx, want_dw)) = got[1], want[1]
+    _close((value, dx), (want_value, want_dx), atol=1e-4)
+    # The weight gradient sums each device's rows in FP8: its 1x128 tiles of dy run along the tokens a
+    # device holds, so the scales (and roundings) differ from one device's; the sum is close, not equal.
+    assert float(jnp.linalg.norm(dw - want_dw) / jnp.linalg.norm(want_dw)) < 5e-2

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.ops.linear import Fp8Weight, dense, linear
 from dsv3_jax.ops.registry import Registry
+from dsv3_jax.parallel.rules import local_rows
 from pallas_kernels.mla_decode import fp8_cache, mla_decode
 
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
@@ -280,6 +281,7 @@ def attend_latent_kernel(q_nope, q_pe, kv, q_positions, kv_positions, w: KvWeigh
     q = _latent_query(q_nope, q_pe, w_k)
     # The kernel takes q in the cache's dtype; a packed FP8 cache is dequantised to q's (the compute dtype).
     q = q if kv.dtype == fp8_cache.FP8_CACHE_DTYPE else q.astype(kv.dtype)
-    o_lat = mla_decode(q, kv, q_positions[:, 0] + t, v_dim=c, softmax_scale=opts.scale,
-                       backend=opts.backend).astype(dt)
+    # Each device decodes its own rows: a Pallas call is not partitioned by the compiler.
+    decode = lambda q, kv, lengths: mla_decode(q, kv, lengths, v_dim=c, softmax_scale=opts.scale, backend=opts.backend)
+    o_lat = local_rows(decode, (q, kv, q_positions[:, 0] + t)).astype(dt)
     return jnp.einsum("bthc,hvc->bthv", o_lat, w_v)

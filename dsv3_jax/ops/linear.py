@@ -20,6 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.parallel.rules import local_rows
 from pallas_kernels import grouped_matmul
 from pallas_kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
 from pallas_kernels.quant import dequantize_weight, quantize_weight
@@ -114,7 +115,10 @@ def linear(x: jax.Array, w: jax.Array | Fp8Weight, *, in_dims: int = 1, fp8: boo
     w, x = dense_for(w, x)
     k, out = math.prod(w.shape[:in_dims]), w.shape[in_dims:]
     x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
-    y = fp8_linear(x2, w2, backend=backend) if fp8 else x2 @ w2.astype(x.dtype)
+    if fp8 and backend != "xla":  # a Pallas kernel: run on each device's rows, the weight whole
+        y = local_rows(lambda a, b: fp8_linear(a, b, backend=backend), (x2,), (w2,))
+    else:
+        y = fp8_linear(x2, w2, backend=backend) if fp8 else x2 @ w2.astype(x.dtype)
     return y.reshape(*x.shape[:-1], *out)
 
 

@@ -170,3 +170,17 @@ def batch_shards(mesh: Mesh) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def local_rows(fn, rows: tuple, whole: tuple = ()):
+    """fn(*rows, *whole) on each device's rows: the leading axis of every `rows` array split over the current
+    mesh's batch axes, each of `whole` entering whole (an FSDP gather, as the compiler makes for a matmul;
+    its gradient summed over the shards). For Pallas kernels, which the compiler cannot partition. Without
+    a mesh, with one batch shard, or rows that do not split evenly: fn itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in batch_axes() if mesh.shape.get(a, 1) > 1)
+    if not axes or rows[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return fn(*rows, *whole)
+    split, entire = PartitionSpec(axes), PartitionSpec()
+    return jax.shard_map(fn, mesh=mesh, in_specs=(split,) * len(rows) + (entire,) * len(whole), out_specs=split,
+                         check_vma=False)(*rows, *whole)
