@@ -3,6 +3,7 @@ library's source, a few minutes on 2 CPU cores, then a checkpoint, plots and a s
 Running the same command again resumes from the workdir's last checkpoint."""
 from absl import app, flags
 
+from dsv3_jax.ops.sparse_attention import DSA_STAGES
 from dsv3_jax.parallel.distributed import HEARTBEAT_TIMEOUT_S, INITIALIZATION_TIMEOUT_S
 from dsv3_jax.runtime import choices
 from dsv3_jax.train import cli
@@ -33,6 +34,9 @@ flags.DEFINE_enum("remat", "none", list(choices("remat")),
                   "none, full (each block keeps its input), save_attention, save_dots, offload_attention")
 flags.DEFINE_bool("scan_layers", False, "compile each stack of layers (dense, MoE) once, as a scan: compile time "
                   "independent of depth; checkpoints hold the layers stacked (export and infer read either)")
+flags.DEFINE_enum("dsa_stage", None, list(DSA_STAGES),
+                  "DeepSeek-V3.2 training stage, for configs with an indexer: warmup trains the indexer alone (KL to "
+                  "the dense attention), sparse trains everything over the indexer's top-k keys")
 flags.DEFINE_integer("grad_accum", 1, "microbatches per optimizer step (gradients averaged; --batch_size divides)")
 flags.DEFINE_enum("moments", "auto", ["auto", "float32", "bfloat16"],
                   "AdamW moments' dtype; auto: bfloat16 (as DeepSeek-V3 trains) from 1B parameters, else float32")

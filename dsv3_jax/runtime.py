@@ -18,6 +18,7 @@ from dsv3_jax.ops.attention import ATTENTION
 from dsv3_jax.ops.experts import EXPERTS, RAGGED
 from dsv3_jax.ops.registry import AUTO
 from dsv3_jax.ops.remat import NONE, REMAT
+from dsv3_jax.ops.sparse_attention import DSA_STAGES
 from pallas_kernels.backends import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -44,6 +45,11 @@ class Runtime:
     # Layers as one `nn.scan` per stack (dense, MoE): compiled once whatever the depth. The parameters
     # then take the scanned layout (`model.stack_layers`: same values, a leading "layers" axis).
     scan_layers: bool = False
+    # A DeepSeek-V3.2 training stage (models with an indexer; V3.2 report s.2.1.1), None outside training.
+    # Both stages make MLA sow the indexer's KL to the main attention and the selection's recall into
+    # "intermediates" (the loss reads them). "warmup" runs the attention dense, the function of the model
+    # before its indexer is trained: the one field here that changes what a checkpoint computes.
+    dsa_stage: str | None = None
 
     def __post_init__(self):
         _check_choice("dtype", self.dtype, DTYPES)
@@ -53,6 +59,8 @@ class Runtime:
         _check_choice("remat", self.remat, REMAT.names)
         if self.platform is not None:
             _check_choice("platform", self.platform, PLATFORMS)
+        if self.dsa_stage is not None:
+            _check_choice("dsa_stage", self.dsa_stage, DSA_STAGES)
         for name in ("fp8", "ep_fp8_dispatch", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Runtime.{name} = {getattr(self, name)!r}: must be true or false")

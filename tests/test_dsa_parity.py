@@ -238,7 +238,7 @@ def test_selection_mask_is_the_selected_keys():
 def test_loaded_model_indexer_matches_transformers(rope, seed, tmp_path):
     """Every layer's indexer, loaded from transformers' files, on transformers' inputs to it. The
     first layer's also inside our model: the MLA feeds it what transformers' does (the normed hidden
-    state and the q latent). Later layers' inputs differ until our attention is sparse too."""
+    state and the q latent). tests/test_dsa_model.py compares the whole model, sparse attention included."""
     model = build("v32", seed, **({"rope_parameters": YARN} if rope == "yarn" else {}))
     model.save_pretrained(tmp_path)
     cfg, variables = load_hf_checkpoint(str(tmp_path))

@@ -33,12 +33,12 @@ from dsv3_jax.layers.common import weight
 from dsv3_jax.layers.rope import rope_angles
 from dsv3_jax.ops.attention import visible
 from dsv3_jax.ops.linear import linear
+from dsv3_jax.ops.sparse_attention import NONE, selection_mask  # noqa: F401 (the mask is re-exported)
 
 # DeepSeek's code and transformers fix the key LayerNorm's eps; the config has no field for it.
 KEY_NORM_EPS = 1e-6
 # The variable collection MLA sows the indexer's scores into when a caller makes it mutable.
 INDEX_SCORES = "index_scores"
-NONE = -1  # a slot of `select`'s indices that holds no key (FlashMLA's sparse layout)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
@@ -95,16 +95,6 @@ def select(scores: jax.Array, topk: int) -> jax.Array:
     if kept < topk:
         idx = jnp.pad(idx, ((0, 0), (0, 0), (0, topk - kept)), constant_values=NONE)
     return idx
-
-
-def selection_mask(indices: jax.Array, num_keys: int) -> jax.Array:
-    """indices [B,T,K] from `select` -> bool [B,T,S=num_keys], True at the selected keys: the mask a
-    masked-dense reference of sparse attention applies (NONE slots select nothing). Scattered, not
-    compared against every key, so it costs [B,T,S], not [B,T,K,S]."""
-    # NONE goes to a spare column past the keys, dropped after the scatter.
-    target = jnp.where(indices < 0, num_keys, indices)
-    mask = jnp.zeros((*indices.shape[:-1], num_keys + 1), bool)
-    return jnp.put_along_axis(mask, target, True, axis=-1, inplace=False)[..., :num_keys]
 
 
 class Indexer(nn.Module):

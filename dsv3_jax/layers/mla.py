@@ -3,7 +3,8 @@
 Keys and values are rebuilt from a shared latent c_kv [C] (normalised) plus one rope key k_pe [R]
 shared by all heads, so a cache holds only C + R values per token (`LatentCache`). The attention
 itself is the attention op (`dsv3_jax.ops.attention`: expanded per head, or absorbed into the
-query and output), whose variant the runtime and `dsv3_jax.ops.dispatch` choose.
+query and output), whose variant the runtime and `dsv3_jax.ops.dispatch` choose. With a DSA indexer
+(DeepSeek-V3.2), the uncached attention reads each query's top-k keys only (`_dsa`).
 """
 from __future__ import annotations
 
@@ -15,12 +16,19 @@ from jax.ad_checkpoint import checkpoint_name
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.cache import LatentCache
 from dsv3_jax.layers.common import weight
-from dsv3_jax.layers.indexer import INDEX_SCORES, Indexer  # DSA indexer hook (issue 17)
+from dsv3_jax.layers.indexer import INDEX_SCORES, Indexer, select  # DSA (issue 17)
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import apply_rope, rope_angles
 from dsv3_jax.ops import dispatch
 from dsv3_jax.ops.attention import ATTENTION, KvWeights, absorbed_weights
 from dsv3_jax.ops.linear import dense, linear
+from dsv3_jax.ops.sparse_attention import (  # DSA (issue 17)
+    attention_distribution,
+    gather_scores,
+    indexer_kl,
+    selected_mass,
+    sparse_attention,
+)
 from dsv3_jax.runtime import Runtime
 
 # The norms on the q and kv latents use a fixed eps in DeepSeek's code and in transformers, not
@@ -78,6 +86,62 @@ class MLA(nn.Module):
             return KvWeights(self.wkv_b, self.get_variable(ABSORBED, "w_k"), self.get_variable(ABSORBED, "w_v"))
         return KvWeights(self.wkv_b)
 
+    def _dense(self, q_nope, q_pe, kv, positions, kv_positions, cached: bool, sorted_positions: bool) -> jax.Array:
+        """The attention variant dispatch picks, over every visible key: [B,T,H,V]."""
+        c, (b, t) = self.cfg, q_nope.shape[:2]
+        name, opts = dispatch.attention(self.runtime, c, cached=cached, q_shape=(b, t, c.num_heads, c.kv_cache_dim),
+                                        kv_shape=kv.shape, kv_dtype=kv.dtype,
+                                        sorted_positions=sorted_positions and not cached)
+        with jax.named_scope(f"mla_{name}"):
+            return ATTENTION[name](q_nope, q_pe, kv, positions, kv_positions, self.kv_weights(), opts)
+
+    # ---- DSA (issue 17): DeepSeek Sparse Attention without a cache (training, prefill) ----------------
+    def _dsa(self, x, flat, q_nope, q_pe, kv, positions, sorted_positions: bool) -> jax.Array:
+        """x [B,T,D] (the indexer's input), flat its [B*T,D] rows, q_nope/q_pe [B,T,H,*], kv [B,T,C+R] ->
+        [B,T,H,V]. The indexer scores the keys (sown for a caller that makes INDEX_SCORES mutable) and each
+        query attends over its top index_topk (`ops.sparse_attention`), or over all it sees where
+        `dispatch.dsa_sparse` says dense. In a training stage (`Runtime.dsa_stage`, with "intermediates"
+        mutable) it also sows the indexer's loss (`_sow_indexer_loss`)."""
+        c, rt = self.cfg, self.runtime
+        sparse = dispatch.dsa_sparse(rt, c, kv.shape[1])
+        training = rt.dsa_stage is not None and self.is_mutable_collection("intermediates")
+        sow_scores = self.is_mutable_collection(INDEX_SCORES) and not self.is_initializing()
+        if not (sparse or training or sow_scores or self.is_initializing()):
+            return self._dense(q_nope, q_pe, kv, positions, positions, False, sorted_positions)
+        # The indexer reads the main model's activations but never trains them (V3.2 report s.2.1.1: its
+        # input is detached); the top-k passes no gradient, so only its KL trains its weights.
+        q_latent = self.q_norm(self._linear(flat, self.wq_a)).reshape(*x.shape[:2], -1)
+        scores = self.indexer(*jax.lax.stop_gradient((x, q_latent)), positions)
+        if sow_scores:
+            self.sow(INDEX_SCORES, "scores", scores)
+        indices = select(scores, c.index_topk) if sparse or training else None
+        target = None
+        if sparse:
+            chunks = dispatch.sparse_query_chunks(kv.shape[0], kv.shape[1], c.index_topk,
+                                                  kv.shape[-1] * jnp.dtype(q_nope.dtype).itemsize)
+            with jax.named_scope("mla_sparse"):
+                o = sparse_attention(q_nope, q_pe, kv, positions, positions, indices, self.kv_weights(),
+                                     c.softmax_scale, chunks, distribution=training)
+            if training:
+                o, target = o
+        else:
+            o = self._dense(q_nope, q_pe, kv, positions, positions, False, sorted_positions)
+        if training:
+            self._sow_indexer_loss(scores, indices, target, q_nope, q_pe, kv, positions)
+        return o
+
+    def _sow_indexer_loss(self, scores, indices, target, q_nope, q_pe, kv, positions) -> None:
+        """Sow ("intermediates", "dsa") [KL, recall]: the indexer's KL to the main attention summed over
+        heads and L1-normalised (a constant), over every visible key where the attention was dense
+        (`target` None: the warm-up), else over the selected keys against the sparse attention's own
+        distribution `target` [B,T,K] (V3.2 report s.2.1.1); and the share of the dense attention's
+        mass the selection keeps (a metric, also in the sparse stage: one more [B,T,H,S] score pass)."""
+        dense_p = jax.lax.stop_gradient(attention_distribution(q_nope, q_pe, kv, positions, positions,
+                                                               self.kv_weights(), self.cfg.softmax_scale))
+        kl = indexer_kl(dense_p, scores) if target is None else indexer_kl(target, gather_scores(scores, indices))
+        self.sow("intermediates", "dsa", jnp.stack([kl, selected_mass(dense_p, indices)]))
+    # ---- end of DSA
+
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None,
                  sorted_positions: bool = False):
         """x [B,T,D], positions [B,T] -> [B,T,D]. With a latent `cache` (inference), the new tokens'
@@ -94,22 +158,14 @@ class MLA(nn.Module):
         q_pe = apply_rope(q[..., c.qk_nope_head_dim:], cos[:, None], sin[:, None])
         unflat = lambda a: a.reshape(b, t, *a.shape[1:])
         kv, kv_positions = unflat(checkpoint_name(self.latent(flat, cos, sin), "mla_latent")), positions
-        # ---- DSA indexer hook (issue 17). Until the sparse attention consumes them, the indexer's scores
-        # are computed only at init (creating its parameters) or sown for a caller that makes
-        # INDEX_SCORES mutable (per-layer layout); decoding (a cache) has no indexer keys yet.
-        if c.has_indexer and cache is None and (self.is_initializing() or self.is_mutable_collection(INDEX_SCORES)):
-            scores = self.indexer(x, unflat(self.q_norm(self._linear(flat, self.wq_a))), positions)
-            if not self.is_initializing():
-                self.sow(INDEX_SCORES, "scores", scores)
-        # ---- end of the DSA indexer hook
         if cache is not None:
             cache = cache.write(kv, positions[:, 0])
             kv, kv_positions = cache.view(), None
-        name, opts = dispatch.attention(self.runtime, c, cached=cache is not None,
-                                        q_shape=(b, t, c.num_heads, c.kv_cache_dim), kv_shape=kv.shape,
-                                        kv_dtype=kv.dtype, sorted_positions=sorted_positions and cache is None)
-        with jax.named_scope(f"mla_{name}"):
-            o = ATTENTION[name](unflat(q_nope), unflat(q_pe), kv, positions, kv_positions, self.kv_weights(), opts)
+        if c.has_indexer and cache is None:  # DSA (issue 17): the indexer's selection, see _dsa
+            o = self._dsa(x, flat, unflat(q_nope), unflat(q_pe), kv, positions, sorted_positions)
+        else:
+            o = self._dense(unflat(q_nope), unflat(q_pe), kv, positions, kv_positions, cache is not None,
+                            sorted_positions)
         o = checkpoint_name(o, "mla_attention")
         out = self._linear(o.reshape(b, t, -1), self.wo, in_dims=2)
         return out if cache is None else (out, cache)

@@ -16,6 +16,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.ops import attention as attention_op
 from dsv3_jax.ops import cross_entropy as cross_entropy_op
 from dsv3_jax.ops import experts as experts_op
+from dsv3_jax.ops import sparse_attention as sparse_op
 from dsv3_jax.ops.attention import AttentionOptions
 from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY, CrossEntropyFn
 from dsv3_jax.ops.experts import EXPERTS, ExpertsFn
@@ -52,6 +53,9 @@ HEAD_CHUNK_BYTES = 1 << 30
 # 4096 tokens a device, n = 8: 3.8 GB each, several alive in a backward); from this size the tokens go
 # through in chunks (`parallel.ep.in_token_chunks`).
 EP_BUFFER_BYTES = 1 << 28
+# DSA's sparse attention gathers each query's K latent rows, [B, T, K, C+R] (V3.2 at 4096 queries a row:
+# 9.7 GB a row in BF16); from this size its queries go in chunks, each re-gathered in the backward.
+SPARSE_GATHER_BYTES = 1 << 28
 
 
 def _mesh_device():
@@ -140,8 +144,9 @@ def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> 
                                fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not kernel, exchange=ep_exchange(rt),
                                chunks=ep_chunks(mesh, x.shape[0], ids.shape[1], x.shape[1], x.dtype.itemsize))
     fn = experts_fn(rt, cfg, x.shape[0])
-    if not mesh.empty and not rt.fp8 and experts_variant(rt, cfg, x.shape[0]) == experts_op.RAGGED \
-            and grouped_kernel(rt, cfg) is not None:  # megablox: the compiler cannot partition it
+    pallas = grouped_kernel(rt, cfg) is not None or (rt.fp8 and kernel_backend(rt) != "xla")
+    if not mesh.empty and experts_variant(rt, cfg, x.shape[0]) == experts_op.RAGGED \
+            and pallas:  # megablox or the FP8 grouped GEMM kernels: the compiler cannot partition them
         return data_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=fn, check_vma=False)
     return fn(x, gates, ids, w1, w3, w2)
 
@@ -199,6 +204,28 @@ def _core(on_cpu: bool, t: int, s: int, sorted_positions: bool) -> tuple[str, in
     if s >= CHUNKED_MIN_KEYS and s % KEY_CHUNK == 0:
         return attention_op.CHUNKED, s // KEY_CHUNK
     return attention_op.PLAIN, 1  # short sequences: XLA's fusions of the whole softmax
+
+
+def dsa_sparse(rt: Runtime, cfg: ModelConfig, num_keys: int) -> bool:
+    """Whether MLA's uncached attention (training, prefill) of a model with an indexer runs sparse over
+    its selection (`ops.sparse_attention`); else dense, as `attention` chooses."""
+    if rt.dsa_stage == sparse_op.WARMUP:
+        return False  # the warm-up trains the indexer against the dense attention (V3.2 report s.2.1.1)
+    # Up to K keys the selection keeps every visible key: the dense attention is the same function, bit for
+    # bit the V3 path, without the gather.
+    return num_keys > cfg.index_topk
+
+
+def sparse_query_chunks(batch: int, t: int, k: int, row_bytes: int) -> int:
+    """Query chunks of the sparse attention: the fewest (halving T) that keep one chunk's gathered rows,
+    [B, T / chunks, K, C+R] of `row_bytes` each, within SPARSE_GATHER_BYTES on each device (the rows a device
+    holds: `batch` over the current mesh's batch shards)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in batch_axes())
+    rows, n = max(batch // shards, 1), 1
+    while rows * (t // n) * k * row_bytes > SPARSE_GATHER_BYTES and t % (2 * n) == 0:
+        n *= 2
+    return n
 
 
 # ---- rematerialisation --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import jax
 from absl import logging
 
 from dsv3_jax.parallel.distributed import maybe_initialize
-from dsv3_jax.train.loop import TrainConfig, TrainingError, run
+from dsv3_jax.train.loop import TrainConfig, TrainingError, UsageError, run
 from dsv3_jax.train.progress import describe_workdir
 
 # Each numeric flag of train.py -> (its rule, as told to the user; whether a value keeps it). A flag left
@@ -47,7 +47,7 @@ def config_from_flags(f) -> TrainConfig:
                        eval_every=f.eval_every, precision=f.precision,
                        stop_after=f.stop_after, sample_tokens=f.sample_tokens, mesh=f.mesh, experts=f.experts,
                        attention=f.attention, remat=f.remat, grad_accum=f.grad_accum, moments=f.moments,
-                       scan_layers=f.scan_layers)
+                       scan_layers=f.scan_layers, dsa_stage=f.dsa_stage)
 
 
 def _abandon_run(e: Exception) -> None:
@@ -75,6 +75,9 @@ def main(argv, flags) -> None:
         sys.exit(f"train.py: {e}")
     try:
         summary = run(config_from_flags(flags))
+    except UsageError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(2)
     except TrainingError as e:
         sys.exit(f"train.py: {e}")
     except jax.errors.JaxRuntimeError as e:

@@ -70,6 +70,8 @@ from dsv3_jax.train.workdir import (
 
 # --precision -> (activation dtype, FP8 GEMMs in the linear layers). Master weights stay float32 in all.
 PRECISIONS = {"fp32": ("float32", False), "bf16": ("bfloat16", False), "fp8": ("bfloat16", True)}
+# What a DSA training stage adds to the metrics (train_step): the indexer's KL and its selection's recall.
+DSA_METRICS = ("indexer_kl", "indexer_recall")
 # --moments=auto keeps AdamW's moments in BF16 (as the V3 report does) from this many parameters: the
 # real-size presets (V2-Lite 16B and up), where the optimizer state is a third of the memory.
 BF16_MOMENTS_MIN_PARAMS = 1_000_000_000
@@ -77,6 +79,10 @@ BF16_MOMENTS_MIN_PARAMS = 1_000_000_000
 
 class TrainingError(RuntimeError):
     """A problem with the user's input or run, reported as one message and a non-zero exit."""
+
+
+class UsageError(TrainingError):
+    """Flags that contradict each other or the config: one message and exit status 2, as for a bad flag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +121,9 @@ class TrainConfig:
     scan_layers: bool = False
     grad_accum: int = 1  # microbatches per optimizer step
     moments: str = "auto"  # AdamW moments: float32, bfloat16, or auto (bfloat16 from BF16_MOMENTS_MIN_PARAMS)
+    # DeepSeek-V3.2's training stage (configs with an indexer; Runtime.dsa_stage): "warmup" trains the indexer
+    # alone against the dense attention, "sparse" everything over the indexer's selection; None: neither.
+    dsa_stage: str | None = None
 
 
 def model_config(tc: TrainConfig) -> ModelConfig:
@@ -124,6 +133,9 @@ def model_config(tc: TrainConfig) -> ModelConfig:
         cfg = ModelConfig.from_json(tc.model)
     except (FileNotFoundError, ValueError) as e:
         raise TrainingError(f"--config: {e}") from e
+    if tc.dsa_stage is not None and not cfg.has_indexer:
+        raise UsageError(f"--dsa_stage={tc.dsa_stage} trains a DeepSeek Sparse Attention indexer, and --config "
+                         f"{tc.model!r} has none (index_topk = 0)")
     if tc.seq_len > cfg.max_position_embeddings:
         raise TrainingError(f"--seq_len={tc.seq_len} is above the config's max_position_embeddings "
                             f"({cfg.max_position_embeddings})")
@@ -137,7 +149,7 @@ def runtime(tc: TrainConfig) -> Runtime:
     dtype, fp8 = PRECISIONS[tc.precision]
     try:
         return Runtime(dtype=dtype, fp8=fp8, experts=tc.experts, attention=tc.attention, remat=tc.remat,
-                       scan_layers=tc.scan_layers)
+                       scan_layers=tc.scan_layers, dsa_stage=tc.dsa_stage)
     except ValueError as e:
         raise TrainingError(str(e)) from e
 
@@ -353,7 +365,8 @@ def _save(mgr, step: int, state: TrainState, batches, cfg: ModelConfig, tokenize
 
 def _record(m: dict, tokens_per_s: float) -> dict:
     loads = {k: np.asarray(v) for k, v in m["expert_load"].items()}
-    rec = {k: float(m[k]) for k in ("loss", "ce", "mtp_loss", "balance_loss", "lr", "grad_norm")}
+    rec = {k: float(m[k]) for k in ("loss", "ce", "mtp_loss", "balance_loss", "lr", "grad_norm", *DSA_METRICS)
+           if k in m}
     rec["tokens_per_s"] = tokens_per_s
     rec["expert_max_over_mean"] = {k: float(v.max() / v.mean()) for k, v in loads.items()}
     rec["expert_load"] = {k: v.tolist() for k, v in loads.items()}
@@ -469,7 +482,8 @@ def _train(tc: TrainConfig, cfg: ModelConfig, rt: Runtime, optim: OptimConfig, s
             summary["losses"][step] = loss
             tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
             t0 = time.perf_counter()
-            bar.update(step, loss, tokens_per_s, ce=float(m["ce"]))
+            bar.update(step, loss, tokens_per_s, ce=float(m["ce"]),
+                       extra={k.replace("_", " "): float(m[k]) for k in DSA_METRICS if k in m})
             rec = _record(m, tokens_per_s) if step % tc.log_every == 0 or step == tc.steps else None
             if step % tc.eval_every == 0 or step == tc.steps:
                 rec = rec or _record(m, tokens_per_s)

@@ -22,6 +22,7 @@ from dsv3_jax.layers.moe import Routing
 from dsv3_jax.model import Transformer, stacks
 from dsv3_jax.ops import dispatch
 from dsv3_jax.ops.cross_entropy import head_cross_entropy
+from dsv3_jax.ops.sparse_attention import WARMUP
 from dsv3_jax.runtime import Runtime
 
 
@@ -30,6 +31,10 @@ class LossParts(NamedTuple):
     ce: jax.Array  # main next-token cross-entropy
     mtp: jax.Array  # mean MTP cross-entropy over depths (0 without MTP)
     balance: jax.Array  # sum over MoE layers of the sequence-wise balance loss
+    # DSA training stages (Runtime.dsa_stage; 0 outside them): the indexer's KL to the main attention and
+    # the share of the dense attention's mass its selection keeps, each the mean over attention layers.
+    indexer_kl: jax.Array = 0.0
+    indexer_recall: jax.Array = 0.0
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, runtime: Runtime = Runtime()) -> jax.Array:
@@ -52,6 +57,22 @@ def routings(intermediates: dict) -> dict[str, Routing]:
 
     walk(intermediates, ())
     return found
+
+
+def indexer_terms(intermediates: dict) -> jax.Array | None:
+    """[layers, 2]: each attention layer's sown [indexer KL, recall] (MLA in a DSA training stage; a scanned
+    stack's come stacked), MTP blocks' included; None where none was sown."""
+    found = []
+
+    def walk(tree):
+        for key, value in tree.items():
+            if key == "dsa":
+                found.append(value[0].reshape(-1, 2))
+            elif isinstance(value, dict):
+                walk(value)
+
+    walk(intermediates)
+    return jnp.concatenate(found) if found else None
 
 
 def balance_loss(r: Routing, batch: int, cfg: ModelConfig) -> jax.Array:
@@ -108,7 +129,14 @@ def compute_loss(params, router, window: jax.Array, cfg: ModelConfig, runtime: R
                   jnp.zeros(()))
     # (lambda / D) * sum_k L_k == lambda * mean_k L_k.
     total = ce + cfg.mtp_loss_weight * mtp + cfg.aux_loss_alpha * balance
-    return LossParts(total, ce, mtp, balance), routes
+    dsa = indexer_terms(state.get("intermediates", {}))
+    if dsa is None:
+        return LossParts(total, ce, mtp, balance), routes
+    # Each layer's indexer learns from its own KL alone (its input is detached, the top-k passes no
+    # gradient), so the KLs are summed; the warm-up trains nothing else (V3.2 report s.2.1.1).
+    kl = jnp.sum(dsa[:, 0])
+    total = kl if runtime.dsa_stage == WARMUP else total + kl
+    return LossParts(total, ce, mtp, balance, jnp.mean(dsa[:, 0]), jnp.mean(dsa[:, 1])), routes
 
 
 def update_router_bias(router: dict, loads: dict[str, jax.Array], gamma: float) -> dict:

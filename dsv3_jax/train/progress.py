@@ -48,9 +48,11 @@ class Progress:
         # last plain line: the time left is timed from the first, tokens/s from the second.
         self._rate_from = self._mark = None
 
-    def update(self, step: int, loss: float, tokens_per_s: float | None = None, ce: float | None = None) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float | None = None, ce: float | None = None,
+               extra: dict[str, float] | None = None) -> None:
         """Move the bar to `step`; tokens/s defaults to tokens_per_step over the time since the last update.
-        `loss` is the training objective; `ce`, if given, the step's next-token cross-entropy."""
+        `loss` is the training objective; `ce`, if given, the step's next-token cross-entropy; `extra`, more
+        of the step's numbers by name (a DSA stage's indexer KL and recall), shown after it."""
         now = time.perf_counter()
         if tokens_per_s is None:
             elapsed = now - self._time
@@ -62,15 +64,16 @@ class Progress:
         if self.plain:
             self._rate_from = self._rate_from or (step, now)
             self._mark = self._mark or (step, now)
-            self._pending = (step, loss, ce, tokens_per_s, now)
+            self._pending = (step, loss, ce, tokens_per_s, now, extra or {})
             if step % self.print_every == 0 or step == self.total or now - self._mark[1] >= PLAIN_MAX_SECS:
                 self._print_pending()
 
     def _print_pending(self) -> None:
-        step, loss, ce, tokens_per_s, now = self._pending
+        step, loss, ce, tokens_per_s, now, extra = self._pending
         if step > self._mark[0]:  # the mean since the last line, evaluations and checkpoints included
             tokens_per_s = (step - self._mark[0]) * self.tokens_per_step / (now - self._mark[1])
         ce_text = f", next-token cross-entropy {ce:.4f}" if ce is not None else ""
+        ce_text += "".join(f", {name} {value:.4f}" for name, value in extra.items())
         timing = f"{tqdm.format_interval(now - self._start)} elapsed"
         from_step, from_time = self._rate_from
         if step > from_step:

@@ -11,6 +11,7 @@ import optax
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import init_variables, logical_axes, variable_shapes
+from dsv3_jax.ops.sparse_attention import WARMUP
 from dsv3_jax.parallel.rules import param_shardings, replicated
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.objective import compute_loss, expert_load, layer_loads, update_router_bias
@@ -147,19 +148,46 @@ def accumulated_gradients(params, router, window: jax.Array, cfg: ModelConfig, o
     return jax.tree_util.tree_map(lambda x: x / n, total)
 
 
+def is_indexer(params) -> dict:
+    """params -> the same tree of Python bools: True at the DSA indexers' weights."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(k, "key", None) == "indexer" for k in path), params)
+
+
+def indexer_only(optimizer: optax.GradientTransformation, updates, new_opt_state, old_opt_state, params):
+    """The DSA warm-up trains the indexers alone (V3.2 report s.2.1.1): every other parameter's update is
+    zero (AdamW's weight decay would move it) and its moments keep their values. The optimizer is the one
+    of every stage, so its state has one structure and a run resumes across --dsa_stage."""
+    train = is_indexer(params)
+    updates = jax.tree_util.tree_map(lambda u, t: u if t else jnp.zeros_like(u), updates, train)
+    # Per leaf of the state: the new value at an indexer's moments and at the shared counters, else the old.
+    take_new = optax.tree_utils.tree_map_params(optimizer, lambda _, t: t, new_opt_state, train,
+                                                transform_non_params=lambda _: True)
+    opt_state = jax.tree_util.tree_map(lambda t, new, old: new if t else old, take_new, new_opt_state, old_opt_state)
+    return updates, opt_state
+
+
 def train_step(state: TrainState, window: jax.Array, cfg: ModelConfig, optim: OptimConfig,
                runtime: Runtime = Runtime()):
     """One optimizer step plus the bias update; returns (new state, metrics)."""
     parts, loads, grads = accumulated_gradients(state.params, state.router, window, cfg, optim, runtime)
-    updates, opt_state = make_optimizer(optim).update(grads, state.opt_state, state.params)
+    optimizer = make_optimizer(optim)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    warmup = runtime.dsa_stage == WARMUP
+    if warmup:
+        updates, opt_state = indexer_only(optimizer, updates, opt_state, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    router = update_router_bias(state.router, loads, cfg.bias_update_speed) if state.router else state.router
+    # The router biases are the main model's state too: frozen in the warm-up.
+    router = update_router_bias(state.router, loads, cfg.bias_update_speed) if state.router and not warmup \
+        else state.router
     metrics = {"loss": parts.loss, "ce": parts.ce, "mtp_loss": parts.mtp, "balance_loss": parts.balance,
                "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(optim)(state.step),
                "expert_load": layer_loads(loads, cfg),
                # A finite loss can still produce non-finite weights (an lr or update gone bad);
                # the loop checks this before it may checkpoint the new state.
                "params_finite": jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree_util.tree_leaves(params)]))}
+    if runtime.dsa_stage is not None:
+        metrics.update(indexer_kl=parts.indexer_kl, indexer_recall=parts.indexer_recall)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, router=router)
     return new, metrics
 
