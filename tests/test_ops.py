@@ -263,3 +263,21 @@ def test_kernels_run_on_each_devices_rows_under_a_mesh():
     # The weight gradient sums each device's rows in FP8: its 1x128 tiles of dy run along the tokens a
     # device holds, so the scales (and roundings) differ from one device's; the sum is close, not equal.
     assert float(jnp.linalg.norm(dw - want_dw) / jnp.linalg.norm(want_dw)) < 5e-2
+
+
+def test_8bit_weights_take_the_weight_only_gemm_on_kernel_backends():
+    """An `Fp8Weight` on a kernel backend is read 8-bit by the weight-only FP8 GEMM (here Pallas' interpreter),
+    under a mesh on each device's rows: the dequantise-then-matmul result, to float32 rounding."""
+    from dsv3_jax.ops.linear import Fp8Weight, linear
+    from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
+
+    x = jax.random.normal(jax.random.PRNGKey(5), (4, 3, 192))  # the weight's input is 2 x 96
+    w = Fp8Weight.quantize(jax.random.normal(jax.random.PRNGKey(6), (2, 96, 200)) / 8, in_dims=2)
+    want = linear(x, w, in_dims=2)  # "xla": dequantised, then a matmul
+    got = jax.jit(lambda x: linear(x, w, in_dims=2, backend="interpret"))(x)
+    assert got.shape == want.shape == (4, 3, 200)
+    _close(got, want, atol=1e-5)
+    with jax.set_mesh(make_mesh(parse_mesh("fsdp=2", 2), devices=jax.devices()[:2])):
+        text = jax.jit(lambda x: linear(x, w, in_dims=2, backend="interpret")).lower(x).as_text()
+        assert "f8E4M3" in text  # the weight enters the kernel 8-bit
+        _close(jax.jit(lambda x: linear(x, w, in_dims=2, backend="interpret"))(x), want, atol=1e-5)

@@ -83,8 +83,9 @@ def kernel_backend(rt: Runtime) -> str:
 
 
 def fp8_backend(rt: Runtime) -> str:
-    """The backend of the linear layers' FP8 GEMMs; "xla" (unused) when the runtime has none."""
-    return kernel_backend(rt) if rt.fp8 else "xla"
+    """The backend of the linear layers' FP8 GEMMs (`rt.fp8`) and of their 8-bit weights' weight-only GEMMs
+    (`ops.linear.linear` with an `Fp8Weight`, where the backend takes them)."""
+    return kernel_backend(rt)
 
 
 # ---- experts ------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from dsv3_jax.parallel.rules import local_rows
 from pallas_kernels import grouped_matmul
-from pallas_kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
+from pallas_kernels.fp8_gemm import fp8_grouped_linear, fp8_linear, fp8_weight_gemm
+from pallas_kernels.fp8_gemm import supports as fp8_supports
 from pallas_kernels.quant import dequantize_weight, quantize_weight
 
 # Grouped matmul: rows of x [M, K] sorted by group, group sizes [G], w [G, K, N] -> [M, N].
@@ -111,7 +112,15 @@ def linear(x: jax.Array, w: jax.Array | Fp8Weight, *, in_dims: int = 1, fp8: boo
     """x [..., I] @ w [I_1..I_in_dims, O...] -> [..., O...] in x's dtype, I = I_1 * ... * I_in_dims.
 
     One 2-D matmul whatever the ranks: XLA:CPU lays out 3-D forms' backward with transposes.
-    `fp8`: FP8 GEMMs on `backend` (a concrete `pallas_kernels` backend name)."""
+    `fp8`: FP8 GEMMs on `backend` (a concrete `pallas_kernels` backend name). An `Fp8Weight` goes through
+    the weight-only FP8 GEMM where `backend` is a kernel backend that takes it (the weight read 8-bit and
+    dequantised in the kernel: decoding reads half the weight bytes), else it is dequantised first."""
+    if isinstance(w, Fp8Weight) and not fp8 and not w.stacked and backend != "xla" \
+            and fp8_supports((x.shape[-1],), w.shape, backend=backend, weight_only=True) is None:
+        k = math.prod(w.shape[:in_dims])
+        x2, wq = x.reshape(-1, k), w._as_matrix(w.q)  # [out, in], as the kernel and the checkpoint hold it
+        gemm = lambda a, q, s: fp8_weight_gemm(a, q, s, backend=backend)
+        return local_rows(gemm, (x2,), (wq, w.scale)).reshape(*x.shape[:-1], *w.shape[in_dims:])
     w, x = dense_for(w, x)
     k, out = math.prod(w.shape[:in_dims]), w.shape[in_dims:]
     x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
