@@ -105,12 +105,12 @@ def _decode(tokenizer, ids: list[int], eos_id) -> str:
     return tokenizer.decode([t for t in ids if t != eos_id])
 
 
-def _summary(res: Result, texts: list[str], cfg, cache_dtype, variables, prompts) -> dict:
+def _summary(res: Result, texts: list[str], cfg, cache_dtype, variables, prompts, rt) -> dict:
     out = {"text": texts[0] if len(texts) == 1 else texts,
            "tokens": res.tokens[0] if len(res.tokens) == 1 else res.tokens,
            "tokens_per_s": res.tokens_per_s, "prefill_s": res.prefill_s, "decode_s": res.decode_s,
            "compile_s": res.compile_s, "prefill_tokens_per_s": sum(map(len, prompts)) / res.prefill_s,
-           "kv_cache": str(cache_dtype), "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, cache_dtype),
+           "kv_cache": str(cache_dtype), "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, cache_dtype, rt),
            "weight_bytes": weight_bytes(variables), "batch": len(prompts)}
     if res.acceptance_rate is not None:
         out.update(acceptance_rate=res.acceptance_rate, accepted_per_step=res.accepted_per_step)
@@ -164,7 +164,7 @@ def run(f) -> dict:
             print(f"[{i}] {_decode(tokenizer, prompts[i] + ids, tokenizer.eos_id)}")
     else:
         print()
-    out = {**_summary(res, texts, cfg, cache_dtype, variables, prompts), "weights": f.weights}
+    out = {**_summary(res, texts, cfg, cache_dtype, variables, prompts, rt), "weights": f.weights}
     if f.speculative == "mtp" and f.compare_plain:
         plain = generate(cfg, variables, prompts, dataclasses.replace(gen, speculative="none"), cache_dtype=cache_dtype,
                          runtime=rt)

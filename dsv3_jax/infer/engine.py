@@ -143,6 +143,7 @@ class Generator:
         if gen.speculative == "mtp" and not cfg.mtp_depth:
             raise GenerationError("--speculative=mtp needs MTP modules, and this model has none (mtp_depth 0)")
         self.model = Transformer(cfg, runtime)
+        self.runtime = runtime
         self.greedy = gen.sampling.temperature == 0
         self.cache_dtype = resolve_cache_dtype(cache_dtype, runtime)
         self.prefill = jax.jit(self._prefill, static_argnums=3)
@@ -170,9 +171,11 @@ class Generator:
     # -- the pieces, traced once per shape ------------------------------------------------------
 
     def _empty_cache(self, batch: int, length: int, n: int) -> tuple[LatentCache, ...]:
+        """n layers' caches; with a DSA indexer each also holds the indexer's keys (in the compute dtype)."""
         c = self.cfg
-        return tuple(LatentCache.empty(batch, length, c.kv_cache_dim, self.cache_dtype, c.kv_lora_rank)
-                     for _ in range(n))
+        index_dim = c.index_head_dim if c.has_indexer else 0
+        return tuple(LatentCache.empty(batch, length, c.kv_cache_dim, self.cache_dtype, c.kv_lora_rank, index_dim,
+                                       self.runtime.compute_dtype) for _ in range(n))
 
     def _draft(self, variables, mtp_cache, h, ext, positions, at, key):
         """The MTP chain over a window: h [B,W,D] main hidden at `positions` [B,W]; ext [B, W+D+1] the
@@ -412,7 +415,8 @@ def resolve_cache_dtype(cache_dtype, runtime: Runtime):
     return jnp.dtype(cache_dtype or runtime.dtype)
 
 
-def cache_bytes_per_token(cfg: ModelConfig, cache_dtype) -> int:
+def cache_bytes_per_token(cfg: ModelConfig, cache_dtype, runtime: Runtime = Runtime()) -> int:
     """Bytes the main model's cache holds per token, all layers (the cost model's figure at this dtype; "fp8":
-    packed rows, `layers.cache.row_bytes`)."""
-    return cfg.num_layers * latent_cache.row_bytes(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cache_dtype)
+    packed rows, `layers.cache.row_bytes`), plus a DSA indexer's keys in the compute dtype."""
+    index = cfg.index_head_dim * runtime.compute_dtype.itemsize if cfg.has_indexer else 0
+    return cfg.num_layers * (latent_cache.row_bytes(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cache_dtype) + index)

@@ -1,4 +1,5 @@
-"""The latent KV cache of one attention layer: per batch row and slot, MLA's C + R cached values."""
+"""The latent KV cache of one attention layer: per batch row and slot, MLA's C + R cached values, and with a
+DSA indexer (DeepSeek-V3.2) the indexer's key, index_head_dim values in the compute dtype."""
 from __future__ import annotations
 
 import flax.struct
@@ -33,23 +34,33 @@ class LatentCache:
     Stored flat, one row per (batch row, slot): XLA:CPU then updates it in place with one row scatter;
     as [B, S, C+R] with B = 1 it duplicates the update into each reader and copies the whole cache
     four times per layer and step. Batch-major, so splitting the rows over the batch mesh axes
-    splits whole batch rows (logical axes `AXES`)."""
+    splits whole batch rows (logical axes `AXES`).
+
+    `index_rows` [B*S, I] (None without an indexer): the DSA indexer's key of each token (`Indexer.keys`),
+    laid out as `rows` and written at the same slots. Kept apart from the latent rows because the indexer
+    scores every visible slot with its own dot products, while the attention reads only the selected
+    latent rows; in the compute dtype, as the uncached indexer scores its keys."""
 
     rows: jax.Array
     slots: int = flax.struct.field(pytree_node=False)
     fp8_dims: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
+    index_rows: jax.Array | None = None
 
     AXES = ("batch", "kv_latent")  # logical axes of `rows` (dsv3_jax.parallel.rules)
 
     @classmethod
-    def empty(cls, batch: int, slots: int, dim: int, dtype, latent_dim: int | None = None) -> LatentCache:
-        """Rows of `dim` = C + R values in `dtype`; dtype FP8 packs them, and needs C (`latent_dim`)."""
+    def empty(cls, batch: int, slots: int, dim: int, dtype, latent_dim: int | None = None, index_dim: int = 0,
+              index_dtype=None) -> LatentCache:
+        """Rows of `dim` = C + R values in `dtype`; dtype FP8 packs them, and needs C (`latent_dim`). With
+        `index_dim` > 0, also the indexer's key rows, in `index_dtype` (a jnp dtype)."""
+        index = jnp.zeros((batch * slots, index_dim), index_dtype) if index_dim else None
         if not is_fp8(dtype):
-            return cls(jnp.zeros((batch * slots, dim), dtype), slots)
+            return cls(jnp.zeros((batch * slots, dim), dtype), slots, index_rows=index)
         if latent_dim is None or not 0 < latent_dim <= dim:
             raise ValueError(f"an FP8 latent cache needs latent_dim in [1, {dim}], got {latent_dim!r}")
         dims = (latent_dim, dim - latent_dim)
-        return cls(jnp.zeros((batch * slots, fp8_cache.row_bytes(*dims)), fp8_cache.FP8_CACHE_DTYPE), slots, dims)
+        rows = jnp.zeros((batch * slots, fp8_cache.row_bytes(*dims)), fp8_cache.FP8_CACHE_DTYPE)
+        return cls(rows, slots, dims, index)
 
     @property
     def batch(self) -> int:
@@ -59,6 +70,24 @@ class LatentCache:
         """[B, S, C+R], or [B, S, row bytes] packed (a reshape: no copy)."""
         return self.rows.reshape(self.batch, self.slots, self.rows.shape[-1])
 
+    def index_view(self) -> jax.Array:
+        """The indexer's keys [B, S, I] (a reshape: no copy)."""
+        return self.index_rows.reshape(self.batch, self.slots, self.index_rows.shape[-1])
+
+    def _targets(self, start: jax.Array, t: int) -> jax.Array:
+        """The flat row of each of T new entries per batch row written from slot start[b] -> [B*T]; an entry
+        past its row's S slots goes to one row past the array, which mode="drop" scatters drop."""
+        slot = start[:, None] + jnp.arange(t)
+        rows = jnp.arange(start.shape[0])[:, None] * self.slots + slot
+        return jnp.where(slot < self.slots, rows, self.rows.shape[0]).reshape(-1)
+
+    def write_index(self, keys: jax.Array, start: jax.Array) -> LatentCache:
+        """keys [B,T,I] -> the cache with row b's indexer keys at slots start[b]..start[b]+T-1 (as `write`)."""
+        b, t, i = keys.shape
+        index = self.index_rows.at[self._targets(start, t)].set(keys.reshape(b * t, i).astype(self.index_rows.dtype),
+                                                                mode="drop")
+        return self.replace(index_rows=index)
+
     def write(self, new: jax.Array, start: jax.Array) -> LatentCache:
         """new [B,T,C+R], start [B] -> the cache with row b's entries at slots start[b]..start[b]+T-1.
         Entries past a row's S slots are dropped (never written into the next row's slots, nor outside
@@ -67,8 +96,5 @@ class LatentCache:
         if self.fp8_dims is not None:  # each token's row quantised on its own: its scales are its own
             new = fp8_cache.quantize_rows(new, self.fp8_dims[0])
         b, t, k = new.shape
-        slot = start[:, None] + jnp.arange(t)
-        past_end = self.rows.shape[0]  # dropped by mode="drop"
-        at = jnp.where(slot < self.slots, jnp.arange(b)[:, None] * self.slots + slot, past_end).reshape(-1)
-        rows = self.rows.at[at].set(new.reshape(b * t, k).astype(self.rows.dtype), mode="drop")
-        return LatentCache(rows, self.slots, self.fp8_dims)
+        rows = self.rows.at[self._targets(start, t)].set(new.reshape(b * t, k).astype(self.rows.dtype), mode="drop")
+        return self.replace(rows=rows)

@@ -97,6 +97,20 @@ def select(scores: jax.Array, topk: int) -> jax.Array:
     return idx
 
 
+def select_cached(q: jax.Array, w: jax.Array, keys: jax.Array, q_positions: jax.Array, topk: int,
+                  query_chunks: int = 1) -> jax.Array:
+    """`select` over the scores of q [B,T,H,I], w [B,T,H] against a cache's keys [B,S,I] (slot s holds
+    position s) -> [B,T,topk]. `query_chunks` > 1 (dividing T) scores the queries a chunk at a time, so a
+    prefill holds [B, T/chunks, H, S] float32 logits, not [B,T,H,S]."""
+    score = lambda qc, wc, pc: select(index_scores(qc, wc, keys, pc, None), topk)
+    b, t = q.shape[:2]
+    if query_chunks <= 1 or t % query_chunks:
+        return score(q, w, q_positions)
+    split = lambda a: a.reshape(b, query_chunks, t // query_chunks, *a.shape[2:]).swapaxes(0, 1)
+    idx = jax.lax.map(lambda a: score(*a), (split(q), split(w), split(q_positions)))
+    return idx.swapaxes(0, 1).reshape(b, t, topk)
+
+
 class Indexer(nn.Module):
     """The indexer's weights, named as DeepSeek's checkpoints name them (`self_attn.indexer.*`):
     wq_b [Q,H,I], wk [D,I], k_norm (LayerNorm scale and bias [I]), weights_proj [D,H]."""

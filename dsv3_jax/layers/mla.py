@@ -4,7 +4,8 @@ Keys and values are rebuilt from a shared latent c_kv [C] (normalised) plus one 
 shared by all heads, so a cache holds only C + R values per token (`LatentCache`). The attention
 itself is the attention op (`dsv3_jax.ops.attention`: expanded per head, or absorbed into the
 query and output), whose variant the runtime and `dsv3_jax.ops.dispatch` choose. With a DSA indexer
-(DeepSeek-V3.2), the uncached attention reads each query's top-k keys only (`_dsa`).
+(DeepSeek-V3.2), the attention reads each query's top-k keys only: uncached (`_dsa`), and over a cache
+(`_dsa_cached`), where the cache also holds the indexer's keys.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.cache import LatentCache
 from dsv3_jax.layers.common import weight
-from dsv3_jax.layers.indexer import INDEX_SCORES, Indexer, select  # DSA (issue 17)
+from dsv3_jax.layers.indexer import INDEX_SCORES, Indexer, select, select_cached  # DSA (issue 17)
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import apply_rope, rope_angles
 from dsv3_jax.ops import dispatch
@@ -140,6 +141,28 @@ class MLA(nn.Module):
                                                                self.kv_weights(), self.cfg.softmax_scale))
         kl = indexer_kl(dense_p, scores) if target is None else indexer_kl(target, gather_scores(scores, indices))
         self.sow("intermediates", "dsa", jnp.stack([kl, selected_mass(dense_p, indices)]))
+    def _dsa_cached(self, x, flat, q_nope, q_pe, cache: LatentCache, positions, cos, sin):
+        """The cached path with an indexer: x [B,T,D] at `positions` (contiguous per row, already written to
+        the latent `cache`), q_nope/q_pe [B,T,H,*], cos/sin [B*T,R/2] -> ([B,T,H,V], cache with the new
+        tokens' indexer keys). Each query scores the keys of every slot at or before its position (a slot
+        holds the position it is numbered by; slots past it are stale or empty and hidden) and attends over
+        its top index_topk latent rows. A cache of at most index_topk slots runs the dense cached attention:
+        the selection would keep every visible key, the same function."""
+        c, (b, t) = self.cfg, x.shape[:2]
+        cos, sin = cos.reshape(b, t, -1), sin.reshape(b, t, -1)
+        cache = cache.write_index(self.indexer.keys(x, cos, sin), positions[:, 0])
+        kv = cache.view()
+        if not dispatch.dsa_sparse(self.runtime, c, cache.slots):
+            return self._dense(q_nope, q_pe, kv, positions, None, True, False), cache
+        q_latent = self.q_norm(self._linear(flat, self.wq_a)).reshape(b, t, -1)
+        # Prefill scores T queries against S slots: in query chunks, [B, T/chunks, H, S] float32 at a time.
+        chunks = dispatch.sparse_query_chunks(b, t, cache.slots, 4 * c.index_n_heads)
+        indices = select_cached(self.indexer.queries(q_latent, cos, sin), self.indexer.head_weights(x),
+                                cache.index_view(), positions, c.index_topk, chunks)
+        chunks = dispatch.sparse_query_chunks(b, t, c.index_topk, kv.shape[-1] * jnp.dtype(q_nope.dtype).itemsize)
+        with jax.named_scope("mla_sparse"):
+            o = sparse_attention(q_nope, q_pe, kv, positions, None, indices, self.kv_weights(), c.softmax_scale, chunks)
+        return o, cache
     # ---- end of DSA
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None,
@@ -163,6 +186,8 @@ class MLA(nn.Module):
             kv, kv_positions = cache.view(), None
         if c.has_indexer and cache is None:  # DSA (issue 17): the indexer's selection, see _dsa
             o = self._dsa(x, flat, unflat(q_nope), unflat(q_pe), kv, positions, sorted_positions)
+        elif c.has_indexer:
+            o, cache = self._dsa_cached(x, flat, unflat(q_nope), unflat(q_pe), cache, positions, cos, sin)
         else:
             o = self._dense(unflat(q_nope), unflat(q_pe), kv, positions, kv_positions, cache is not None,
                             sorted_positions)

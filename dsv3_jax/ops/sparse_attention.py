@@ -68,9 +68,11 @@ def _latent_query(q_nope, q_pe, w: KvWeights, dtype) -> tuple[jax.Array, jax.Arr
 
 
 def _sparse_core(q, kv, ok, indices, scale, c):
-    """q [B,T,H,C+R] over the rows of kv [B,S,C+R] that `indices` [B,T,K] name (ok: the usable slots)
-    -> (latent output [B,T,H,C], probabilities [B,T,H,K] float32)."""
-    rows = _gather(kv, indices)  # [B,T,K,C+R]: each query's own keys, and (first C) values
+    """q [B,T,H,C+R] over the rows of kv [B,S,C+R] (or packed FP8 rows) that `indices` [B,T,K] name (ok:
+    the usable slots) -> (latent output [B,T,H,C], probabilities [B,T,H,K] float32)."""
+    # [B,T,K,C+R]: each query's own keys, and (first C) values. Gathered before the cast or FP8 dequantisation,
+    # so a decode step converts its K rows, not the whole cache.
+    rows = latent_rows(_gather(kv, indices), c, q.shape[-1] - c, q.dtype)
     s = jnp.einsum("bthd,btkd->bthk", q, rows, preferred_element_type=jnp.float32) * scale
     p = jax.nn.softmax(jnp.where(ok[:, :, None], s, NEG_INF), axis=-1)
     return jnp.einsum("bthk,btkc->bthc", p.astype(q.dtype), rows[..., :c]), p
@@ -85,7 +87,6 @@ def sparse_attention(q_nope, q_pe, kv, q_positions, kv_positions, indices, w: Kv
     stage: per query they sum to 1 over its selection)."""
     dt, c = q_nope.dtype, w.wkv_b.shape[0]
     q, w_v = _latent_query(q_nope, q_pe, w, dt)
-    kv = latent_rows(kv, c, q_pe.shape[-1], dt)
     ok = _selected_visible(indices, q_positions, kv_positions)
     b, t = q.shape[:2]
     if query_chunks <= 1 or t % query_chunks:

@@ -1,0 +1,161 @@
+"""DeepSeek Sparse Attention against dense attention, same model and weights, same run (issue 17).
+
+The model is the `small_dsa` preset with index_topk 256 (and a context long enough for the runs); "dense" is
+the same weights with index_topk past the context, where MLA takes the V3 attention (`dispatch.dsa_sparse`).
+For each context length, batch 1, float32:
+  - prefill tokens/s: one forward of a prompt of that length over an empty cache (as the engine's prefill:
+    latent rows and indexer keys written while at it);
+  - decode tokens/s: `--new` single-token steps at that position over a cache of that many tokens. A
+    decode step's cost depends on the cache's slots, not on how its rows were made, so the cache is filled
+    with random latent rows and indexer keys instead of a prefill (a dense prefill at 32K does not fit this
+    machine's memory: [heads, T, T] float32 scores);
+  - the cache's bytes per token, all layers: latent rows plus indexer keys (DSA) against latent rows only;
+  - agreement: the sparse op (`ops.sparse_attention`) against its masked-dense reference on the same
+    selections, the indexer's top-k of the random keys, max abs difference over the last `--check` queries.
+
+Usage: python benchmarks/sparse_attention.py [--prefill 4096,16384,32768] [--decode 4096,16384,32768]
+       [--new 16] [--repeats 2] [--quick] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.infer.engine import cache_bytes_per_token, use_decode_xla_flags
+from dsv3_jax.layers.cache import LatentCache
+from dsv3_jax.layers.indexer import index_scores, select
+from dsv3_jax.model import Transformer, init_variables
+from dsv3_jax.ops.attention import KvWeights
+from dsv3_jax.ops.sparse_attention import masked_dense_attention, sparse_attention
+
+TOPK = 256
+QUICK = dict(prefill=[512, 1024], decode=[512, 2048], new=4, repeats=1, check=4)
+
+
+def configs(max_context: int) -> tuple[ModelConfig, ModelConfig]:
+    """(DSA, dense) on the same weights: the dense one's top-k covers every slot."""
+    cfg = ModelConfig.from_json("small_dsa").replace(index_topk=TOPK, max_position_embeddings=max_context)
+    return cfg, cfg.replace(index_topk=max_context)
+
+
+def _step_fn(cfg: ModelConfig):
+    model = Transformer(cfg)
+    return jax.jit(lambda v, t, p, c: model.apply(v, t, p, c, method=Transformer.step), donate_argnums=3)
+
+
+def _empty(cfg: ModelConfig, slots: int) -> tuple[LatentCache, ...]:
+    return tuple(LatentCache.empty(1, slots, cfg.kv_cache_dim, jnp.float32, index_dim=cfg.index_head_dim,
+                                   index_dtype=jnp.float32) for _ in range(cfg.num_layers))
+
+
+def _random(cfg: ModelConfig, slots: int, seed: int) -> tuple[LatentCache, ...]:
+    """Caches of unit-scale rows: c_kv is RMS-normalised and the indexer key LayerNorm-ed, so both have
+    about unit entries."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 2 * cfg.num_layers)
+    return tuple(LatentCache(jax.random.normal(keys[2 * i], (slots, cfg.kv_cache_dim)), slots,
+                             index_rows=jax.random.normal(keys[2 * i + 1], (slots, cfg.index_head_dim)))
+                 for i in range(cfg.num_layers))
+
+
+def _median_s(fn, repeats: int) -> float:
+    fn()  # compiles and warms
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def prefill_tokens_per_s(cfg, variables, length: int, repeats: int) -> float:
+    step = _step_fn(cfg)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, length)), jnp.int32)
+    positions = jnp.arange(length, dtype=jnp.int32)[None]
+    run = lambda: jax.block_until_ready(step(variables, tokens, positions, _empty(cfg, length))[0])
+    return length / _median_s(run, repeats)
+
+
+def decode_tokens_per_s(cfg, variables, context: int, new: int, repeats: int) -> float:
+    step, slots = _step_fn(cfg), context + new
+    token = jnp.ones((1, 1), jnp.int32)
+
+    def run():
+        cache = _random(cfg, slots, 0)
+        jax.block_until_ready(cache)
+        t0 = time.perf_counter()
+        for i in range(new):
+            logits, _, cache = step(variables, token, jnp.full((1, 1), context + i, jnp.int32), cache)
+        jax.block_until_ready(logits)
+        return time.perf_counter() - t0
+
+    run()  # compiles and warms
+    return new / statistics.median(run() for _ in range(repeats))
+
+
+def agreement(cfg, variables, context: int, queries: int) -> float:
+    """max |sparse - masked dense| for the last `queries` positions of a random cache of `context` tokens, the
+    indexer's selection of random queries (layer 0's wkv_b)."""
+    cache = _random(cfg, context, 1)[0]
+    k = jax.random.split(jax.random.PRNGKey(2), 4)
+    h, n, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    positions = jnp.arange(context - queries, context, dtype=jnp.int32)[None]
+    q_index = jax.random.normal(k[0], (1, queries, cfg.index_n_heads, cfg.index_head_dim))
+    w_index = jax.random.normal(k[1], (1, queries, cfg.index_n_heads))
+    indices = select(index_scores(q_index, w_index, cache.index_view(), positions, None), cfg.index_topk)
+    q_nope, q_pe = jax.random.normal(k[2], (1, queries, h, n)), jax.random.normal(k[3], (1, queries, h, r))
+    w = KvWeights(variables["params"]["layers_0"]["attn"]["wkv_b"])
+    args = (q_nope, q_pe, cache.view(), positions, None, indices, w, cfg.softmax_scale)
+    return float(jnp.abs(sparse_attention(*args) - masked_dense_attention(*args)).max())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prefill", default="4096,16384,32768", help="prompt lengths, comma-separated")
+    p.add_argument("--decode", default="4096,16384,32768", help="cache lengths of the decode runs")
+    p.add_argument("--new", type=int, default=16, help="decode steps timed per run")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--check", type=int, default=16, help="queries of the agreement check")
+    p.add_argument("--quick", action="store_true", help=f"short contexts, for a test: {QUICK}")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    prefill = [int(x) for x in a.prefill.split(",") if x]
+    decode = [int(x) for x in a.decode.split(",") if x]
+    new, repeats, check = a.new, a.repeats, a.check
+    if a.quick:
+        prefill, decode, new, repeats, check = (QUICK[k] for k in ("prefill", "decode", "new", "repeats", "check"))
+    cfg, dense = configs(max(prefill + [d + new for d in decode]))
+    variables = Transformer(cfg).prepare_decode(init_variables(cfg, jax.random.PRNGKey(0)))
+    v3 = cfg.replace(index_n_heads=0, index_head_dim=0, index_topk=0)
+    out = {"config": "small_dsa", "index_topk": TOPK, "device": jax.devices()[0].device_kind,
+           "cache_bytes_per_token": {"dsa": cache_bytes_per_token(cfg, jnp.float32),
+                                     "dense": cache_bytes_per_token(v3, jnp.float32)},
+           "prefill": {}, "decode": {}}
+    for t in prefill:
+        d, s = prefill_tokens_per_s(dense, variables, t, repeats), prefill_tokens_per_s(cfg, variables, t, repeats)
+        out["prefill"][t] = {"dense_tokens_per_s": d, "dsa_tokens_per_s": s, "speedup": s / d}
+        print(f"prefill {t:>6}: dense {d:9.1f} tok/s  dsa {s:9.1f} tok/s  x{s / d:.2f}", flush=True)
+    for t in decode:
+        d, s = (decode_tokens_per_s(c, variables, t, new, repeats) for c in (dense, cfg))
+        out["decode"][t] = {"dense_tokens_per_s": d, "dsa_tokens_per_s": s, "speedup": s / d}
+        print(f"decode  {t:>6}: dense {d:9.1f} tok/s  dsa {s:9.1f} tok/s  x{s / d:.2f}", flush=True)
+    out["agreement_context"] = max(decode)
+    out["max_abs_diff_vs_masked_dense"] = agreement(cfg, variables, max(decode), check)
+    b = out["cache_bytes_per_token"]
+    print(f"cache bytes/token (float32, {cfg.num_layers} layers): dsa {b['dsa']} (latent + indexer keys), dense "
+          f"{b['dense']} (latent); sparse vs masked dense at {max(decode)}: max |diff| "
+          f"{out['max_abs_diff_vs_masked_dense']:.2e}")
+    if a.json:
+        print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    use_decode_xla_flags()
+    main()

@@ -1,0 +1,20 @@
+"""benchmarks/sparse_attention.py --quick runs end to end: every figure present and sane, and the sparse op
+equal to its masked-dense reference on the benchmark's selections."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import sparse_attention as bench  # noqa: E402
+
+
+def test_quick_benchmark_reports_every_figure(capsys):
+    out = bench.main(["--quick", "--json"])
+    assert set(out["prefill"]) == set(bench.QUICK["prefill"]) and set(out["decode"]) == set(bench.QUICK["decode"])
+    for row in (*out["prefill"].values(), *out["decode"].values()):
+        assert row["dense_tokens_per_s"] > 0 and row["dsa_tokens_per_s"] > 0
+        assert abs(row["speedup"] - row["dsa_tokens_per_s"] / row["dense_tokens_per_s"]) < 1e-9
+    b = out["cache_bytes_per_token"]
+    assert b["dsa"] - b["dense"] == 4 * 32 * 4  # 4 layers x index_head_dim 32 float32 keys
+    assert out["max_abs_diff_vs_masked_dense"] < 1e-5
+    assert '"max_abs_diff_vs_masked_dense"' in capsys.readouterr().out.splitlines()[-1]
