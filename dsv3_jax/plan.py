@@ -396,8 +396,8 @@ def flops_note(setup: Setup, num_devices: int, compiled_flops: float, model_flop
              "weight gradients; GPU: forward and backward)"
              + ("" if setup.mesh.get("expert", 1) > 1 else ", on every device over the whole batch's rows"))
     if dispatch.grouped_kernel(setup.runtime, setup.cfg) is not None:  # megablox: grouped forward and backward
-        where = ("the routing, sorting and norms, less the routed experts' weight gradients, which the count "
-                 "leaves out (megablox's tgmm kernel declares no cost: a third of the experts' FLOPs)")
+        where = ("the routing, sorting and norms (megablox's grouped matmuls count at their declared cost, the "
+                 "experts' own FLOPs: benchmarks/tpu_kernels.py)")
     tail = f"the rest {share(rest)}" + (f" is mostly {where} (docs/SCALE.md)" if setup.cfg.n_routed_experts else "")
     return f"compiled / model = {compiled_flops / model:.2f}: " + "; ".join([r for r in reasons if r] + [tail])
 
