@@ -190,6 +190,21 @@ def test_decode_state_is_sharded(devices):
     assert state.length.sharding.is_fully_replicated
 
 
+def test_dsa_decode_places_the_indexer_keys_and_compiles(devices):
+    """A V3.2 model's caches hold the indexer's keys too: split over the batch shards as the latent rows are,
+    and the decode step (indexer scores, top-k, sparse attention over a 512-slot cache) compiles."""
+    setup = dataclasses.replace(_decode_setup("tiny", context=512), cfg=ModelConfig.from_json("tiny").replace(
+        index_n_heads=4, index_head_dim=32, index_topk=64))
+    mesh = make_mesh(MESH, devices=devices)
+    variables = plan.abstract_decode_variables(setup, mesh)
+    state = plan.abstract_decode_state(setup, plan.decode_generator(setup), variables, mesh)
+    for cache in state.cache:
+        assert cache.index_rows.shape == (cache.rows.shape[0], 32)
+        assert cache.index_rows.sharding.shard_shape(cache.index_rows.shape)[0] == cache.rows.shape[0] // 4
+    r = plan.plan(setup, devices)
+    assert r["fits"] and r["per_device_bytes"]["arguments"] > 0
+
+
 def test_decode_speculative_mtp_compiles(devices, decode_reports):
     r = plan.plan(_decode_setup("tiny", speculative="mtp"), devices)
     assert r["fits"] and r["speculative"] == "mtp"
