@@ -14,7 +14,7 @@ from dsv3_jax.hf import save_hf_checkpoint
 from dsv3_jax.infer import cli
 from dsv3_jax.infer.engine import GenerateConfig, Generator, cache_bytes_per_token, generate
 from dsv3_jax.layers.cache import FP8
-from dsv3_jax.layers.indexer import select
+from dsv3_jax.layers.indexer import index_scores, select
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.ops import dispatch
 from dsv3_jax.ops.attention import KvWeights, visible
@@ -101,6 +101,20 @@ def test_caches_hold_latent_rows_and_indexer_keys(variables, tokens):
     v3 = CFG.replace(index_n_heads=0, index_head_dim=0, index_topk=0)
     assert Generator(v3, GenerateConfig())._empty_cache(2, SLOTS, 1)[0].index_rows is None
     assert cache_bytes_per_token(CFG, jnp.float32) == cache_bytes_per_token(v3, jnp.float32) + 2 * 16 * 4
+
+
+@pytest.mark.parametrize("t", [1, 2, 16])
+def test_index_scores_keys_major_is_the_same_function(t):
+    """The layout a decode step scores its cache in (`dispatch.index_keys_major`) changes no score beyond
+    float32 summation order, -inf where the key is not visible included."""
+    k = jax.random.split(jax.random.PRNGKey(7), 3)
+    q, w = jax.random.normal(k[0], (2, t, 4, 32)), jax.random.normal(k[1], (2, t, 4))
+    keys = jax.random.normal(k[2], (2, 96, 32))
+    positions = jnp.array([[60 + i for i in range(t)], [3 + i for i in range(t)]], jnp.int32)
+    a, b = (index_scores(q, w, keys, positions, None, keys_major=m) for m in (False, True))
+    assert jnp.array_equal(jnp.isinf(a), jnp.isinf(b)) and int(jnp.isinf(a).sum()) > 0
+    np.testing.assert_allclose(jnp.where(jnp.isinf(a), 0, a), jnp.where(jnp.isinf(b), 0, b), rtol=1e-5, atol=1e-5)
+    assert dispatch.index_keys_major(1) and not dispatch.index_keys_major(16)
 
 
 def test_sparse_attention_reads_packed_fp8_rows_as_their_dequantised_values():

@@ -215,6 +215,12 @@ def test_attention_dispatch():
     name, opts = dispatch.attention(cpu, CFG, cached=False, sorted_positions=True, **train)
     assert (name, opts.core, opts.blocks) == ("naive", "blocked", dispatch.QUERY_BLOCKS)
     assert dispatch.attention(cpu, CFG, cached=False, sorted_positions=False, **train)[1].blocks == 1
+    # A long prefill: [B,H,T,S] float32 scores past CPU_SCORES_BYTES go through the chunked core instead.
+    long = dict(q_shape=(1, 32768, 8, 80), kv_shape=(1, 32768, 80), kv_dtype=jnp.float32, sorted_positions=False)
+    assert 8 * 32768 ** 2 * 4 > dispatch.CPU_SCORES_BYTES
+    assert dispatch.attention(cpu, CFG, cached=True, **long)[1][1:3] == ("chunked", 32768 // dispatch.KEY_CHUNK)
+    at_limit = dict(long, q_shape=(1, 8192, 8, 80), kv_shape=(1, 8192, 80))  # 2 GiB: still the blocked core
+    assert dispatch.attention(cpu, CFG, cached=True, **at_limit)[1][1] == "blocked"
     with pytest.raises(ValueError, match="latent_kernel"):  # asked for where it cannot run: said so
         dispatch.attention(Runtime(attention="latent_kernel"), CFG, cached=False, sorted_positions=True, **train)
 

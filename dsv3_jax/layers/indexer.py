@@ -74,16 +74,18 @@ def apply_rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def index_scores(q: jax.Array, w: jax.Array, k: jax.Array, q_positions: jax.Array,
-                 kv_positions: jax.Array | None) -> jax.Array:
+                 kv_positions: jax.Array | None, keys_major: bool = False) -> jax.Array:
     """q [B,T,H,I], w [B,T,H] (both scales folded in), k [B,S,I] -> float32 scores [B,T,S], -inf
     where the key is not visible (after the query's position; `kv_positions` None: slot s holds
     position s, as in a cache). Materialises [B,T,H,S]: the ReLU sits between the dot product and
-    the sum over heads, so the two do not fold into one matmul."""
-    # Keys major ([B,S,T,H] logits): k [B,S,I] is read as stored, contracted over its minor axis; the
-    # queries-major form made XLA:CPU transpose every cached key on every decode step (a third of a
-    # 32K-slot step's time).
-    logits = jnp.einsum("bsi,bthi->bsth", k.astype(jnp.float32), q.astype(jnp.float32))
-    scores = jnp.einsum("bth,bsth->bts", w.astype(jnp.float32), jax.nn.relu(logits))
+    the sum over heads, so the two do not fold into one matmul. `keys_major` lays those logits out
+    [B,S,T,H] instead: the same function, in the order a decode step over a long cache wants
+    (`dispatch.index_keys_major`)."""
+    q, k, w = q.astype(jnp.float32), k.astype(jnp.float32), w.astype(jnp.float32)
+    if keys_major:
+        scores = jnp.einsum("bth,bsth->bts", w, jax.nn.relu(jnp.einsum("bsi,bthi->bsth", k, q)))
+    else:
+        scores = jnp.einsum("bth,bths->bts", w, jax.nn.relu(jnp.einsum("bthi,bsi->bths", q, k)))
     return jnp.where(visible(q_positions, kv_positions, k.shape[1]), scores, -jnp.inf)
 
 
@@ -101,11 +103,11 @@ def select(scores: jax.Array, topk: int) -> jax.Array:
 
 
 def select_cached(q: jax.Array, w: jax.Array, keys: jax.Array, q_positions: jax.Array, topk: int,
-                  query_chunks: int = 1) -> jax.Array:
+                  query_chunks: int = 1, keys_major: bool = False) -> jax.Array:
     """`select` over the scores of q [B,T,H,I], w [B,T,H] against a cache's keys [B,S,I] (slot s holds
     position s) -> [B,T,topk]. `query_chunks` > 1 (dividing T) scores the queries a chunk at a time, so a
-    prefill holds [B, T/chunks, H, S] float32 logits, not [B,T,H,S]."""
-    score = lambda qc, wc, pc: select(index_scores(qc, wc, keys, pc, None), topk)
+    prefill holds [B, T/chunks, H, S] float32 logits, not [B,T,H,S]; `keys_major` as `index_scores`."""
+    score = lambda qc, wc, pc: select(index_scores(qc, wc, keys, pc, None, keys_major), topk)
     b, t = q.shape[:2]
     if query_chunks <= 1 or t % query_chunks:
         return score(q, w, q_positions)

@@ -45,6 +45,9 @@ QUERY_BLOCK_MIN_T = 128  # shorter sequences gain too little to pay the block lo
 # chunked core keeps one [T, KEY_CHUNK] chunk alive instead (measured by the plans, docs/SCALE.md).
 CHUNKED_MIN_KEYS = 1024
 KEY_CHUNK = 512
+# CPU: the blocked core holds a [B, H, T, S] float32 score tensor per layer (a dense 32K-token prefill of
+# `small`'s 8 heads: 32 GiB); above this size the chunked core runs instead, one [T, KEY_CHUNK] chunk alive.
+CPU_SCORES_BYTES = 1 << 31
 # The output head's float32 logits [B, T, V] (with their softmax and gradient) dominate a step's memory
 # at large vocabularies (V2-Lite, 8 x 4096 rows a chip: 13 GB a copy); from this size they are made
 # in slices of positions that keep each slice under it.
@@ -56,6 +59,17 @@ EP_BUFFER_BYTES = 1 << 28
 # DSA's sparse attention gathers each query's K latent rows, [B, T, K, C+R] (V3.2 at 4096 queries a row:
 # 9.7 GB a row in BF16); from this size its queries go in chunks, each re-gathered in the backward.
 SPARSE_GATHER_BYTES = 1 << 28
+# DSA's indexer over a cache: up to this many queries a row, its logits keys-major (XLA:CPU reads the cached
+# keys as stored: a 32K-slot step's scores 1.4 -> 0.3 ms at T = 1); from 8 queries the queries-major form is
+# 1.5-2.5x faster (docs/PERFORMANCE.md, "Dispatch thresholds").
+INDEX_KEYS_MAJOR_MAX_T = 4
+
+
+def _rows_per_device(batch: int) -> int:
+    """The batch rows one device holds: `batch` over the current mesh's batch shards (at least 1)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in batch_axes())
+    return max(batch // shards, 1)
 
 
 def _mesh_device():
@@ -193,16 +207,18 @@ def attention(rt: Runtime, cfg: ModelConfig, *, cached: bool, q_shape, kv_shape,
             name = attention_op.NAIVE
     elif name == attention_op.LATENT_KERNEL and refusal:
         raise ValueError(f"attention {name!r} cannot run here: {refusal}")
-    core, blocks = _core(platform(rt) == "cpu", t, kv_shape[1], sorted_positions)
+    scores = _rows_per_device(q_shape[0]) * q_shape[2] * t * kv_shape[1] * 4
+    core, blocks = _core(platform(rt) == "cpu", t, kv_shape[1], sorted_positions, scores)
     return name, AttentionOptions(cfg.softmax_scale, core, blocks, rt.fp8, backend)
 
 
-def _core(on_cpu: bool, t: int, s: int, sorted_positions: bool) -> tuple[str, int]:
-    """The naive variant's attention core and its blocks for T queries over S keys."""
-    if on_cpu:
+def _core(on_cpu: bool, t: int, s: int, sorted_positions: bool, score_bytes: int = 0) -> tuple[str, int]:
+    """The naive variant's attention core and its blocks for T queries over S keys (`score_bytes`: the
+    float32 scores of all of them on one device)."""
+    if on_cpu and not (score_bytes > CPU_SCORES_BYTES and s % KEY_CHUNK == 0):
         # The blocked core's hand-written backward saves XLA:CPU ~3 passes over the scores.
         return attention_op.BLOCKED, QUERY_BLOCKS if sorted_positions and t >= QUERY_BLOCK_MIN_T else 1
-    if s >= CHUNKED_MIN_KEYS and s % KEY_CHUNK == 0:
+    if on_cpu or s >= CHUNKED_MIN_KEYS and s % KEY_CHUNK == 0:
         return attention_op.CHUNKED, s // KEY_CHUNK
     return attention_op.PLAIN, 1  # short sequences: XLA's fusions of the whole softmax
 
@@ -217,13 +233,17 @@ def dsa_sparse(rt: Runtime, cfg: ModelConfig, num_keys: int) -> bool:
     return num_keys > cfg.index_topk
 
 
+def index_keys_major(t: int) -> bool:
+    """Whether the DSA indexer scores T queries against a cache's keys keys-major (`layers.indexer.index_scores`):
+    a decode window reads the cached keys as stored; longer windows (prefill) want the queries-major form."""
+    return t <= INDEX_KEYS_MAJOR_MAX_T
+
+
 def sparse_query_chunks(batch: int, t: int, k: int, row_bytes: int) -> int:
     """Query chunks of the sparse attention: the fewest (halving T) that keep one chunk's gathered rows,
     [B, T / chunks, K, C+R] of `row_bytes` each, within SPARSE_GATHER_BYTES on each device (the rows a device
     holds: `batch` over the current mesh's batch shards)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in batch_axes())
-    rows, n = max(batch // shards, 1), 1
+    rows, n = _rows_per_device(batch), 1
     while rows * (t // n) * k * row_bytes > SPARSE_GATHER_BYTES and t % (2 * n) == 0:
         n *= 2
     return n
@@ -243,9 +263,7 @@ def head_chunks(batch: int, seq: int, vocab: int) -> int:
     """Slices of the positions for `ops.cross_entropy.head_cross_entropy`: the fewest (halving `seq`)
     that keep one slice's float32 logits within HEAD_CHUNK_BYTES on each device (the rows a device
     holds: `batch` over the current mesh's batch shards)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in batch_axes())
-    rows, n = max(batch // shards, 1), 1
+    rows, n = _rows_per_device(batch), 1
     while rows * (seq // n) * vocab * 4 > HEAD_CHUNK_BYTES and seq % (2 * n) == 0:
         n *= 2
     return n
