@@ -539,40 +539,55 @@ def batch_unit(setup: Setup, devices: Sequence) -> int:
 
 
 def largest_batch(setup: Setup, devices: Sequence, report: dict) -> dict:
-    """The largest batch that fits, found by compiling: from the planned batch, double until a batch does
-    not fit (halve until one does, if the planned one does not), then bisect in multiples of
-    `batch_unit`. Each probe is one full compile; every probe is reported."""
-    unit = batch_unit(setup, devices)
+    """The largest batch that fits, found by compiling, in multiples of `batch_unit`. A step's bytes grow
+    about linearly with its batch, so once two probes have their totals the next probe is the batch their
+    line reaches the HBM at (`_affine_guess`), kept inside the bracket of the largest batch known to fit and
+    the smallest known not to; without a guess the search doubles from the planned batch (halves, if it does
+    not fit) and then bisects. Each probe is one full compile (minutes at V3's size); every probe is
+    reported."""
+    unit, hbm = batch_unit(setup, devices), report.get("hbm_bytes")
+
     def probe(batch: int, r: dict) -> dict:  # a refused step has only its temporaries' figure
         b = r["per_device_bytes"]
         return {"batch": batch, "fits": r["fits"], "bytes": b["temporaries"] if b["total"] is None else b["total"],
                 "refused_by_compiler": bool(r.get("refused_by_compiler"))}
 
     probes = [probe(setup.batch, report)]
-
-    def fits(batch: int) -> bool:
-        probes.append(probe(batch, plan(dataclasses.replace(setup, batch=batch), devices)))
-        return probes[-1]["fits"]
-
     lo, hi = (setup.batch, None) if report["fits"] else (0, setup.batch)
-    while hi is None:
-        if fits(lo * 2):
-            lo *= 2
+    last_side, bisect = None, False  # two guesses in a row that move one end: one bisection follows
+    while hi is None or hi - lo > unit:
+        guess = None if bisect else _affine_guess(probes, hbm, unit)
+        if guess is not None:  # inside the bracket; with no upper end yet, at most 8x the largest that fits
+            top = max(lo, unit) * 8 if hi is None else hi - unit
+            batch = min(max(guess, lo + unit), top)
+        elif hi is None:
+            batch = max(lo * 2, unit)
         else:
-            hi = lo * 2
-    while lo == 0 and hi > unit:
-        half = hi // 2 // unit * unit
-        if fits(half):
-            lo = half
-        else:
-            hi = half
-    while hi - lo > unit:
-        mid = (lo + hi) // 2 // unit * unit
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
+            batch = (lo + hi) // 2 // unit * unit
+        probes.append(probe(batch, plan(dataclasses.replace(setup, batch=batch), devices)))
+        side = "lo" if probes[-1]["fits"] else "hi"
+        bisect = guess is not None and side == last_side and hi is not None
+        last_side = side if guess is not None else None
+        lo, hi = (batch, hi) if probes[-1]["fits"] else (lo, batch)
     return {"largest_batch": lo, "batch_unit": unit, "batch_probes": probes}
+
+
+def _affine_guess(probes: list[dict], hbm: int | None, unit: int) -> int | None:
+    """The largest multiple of `unit` whose bytes stay within `hbm` on the line through the last two probes
+    with distinct batches and whole totals (not refused by the compiler), or None (fewer than two, or
+    bytes not growing with the batch)."""
+    known = {}
+    for p in probes:
+        if not p["refused_by_compiler"] and p["bytes"] is not None:
+            known[p["batch"]] = p["bytes"]
+    points = [(b, known[b]) for b in dict.fromkeys(p["batch"] for p in reversed(probes)) if b in known][:2]
+    if hbm is None or len(points) < 2:
+        return None
+    (b1, y1), (b0, y0) = points
+    slope = (y1 - y0) / (b1 - b0)
+    if slope <= 0:
+        return None
+    return max(int(b1 + (hbm - y1) / slope) // unit * unit, 0)
 
 
 def counted_once(cfg: ModelConfig) -> ModelConfig:

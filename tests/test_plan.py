@@ -280,17 +280,24 @@ def test_prefill_compiles_and_holds_the_caches(devices):
         plan.plan(dataclasses.replace(setup, seq=512), devices)
 
 
-@pytest.mark.parametrize("planned, limit, expected", [(4, 40, 40), (4, 4, 4), (16, 9, 8), (8, 3, 0), (4, 1000, 1000)])
-def test_largest_batch_search(devices, monkeypatch, planned, limit, expected):
-    """--largest_batch: doubling then bisection in multiples of the batch shards (4 here), every probe a
-    plan; the search itself checked against a stand-in whose memory grows with the batch."""
+@pytest.mark.parametrize("memory", ["affine", "quadratic"])
+@pytest.mark.parametrize("planned, limit, expected", [(4, 40, 40), (4, 4, 4), (16, 9, 8), (8, 3, 0), (4, 1000, 1000),
+                                                      (64, 2050, 2048)])
+def test_largest_batch_search(devices, monkeypatch, planned, limit, expected, memory):
+    """--largest_batch: in multiples of the batch shards (4 here), every probe a plan; the search checked
+    against stand-ins whose memory grows with the batch. Affine memory (as a step's is, near enough): the
+    line through two probes lands on the answer, so a handful of compiles; any other growth still ends on
+    the answer, by bisection where the guesses miss."""
     calls = []
+    grow = (lambda b: b) if memory == "affine" else (lambda b: b * b / limit)
+    hbm = int(grow(limit + 0.5) * plan.GIB) + plan.GIB
 
     def fake_plan(setup, devices):
         calls.append(setup.batch)
         assert setup.batch % 4 == 0
-        total = setup.batch * plan.GIB
-        return {"fits": setup.batch <= limit, "per_device_bytes": {"total": total, "temporaries": total}}
+        total = int(grow(setup.batch) * plan.GIB) + plan.GIB  # + weights: bytes = a + k * batch
+        return {"fits": setup.batch <= limit, "hbm_bytes": hbm,
+                "per_device_bytes": {"total": total, "temporaries": total}}
 
     monkeypatch.setattr(plan, "plan", fake_plan)
     setup = dataclasses.replace(_setup("tiny"), batch=planned)
@@ -298,5 +305,7 @@ def test_largest_batch_search(devices, monkeypatch, planned, limit, expected):
     assert found["largest_batch"] == expected and found["batch_unit"] == 4
     assert [p["batch"] for p in found["batch_probes"]] == calls
     assert len(calls) <= 2 + 2 * math.ceil(math.log2(max(limit, 4)))
+    if memory == "affine" and limit <= 1000:  # doubling and bisection took 11 compiles for (4, 1000)
+        assert len(calls) <= 6, calls
     line = plan.search_line(found)
     assert line.startswith(f"largest batch that fits: {expected or 'none'} (multiples of 4") and "does not fit" in line
