@@ -15,10 +15,12 @@ For each context length, batch 1, float32:
 
 Usage: python benchmarks/sparse_attention.py [--prefill 4096,16384,32768] [--decode 4096,16384,32768]
        [--new 16] [--repeats 2] [--quick] [--json]
+       python benchmarks/sparse_attention.py --indexer_layouts 1x32768,8x32768   # the indexer's score layouts
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -62,6 +64,10 @@ def _random(cfg: ModelConfig, slots: int, seed: int) -> tuple[LatentCache, ...]:
     return tuple(LatentCache(jax.random.normal(keys[2 * i], (slots, cfg.kv_cache_dim)), slots,
                              index_rows=jax.random.normal(keys[2 * i + 1], (slots, cfg.index_head_dim)))
                  for i in range(cfg.num_layers))
+
+
+def _ready(fn, args):
+    return jax.block_until_ready(fn(*args))
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -115,6 +121,27 @@ def agreement(cfg, variables, context: int, queries: int) -> float:
     return float(jnp.abs(sparse_attention(*args) - masked_dense_attention(*args)).max())
 
 
+def indexer_layouts(cases: list[tuple[int, int]], cfg: ModelConfig, repeats: int = 20) -> dict:
+    """ms of the indexer's scores (`index_scores`) in both layouts for T queries over S cached keys, batch 1:
+    what `dispatch.INDEX_KEYS_MAJOR_MAX_T` rests on."""
+    out = {}
+    for t, s in cases:
+        k = jax.random.split(jax.random.PRNGKey(t * 7919 + s), 3)
+        q = jax.random.normal(k[0], (1, t, cfg.index_n_heads, cfg.index_head_dim))
+        w = jax.random.normal(k[1], (1, t, cfg.index_n_heads))
+        keys = jax.random.normal(k[2], (1, s, cfg.index_head_dim))
+        positions = jnp.full((1, t), s - 1, jnp.int32)
+        row = {}
+        for name, major in (("queries_major_ms", False), ("keys_major_ms", True)):
+            fn = jax.jit(functools.partial(index_scores, kv_positions=None, keys_major=major))
+            args = (q, w, keys, positions)
+            row[name] = 1e3 * _median_s(functools.partial(_ready, fn, args), repeats)
+        out[f"{t}x{s}"] = row
+        print(f"indexer scores T={t:>4} S={s:>6}: queries-major {row['queries_major_ms']:.3f} ms  "
+              f"keys-major {row['keys_major_ms']:.3f} ms", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prefill", default="4096,16384,32768", help="prompt lengths, comma-separated")
@@ -124,7 +151,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--check", type=int, default=16, help="queries of the agreement check")
     p.add_argument("--quick", action="store_true", help=f"short contexts, for a test: {QUICK}")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--indexer_layouts", default="",
+                   help="only time the indexer's two score layouts at TxS cases, e.g. 1x32768,8x32768,4096x4096")
     a = p.parse_args(argv)
+    if a.indexer_layouts:
+        cases = [tuple(int(v) for v in c.split("x")) for c in a.indexer_layouts.split(",")]
+        out = {"config": "small_dsa", "indexer_layouts": indexer_layouts(cases, configs(max(s for _, s in cases))[0])}
+        if a.json:
+            print(json.dumps(out))
+        return out
     prefill = [int(x) for x in a.prefill.split(",") if x]
     decode = [int(x) for x in a.decode.split(",") if x]
     new, repeats, check = a.new, a.repeats, a.check

@@ -18,3 +18,10 @@ def test_quick_benchmark_reports_every_figure(capsys):
     assert b["dsa"] - b["dense"] == 4 * 32 * 4  # 4 layers x index_head_dim 32 float32 keys
     assert out["max_abs_diff_vs_masked_dense"] < 1e-5
     assert '"max_abs_diff_vs_masked_dense"' in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_indexer_layouts_times_both(capsys):
+    out = bench.main(["--indexer_layouts", "1x512,16x512", "--json"])["indexer_layouts"]
+    assert set(out) == {"1x512", "16x512"}
+    assert all(row["queries_major_ms"] > 0 and row["keys_major_ms"] > 0 for row in out.values())
+    assert '"indexer_layouts"' in capsys.readouterr().out.splitlines()[-1]
