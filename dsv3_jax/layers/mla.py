@@ -161,7 +161,8 @@ class MLA(nn.Module):
                                 cache.index_view(), positions, c.index_topk, chunks, dispatch.index_keys_major(t))
         chunks = dispatch.sparse_query_chunks(b, t, c.index_topk, kv.shape[-1] * jnp.dtype(q_nope.dtype).itemsize)
         with jax.named_scope("mla_sparse"):
-            o = sparse_attention(q_nope, q_pe, kv, positions, None, indices, self.kv_weights(), c.softmax_scale, chunks)
+            attend = dispatch.cached_sparse_attention(self.runtime, c, t, kv.shape, kv.dtype)  # decode: a kernel
+            o = attend(q_nope, q_pe, kv, positions, None, indices, self.kv_weights(), c.softmax_scale, chunks)
         return o, cache
     # ---- end of DSA
 

@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.ops import attention as attention_op
@@ -24,7 +25,7 @@ from dsv3_jax.ops.linear import cast_here, dense_for, fp8_ragged_matmul, kernel_
 from dsv3_jax.ops.registry import AUTO
 from dsv3_jax.ops.remat import OFFLOAD_ATTENTION, REMAT
 from dsv3_jax.parallel.ep import data_parallel, expert_axis_size, expert_parallel
-from dsv3_jax.parallel.rules import batch_axes
+from dsv3_jax.parallel.rules import batch_axes, local_rows
 from pallas_kernels import grouped_matmul as grouped_matmul_kernel
 from pallas_kernels import mla_decode as mla_decode_kernel
 from pallas_kernels.backends import capability_of_kind, resolve_backend
@@ -247,6 +248,35 @@ def sparse_query_chunks(batch: int, t: int, k: int, row_bytes: int) -> int:
     while rows * (t // n) * k * row_bytes > SPARSE_GATHER_BYTES and t % (2 * n) == 0:
         n *= 2
     return n
+
+
+def cached_sparse_attention(rt: Runtime, cfg: ModelConfig, t: int, kv_shape, kv_dtype):
+    """DSA's attention over a cache, with `ops.sparse_attention.sparse_attention`'s signature: that, or for a decode
+    step (T <= DECODE_MAX_T) the sparse decode kernel (`mla_decode_sparse`, FlashMLA's sparse layout) where the
+    runtime's kernel backend takes the call. On CPU "auto" is "xla", and on Hopper "mosaic_gpu", which has no
+    sparse kernel: the jnp path (Runtime(kernel_backend="triton") asks for Triton's)."""
+    backend = kernel_backend(rt)
+    q_shape = (kv_shape[0], t, cfg.num_heads, cfg.kv_cache_dim)
+    if t > DECODE_MAX_T or backend == "xla" or mla_decode_kernel.supports_sparse(
+            q_shape, kv_shape, (kv_shape[0], t, cfg.index_topk), kv_dtype, v_dim=cfg.kv_lora_rank, backend=backend):
+        return sparse_op.sparse_attention
+    return functools.partial(_sparse_decode, backend)
+
+
+def _sparse_decode(backend: str, q_nope, q_pe, kv, q_positions, kv_positions, indices, w, scale: float,
+                   query_chunks: int = 1):
+    """`sparse_attention` over a cache (kv_positions None) through `mla_decode_sparse` on `backend`, each device's
+    rows apart (a Pallas call is not partitioned). The same function, except that a query with no visible
+    selected slot gets zeros; a decode query always sees its own slot."""
+    del kv_positions, query_chunks  # slot s holds position s; T is small
+    q, w_v = sparse_op.latent_query(q_nope, q_pe, w, q_nope.dtype)
+    # The kernel takes q in the cache's dtype; a packed FP8 cache is dequantised to q's (the compute dtype).
+    q = q if kv.dtype == mla_decode_kernel.fp8_cache.FP8_CACHE_DTYPE else q.astype(kv.dtype)
+    idx = jnp.where(sparse_op.selected_visible(indices, q_positions, None), indices, sparse_op.NONE)
+    decode = lambda q, kv, idx: mla_decode_kernel.mla_decode_sparse(q, kv, idx, v_dim=w.wkv_b.shape[0],
+                                                                     softmax_scale=scale, backend=backend)
+    o_lat = local_rows(decode, (q, kv, idx)).astype(q_nope.dtype)
+    return jnp.einsum("bthc,hvc->bthv", o_lat, w_v)
 
 
 # ---- rematerialisation --------------------------------------------------------------------------

@@ -51,14 +51,14 @@ def _gather(x: jax.Array, indices: jax.Array) -> jax.Array:
     return x[jnp.arange(x.shape[0])[:, None, None], safe]
 
 
-def _selected_visible(indices, q_positions, kv_positions) -> jax.Array:
+def selected_visible(indices, q_positions, kv_positions) -> jax.Array:
     """[B,T,K] True where the slot holds a key at or before the query's position. `select` only picks
     visible keys; checking again costs O(T K) and keeps the op exact for any indices."""
     key_pos = indices if kv_positions is None else _gather(kv_positions, indices)
     return (indices >= 0) & (key_pos <= q_positions[..., None])
 
 
-def _latent_query(q_nope, q_pe, w: KvWeights, dtype) -> tuple[jax.Array, jax.Array]:
+def latent_query(q_nope, q_pe, w: KvWeights, dtype) -> tuple[jax.Array, jax.Array]:
     """(query in latent space [B,T,H,C+R], wkv_b's value half [H,V,C])."""
     if w.w_k is not None:
         w_k, w_v = w.w_k.astype(dtype), w.w_v.astype(dtype)
@@ -86,8 +86,8 @@ def sparse_attention(q_nope, q_pe, kv, q_positions, kv_positions, indices, w: Kv
     attention's probabilities averaged over heads, [B,T,K] float32 (the indexer's target in the sparse
     stage: per query they sum to 1 over its selection)."""
     dt, c = q_nope.dtype, w.wkv_b.shape[0]
-    q, w_v = _latent_query(q_nope, q_pe, w, dt)
-    ok = _selected_visible(indices, q_positions, kv_positions)
+    q, w_v = latent_query(q_nope, q_pe, w, dt)
+    ok = selected_visible(indices, q_positions, kv_positions)
     b, t = q.shape[:2]
     if query_chunks <= 1 or t % query_chunks:
         o_lat, p = _sparse_core(q, kv, ok, indices, scale, c)
@@ -123,7 +123,7 @@ def attention_distribution(q_nope, q_pe, kv, q_positions, kv_positions, w: KvWei
     the heads' distributions): float32 [B,T,S], 0 at keys a query does not see. Scored in latent space
     (one [B,T,H,S] einsum); callers take it as a constant (stop_gradient): it is a target and a metric."""
     dt, c = q_nope.dtype, w.wkv_b.shape[0]
-    q, _ = _latent_query(q_nope, q_pe, w, dt)
+    q, _ = latent_query(q_nope, q_pe, w, dt)
     kv = latent_rows(kv, c, q_pe.shape[-1], dt)
     s = jnp.einsum("bthd,bsd->bths", q, kv, preferred_element_type=jnp.float32) * scale
     seen = visible(q_positions, kv_positions, kv.shape[1])

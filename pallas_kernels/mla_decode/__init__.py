@@ -21,6 +21,9 @@ the kernel bodies share), `config`.
 `make_plan(q_shape, cache_shape, v_dim, config)` and kernel `run(...)` with `plan.decode`.
 `mla_decode_paged` takes FlashMLA's paged cache (pages and a block table): the kernels read it through their
 `run`, the reference through `plan.gather_pages`.
+`mla_decode_sparse` (and `mla_decode_sparse_paged`) is DeepSeek-V3.2's sparse decode: each query over its own
+top-k cache rows, named by indices in FlashMLA's sparse layout (-1: none). `sparse` describes it and the
+`sparse_refusal` / `sparse_decode` pair a backend provides for it ("mosaic_gpu" has none: `sparse.SPARSE_REFUSALS`).
 """
 from __future__ import annotations
 
@@ -32,18 +35,19 @@ import jax.numpy as jnp
 
 from pallas_kernels import backends
 from pallas_kernels.backends import FALLBACK_SMS, resolve_backend
-from pallas_kernels.mla_decode import fp8_cache, plan
+from pallas_kernels.mla_decode import fp8_cache, plan, sparse
 from pallas_kernels.mla_decode.common import TRITON_MIN_ROWS
 from pallas_kernels.mla_decode.config import MlaDecodeConfig
 from pallas_kernels.mla_decode.mosaic_gpu import MOSAIC_REDUCTION_SCRATCH, MOSAIC_SMEM_ALIGN, SMEM_BYTES, WGMMA_M
 from pallas_kernels.mla_decode.plan import LOG2E
-from pallas_kernels.mla_decode.reference import mla_decode_reference
+from pallas_kernels.mla_decode.reference import mla_decode_reference, mla_decode_sparse_reference
 
 __all__ = [
     "FALLBACK_SMS", "LOG2E", "fp8_cache", "is_fp8_cache",
     "MOSAIC_REDUCTION_SCRATCH", "MOSAIC_SMEM_ALIGN", "SMEM_BYTES", "TRITON_MIN_ROWS",
     "WGMMA_M", "MlaDecodeConfig", "mla_decode", "mla_decode_paged", "mla_decode_reference", "supports",
-    "supports_paged",
+    "supports_paged", "mla_decode_sparse", "mla_decode_sparse_paged", "mla_decode_sparse_reference", "sparse_backend",
+    "supports_sparse", "supports_sparse_paged",
 ]
 
 _MODULES = {backend: importlib.import_module(module) for backend, module in backends.kernels("mla_decode").items()}
@@ -182,3 +186,93 @@ def mla_decode_paged(q, pages, block_table, lengths, *, v_dim: int, softmax_scal
     layout = module.make_plan(q.shape, cache_shape, v_dim, config)
     return plan.decode_pages(q, pages, block_table, lengths, softmax_scale=softmax_scale, plan=layout,
                              run=functools.partial(module.run, config=config))
+
+
+# ---- sparse decode (DeepSeek-V3.2's DSA; `sparse`): each query over its own top-k rows ------------------------
+
+
+def sparse_backend(backend: str) -> str:
+    """The backend a sparse call runs on: `resolve_backend`'s, except that "auto" takes the stand-in where that
+    backend has no sparse kernel (Hopper: "triton", `sparse.SPARSE_STAND_IN`)."""
+    resolved = resolve_backend(backend)
+    return sparse.SPARSE_STAND_IN.get(resolved, resolved) if backend == "auto" else resolved
+
+
+def _sparse_refusal(q_shape, cache_shape, rows_shape, indices_shape, cache_dtype, v_dim, backend, config):
+    """`supports_sparse` over the flattened rows [R, W] that the dense or paged cache stands for."""
+    reason = _call_refusal(q_shape, cache_shape, cache_dtype, v_dim, config) or backends.backend_refusal(backend)
+    if reason:
+        return reason
+    if len(indices_shape) != 3 or tuple(indices_shape[:2]) != tuple(q_shape[:2]) or not indices_shape[2]:
+        return (f"indices must be [B, Sq, topk] with topk > 0 and the B, Sq of q "
+                f"({_shapes(q=q_shape, indices=indices_shape)})")
+    backend, config = sparse_backend(backend), config or MlaDecodeConfig()
+    reason = backends.interpret_refusal(config.interpret, backend)
+    if reason:
+        return reason
+    module = _MODULES[backend]
+    if backend in sparse.SPARSE_REFUSALS or not hasattr(module, "sparse_decode"):
+        return sparse.SPARSE_REFUSALS.get(backend, f"{backend}: no sparse kernel")
+    return module.sparse_refusal(tuple(q_shape), tuple(rows_shape), indices_shape[2], jnp.dtype(cache_dtype),
+                                 v_dim, config)
+
+
+def supports_sparse(q_shape, cache_shape, indices_shape, cache_dtype, *, v_dim: int, backend: str,
+                    config: MlaDecodeConfig | None = None) -> str | None:
+    """Why `mla_decode_sparse` cannot take q [B, Sq, H, C+R] over a cache [B, S, C+R] (or packed FP8 rows) through
+    indices [B, Sq, topk] on `backend`, in one line; None: it can. "xla" takes every valid call."""
+    rows_shape = (cache_shape[0] * cache_shape[1], cache_shape[-1]) if len(cache_shape) == 3 else ()
+    return _sparse_refusal(q_shape, cache_shape, rows_shape, indices_shape, cache_dtype, v_dim, backend, config)
+
+
+def supports_sparse_paged(q_shape, pages_shape, indices_shape, cache_dtype, *, v_dim: int, backend: str,
+                          config: MlaDecodeConfig | None = None) -> str | None:
+    """`supports_sparse` for `mla_decode_sparse_paged`: pages [P, page_size, C+R] (or packed FP8 rows)."""
+    if len(pages_shape) != 3 or not pages_shape[0] * pages_shape[1]:
+        return f"pages must be non-empty [P, page_size, C+R] ({_shapes(pages=pages_shape)})"
+    rows_shape = (pages_shape[0] * pages_shape[1], pages_shape[2])
+    cache_shape = (*q_shape[:1], *rows_shape)  # what the common checks read: the row width and dtype
+    return _sparse_refusal(q_shape, cache_shape, rows_shape, indices_shape, cache_dtype, v_dim, backend, config)
+
+
+def _sparse_argument_refusal(q, cache, indices, softmax_scale) -> str | None:
+    """What `supports_sparse` cannot see: the indices' and q's dtypes, the softmax scale."""
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        return f"indices must be integers, got {indices.dtype}"
+    return _argument_refusal(q, cache, jax.ShapeDtypeStruct((q.shape[0],), jnp.int32), softmax_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("v_dim", "softmax_scale", "backend", "config"))
+def mla_decode_sparse(q, cache, indices, *, v_dim: int, softmax_scale: float, backend: str = "auto",
+                      config: MlaDecodeConfig | None = None):
+    """Sparse absorbed MLA decode (`sparse`): q [B, Sq, H, C+R], cache [B, S, C+R] (or packed FP8 rows, on the
+    backends that read them), indices [B, Sq, topk] int (slots of row b's cache; -1, or any slot outside [0, S),
+    holds none) -> [B, Sq, H, v_dim] in q.dtype: each query's softmax over its valid slots; zeros for a query
+    with none (FlashMLA's convention). Distinct slots are the caller's to ensure (a repeated one counts twice).
+    config.block_s is the number of slots a kernel step reads."""
+    reason = (supports_sparse(q.shape, cache.shape, indices.shape, cache.dtype, v_dim=v_dim, backend=backend,
+                              config=config)
+              or _sparse_argument_refusal(q, cache, indices, softmax_scale))
+    if reason:
+        raise ValueError(f"mla_decode_sparse: {reason}")
+    b, s_len, width = cache.shape
+    rows, idx = cache.reshape(b * s_len, width), sparse.flat_indices(indices, s_len, b * s_len)
+    return _MODULES[sparse_backend(backend)].sparse_decode(q, rows, idx, v_dim=v_dim, softmax_scale=softmax_scale,
+                                                           config=config or MlaDecodeConfig())
+
+
+@functools.partial(jax.jit, static_argnames=("v_dim", "softmax_scale", "backend", "config"))
+def mla_decode_sparse_paged(q, pages, indices, *, v_dim: int, softmax_scale: float, backend: str = "auto",
+                            config: MlaDecodeConfig | None = None):
+    """`mla_decode_sparse` over FlashMLA's paged cache: pages [P, page_size, C+R] (or packed FP8 rows), indices
+    [B, Sq, topk] into the flattened pages (page * page_size + offset, as FlashMLA's sparse kernels take them; -1
+    or outside [0, P page_size): none). No block table: the indexer's selection already names rows."""
+    reason = (supports_sparse_paged(q.shape, pages.shape, indices.shape, pages.dtype, v_dim=v_dim, backend=backend,
+                                    config=config)
+              or _sparse_argument_refusal(q, pages, indices, softmax_scale))
+    if reason:
+        raise ValueError(f"mla_decode_sparse_paged: {reason}")
+    rows = pages.reshape(pages.shape[0] * pages.shape[1], pages.shape[2])
+    idx = sparse.flat_indices(indices, None, rows.shape[0])
+    return _MODULES[sparse_backend(backend)].sparse_decode(q, rows, idx, v_dim=v_dim, softmax_scale=softmax_scale,
+                                                           config=config or MlaDecodeConfig())

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import backends
-from pallas_kernels.mla_decode import fp8_cache, plan
+from pallas_kernels.mla_decode import fp8_cache, plan, sparse
 from pallas_kernels.mla_decode.flash import step_counts, visible
 
 READS_FP8_CACHE = True
@@ -267,3 +267,167 @@ def run(q_blocks, pages, table, lengths, layout: plan.Plan, scale2: float, out_d
 
 
 decode = functools.partial(plan.decode, make_plan=make_plan, run=run)
+
+
+# ------------------------------------------------------------------------ sparse decode (DSA; `sparse`)
+#
+# Program (query, head block, split), step j: block j of the split's slots. Where the rows are 32 bits wide
+# (a float32 cache), they are copied from HBM (memory_space ANY) one DMA a row, the row numbers read from the
+# scalar-prefetched slots in SMEM, into a double buffer in VMEM: block j + 1's copies are started before
+# block j is computed on. A bfloat16 or packed FP8 row shares its 32-bit sublane words with its neighbours in
+# TPU's tiled HBM layout, and Mosaic copies no part of a word ("offsets along tiled dimensions must be aligned
+# to tiles"); those rows are gathered by XLA (only the K rows of each query, [B T, slots, W]) and streamed
+# block by block by Pallas' pipeline. Either way a slot with no row (-1) has score -inf and its row zeroed.
+
+
+def sparse_dma(dtype) -> bool:
+    """Whether the sparse kernel copies its rows from HBM itself (rows of 32-bit values) or takes them gathered."""
+    return jnp.dtype(dtype).itemsize == 4
+
+
+def sparse_refusal(q_shape, rows_shape, topk: int, dtype, v_dim: int, config) -> str | None:
+    q_virtual, cache_virtual = sparse.virtual_shapes(q_shape, topk, rows_shape[-1])
+    reason = refusal(q_virtual, cache_virtual, dtype, v_dim, config)
+    if reason:
+        return reason
+    layout = make_plan(q_virtual, cache_virtual, v_dim, config)
+    slots = 4 * layout.batch * layout.num_splits * layout.steps * layout.block_s
+    if slots > SMEM_TABLE_BYTES:
+        return (f"mosaic_tpu: the slots of the sparse decode take {slots} bytes of SMEM, more than "
+                f"{SMEM_TABLE_BYTES}; cut the batch or the query positions")
+    return None
+
+
+def _sparse_copies(idx_ref, rows_hbm, buf, sem, first: int, slot, *, block_s: int, wait: bool):
+    """Start (or wait for) the one-row DMAs of block slots idx_ref[first : first + block_s] into buf[slot]."""
+    def each(r, carry):
+        row = idx_ref[first + r]
+
+        @pl.when(row >= 0)
+        def _copy():
+            copy = pltpu.make_async_copy(rows_hbm.at[pl.ds(jnp.maximum(row, 0), 1)], buf.at[slot, pl.ds(r, 1)],
+                                         sem.at[slot])
+            if wait:
+                copy.wait()
+            else:
+                copy.start()
+
+        return carry
+
+    lax.fori_loop(0, block_s, each, 0)
+
+
+def _sparse_step(static: _Static, refs, valid_row, valid_col):
+    """One block of slots into the running softmax; valid_row [1, block_s] and valid_col [block_s, 1] bool."""
+    q_ref, rows_ref, acc_ref, m_ref, l_ref = refs
+    dv, dr = static.plan.v_dim, static.plan.rope_dim
+    dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
+    qk = (((1,), (1,)), ((), ()))  # [M, D] x [N, D] -> [M, N]
+    k_lat, k_pe = _keys(rows_ref, static)
+    s = dot(q_ref[:, pl.ds(0, dv)], k_lat, qk)
+    if dr:
+        s = s + dot(q_ref[:, pl.ds(dv, dr)], k_pe, qk)
+    s = jnp.where(valid_row, s * static.scale2, -jnp.inf)
+    k_lat = jnp.where(valid_col, k_lat, jnp.zeros_like(k_lat))
+    m_prev = m_ref[...]
+    m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing valid yet stays at zero
+    alpha = jnp.exp2(m_prev - m_use)
+    p = jnp.exp2(s - m_use)
+    l_ref[...] = l_ref[...] * alpha + p.sum(axis=1, keepdims=True)
+    m_ref[...] = m_new
+    acc_ref[...] = acc_ref[...] * alpha + dot(p.astype(k_lat.dtype), k_lat, (((1,), (0,)), ((), ())))
+
+
+def _sparse_kernel(idx_ref, q_ref, row_ref, col_ref, rows_ref, o_ref, lse_ref, *scratch, static: _Static,
+                   dma: bool):
+    """Program (n, head block, split), step j. idx_ref [N * slots] (SMEM); q_ref [M, C+R]; row_ref [1, block_s]
+    and col_ref [block_s, 1] the block's slots; rows_ref: the rows in HBM [R, W] (dma) or this block's gathered
+    rows [block_s, W]; o_ref [M, C]; lse_ref [M, 1]; scratch (dma: buffers [2, block_s, W], 2 DMA semaphores),
+    acc [M, C], running max and sum [M, 1] float32."""
+    n, split, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    layout = static.plan
+    bs, steps = layout.block_s, layout.steps
+    acc_ref, m_ref, l_ref = scratch[-3:]
+    base = n * (layout.num_splits * steps * bs) + split * steps * bs  # this split's first slot in idx_ref
+    if dma:
+        buf, sem = scratch[:2]
+        copies = functools.partial(_sparse_copies, idx_ref, rows_ref, buf, sem, block_s=bs)
+
+    @pl.when(j == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+        l_ref[...] = jnp.zeros_like(l_ref)
+        if dma:
+            copies(base, 0, wait=False)
+
+    if dma:
+        slot = j % 2
+
+        @pl.when(j + 1 < steps)
+        def _prefetch():
+            copies(base + (j + 1) * bs, 1 - slot, wait=False)
+
+        copies(base + j * bs, slot, wait=True)
+        rows_ref = buf.at[slot]
+    refs = (q_ref, rows_ref, acc_ref, m_ref, l_ref)
+    _sparse_step(static, refs, row_ref[...] >= 0, col_ref[...] >= 0)
+
+    @pl.when(j == steps - 1)
+    def _finish():
+        denom = l_ref[...]
+        empty = denom == 0.0
+        safe = jnp.where(empty, 1.0, denom)
+        o_ref[...] = (acc_ref[...] / safe).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log2(safe))
+
+
+def _sparse_run(q_blocks, rows, slots, layout: plan.Plan, scale2: float, out_dtype, *, config):
+    """q_blocks [N, HB, M, D], rows [R, W], slots [N, NS steps block_s] -> (o [N, NS, HB, M, C], lse2 [N, NS,
+    HB, M])."""
+    n, hb, m, dim = q_blocks.shape
+    ns, dv, bs, steps = layout.num_splits, layout.v_dim, layout.block_s, layout.steps
+    q_blocks = q_blocks if q_blocks.dtype in _DTYPES else q_blocks.astype(jnp.float32)
+    out_dtype = out_dtype if jnp.dtype(out_dtype) in _DTYPES else jnp.float32
+    static = _Static(plan=layout, scale2=scale2, fp8=rows.dtype == fp8_cache.FP8_CACHE_DTYPE, dtype=q_blocks.dtype)
+    dma, width, blocks = sparse_dma(rows.dtype), rows.shape[-1], ns * steps
+    block_of = lambda i, s, j: (i, s * steps + j, 0, 0)
+    if dma:
+        rows_spec = pl.BlockSpec(memory_space=pl.ANY)
+        scratch = [pltpu.VMEM((2, bs, width), rows.dtype), pltpu.SemaphoreType.DMA((2,))]
+    else:
+        rows = rows[jnp.maximum(slots, 0)].reshape(n, blocks, bs, width)  # only the selected rows
+        rows_spec = pl.BlockSpec((None, None, bs, width), lambda i, h, s, j, *_: block_of(i, s, j))
+        scratch = []
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(n, hb, ns, steps),
+        in_specs=[
+            pl.BlockSpec((None, None, m, dim), lambda i, h, s, j, *_: (i, h, 0, 0)),
+            pl.BlockSpec((None, None, 1, bs), lambda i, h, s, j, *_: block_of(i, s, j)),
+            pl.BlockSpec((None, None, bs, 1), lambda i, h, s, j, *_: block_of(i, s, j)),
+            rows_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, m, dv), lambda i, h, s, j, *_: (i, s, h, 0, 0)),
+            pl.BlockSpec((None, None, None, m, 1), lambda i, h, s, j, *_: (i, s, h, 0, 0)),
+        ],
+        scratch_shapes=[*scratch, pltpu.VMEM((m, dv), jnp.float32), pltpu.VMEM((m, 1), jnp.float32),
+                        pltpu.VMEM((m, 1), jnp.float32)],
+    )
+    o, lse = pl.pallas_call(
+        functools.partial(_sparse_kernel, static=static, dma=dma),
+        grid_spec=grid_spec,
+        out_shape=[
+            jax.ShapeDtypeStruct((n, ns, hb, m, dv), out_dtype),
+            jax.ShapeDtypeStruct((n, ns, hb, m, 1), jnp.float32),
+        ],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=interpret_params(config),
+        name="mla_decode_sparse",
+    )(slots.reshape(-1), q_blocks, slots.reshape(n, blocks, 1, bs), slots.reshape(n, blocks, bs, 1), rows)
+    return o, lse[..., 0]
+
+
+sparse_decode = functools.partial(sparse.decode_rows, make_plan=make_plan, run=_sparse_run)

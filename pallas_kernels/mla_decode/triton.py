@@ -5,7 +5,7 @@ import functools
 
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.mla_decode import common, plan
+from pallas_kernels.mla_decode import common, plan, sparse, sparse_common
 
 READS_FP8_CACHE = True  # packed FP8 rows are dequantised in the kernel body (`common`)
 ROW_CAP = 32  # query rows (block_h x T) per program by default
@@ -32,3 +32,19 @@ def run(q_blocks, pages, table, lengths, layout: plan.Plan, scale2: float, out_d
 
 
 decode = functools.partial(plan.decode, make_plan=make_plan, run=run)
+
+
+# ---- sparse decode (`sparse`): the same programs over each query's own rows (`sparse_common`)
+
+
+def sparse_refusal(q_shape, rows_shape, topk: int, dtype, v_dim: int, config) -> str | None:
+    return refusal(*sparse.virtual_shapes(q_shape, topk, rows_shape[-1]), dtype, v_dim, config)
+
+
+def _sparse_run(q_blocks, rows, slots, layout: plan.Plan, scale2: float, out_dtype, *, config):
+    params = pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    return sparse_common.run(q_blocks, rows, slots, layout, scale2, out_dtype, interpret=False,
+                             compiler_params=params)
+
+
+sparse_decode = functools.partial(sparse.decode_rows, make_plan=make_plan, run=_sparse_run)
