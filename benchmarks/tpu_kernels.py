@@ -24,16 +24,19 @@ layouts and that copy's bytes reported (`relayout_bytes`): a cache must be kept 
 
 The experts comparison (part of the default compile-only run; `--only experts` alone) compiles the routed
 experts' SwiGLU FFN on rows sorted by expert, forward and forward+backward, with its three grouped matmuls done
-by megablox (`pallas_kernels.grouped_matmul.gmm`: gmm forward, gmm + tgmm backward, 128-tiles), by
-`jax.lax.ragged_dot` (XLA's backward), and by megablox with larger tiles (a comparison, not what the model runs),
-for the `small` preset's and DeepSeek-V3's expert shapes on v5p and TPU7x (`--expert_generations`); per way: the
-compiler's FLOPs and bytes accessed (cost_analysis: Pallas kernels count what they declare), HBM temporaries
-(memory_analysis), compile seconds, and a roofline ESTIMATE from those two counts. Always compile-only.
+by megablox as the model runs it (`pallas_kernels.grouped_matmul.gmm`: gmm forward, gmm + tgmm backward, tiles
+chosen per call for the target generation, `choose_tiling`; the table lists the forward's), by `jax.lax.ragged_dot`
+(XLA's backward), and by megablox with fixed tiles (`--compare_tiles`, each capped at its dimension; 128x128x128
+was the model's tiling before it chose per shape), for the `small` preset's and DeepSeek-V3's expert shapes on v5p
+and TPU7x (`--expert_generations`); per way: the compiler's FLOPs and bytes accessed (cost_analysis: Pallas
+kernels count what they declare), HBM temporaries (memory_analysis), compile seconds, and a roofline ESTIMATE from
+those two counts. Always compile-only.
 
 Usage:
   python benchmarks/tpu_kernels.py                       # on a TPU host: time the kernels on this chip
   python benchmarks/tpu_kernels.py --compile_only [--generations v5e,tpu7x] [--only kernels|experts|all]
                                    [--small] [--json] [--json_out FILE] [--filter REGEX] [--no_layout_check]
+                                   [--compare_tiles 128x128x128,512x1024x1024]
   python benchmarks/tpu_kernels.py --interpret --small   # CPU: the timing path in jax's TPU interpreter
                                                           # (checks the code; its figures mean nothing)
 """
@@ -101,7 +104,7 @@ SMALL_DECODE_ROWS = (8,)
 EXPERT_TOKENS = {"small": 2048, "deepseek_v3_671b": 4096}  # small: its CPU batch 8 x 256; V3: 4096 a device
 EXPERT_PARALLEL = {"small": 1, "deepseek_v3_671b": 32}  # V3: 256 experts over 32 devices, 8 each
 SMALL_EXPERT_TOKENS = 128
-LARGE_TILES = (512, 1024, 1024)  # megablox (rows, K, N) tile; each capped at its dimension
+COMPARE_TILES = ((512, 1024, 1024),)  # megablox (rows, K, N) tiles compared; each capped at its dimension
 
 _HLO_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
                  "u16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -399,11 +402,25 @@ def _megablox_tiled(x, w, sizes, tiling):
     return megablox.gmm(x, w, sizes, x.dtype, tiling, None, None, False, False)
 
 
-def expert_ways(shape: dict) -> dict[str, Callable]:
-    tiles = (min(LARGE_TILES[0], shape["rows"]), min(LARGE_TILES[1], shape["d"], shape["f"]),
-             min(LARGE_TILES[2], shape["d"], shape["f"]))
-    return {"megablox": grouped_matmul.gmm, "ragged_dot": lax.ragged_dot,
-            f"megablox_tiles_{'x'.join(map(str, tiles))}": functools.partial(_megablox_tiled, tiling=tiles)}
+def _megablox_chosen(chosen: list) -> Callable:
+    """The model's megablox call (tiles chosen per call for the target generation), noting the forward's tiles
+    (the backward's gmm and tgmm choose for their own shapes)."""
+
+    def gmm(x, w, sizes):
+        tiling = grouped_matmul.default_tiling(x.dtype)  # what gmm uses when given none
+        chosen.append("x".join(map(str, tiling(_cdiv(x.shape[0], grouped_matmul.TILE) * grouped_matmul.TILE,
+                                               x.shape[1], w.shape[2]))))
+        return grouped_matmul.gmm(x, w, sizes, tiling=tiling)
+
+    return gmm
+
+
+def expert_ways(shape: dict, compare_tiles=COMPARE_TILES, chosen: list | None = None) -> dict[str, Callable]:
+    ways = {"megablox": _megablox_chosen([] if chosen is None else chosen), "ragged_dot": lax.ragged_dot}
+    for tm, tk, tn in compare_tiles:
+        tiles = (min(tm, shape["rows"]), min(tk, shape["d"], shape["f"]), min(tn, shape["d"], shape["f"]))
+        ways[f"megablox_tiles_{'x'.join(map(str, tiles))}"] = functools.partial(_megablox_tiled, tiling=tiles)
+    return ways
 
 
 def _swiglu(gmm, xs, w1, w3, w2, sizes):
@@ -418,7 +435,7 @@ def _train(gmm, xs, w1, w3, w2, sizes, dy):
     return y, *vjp(dy)
 
 
-def expert_records(generation: str, shape: dict) -> list[dict]:
+def expert_records(generation: str, shape: dict, compare_tiles=COMPARE_TILES) -> list[dict]:
     devices = topology_devices(TOPOLOGIES[generation])
     chip = chip_figures(generation)
     m, g, d, f = shape["rows"], shape["experts"], shape["d"], shape["f"]
@@ -426,13 +443,17 @@ def expert_records(generation: str, shape: dict) -> list[dict]:
     phases = {"forward": (_swiglu, specs, 3 * 2 * m * d * f),  # three grouped matmuls
               "forward+backward": (_train, (*specs, S((m, d), BF16)), 9 * 2 * m * d * f)}  # + dgrad + wgrad
     records = []
-    for way, gmm in expert_ways(shape).items():
+    chosen = []
+    for way, gmm in expert_ways(shape, compare_tiles, chosen).items():
         for phase, (body, args, ideal) in phases.items():
+            chosen.clear()
             rec = dict(generation=generation, **shape, way=way, phase=phase, ideal_flops=ideal, status="pending",
-                       error=None)
+                       error=None, tiles=way.removeprefix("megablox_tiles_") if way.startswith("megablox_") else None)
             try:
                 compiled, seconds = compile_on(functools.partial(body, gmm), args, devices, row_major=False)
                 costs = _costs(compiled)
+                if way == "megablox":
+                    rec["tiles"] = ",".join(sorted(set(chosen)))
                 rec.update(status="compiled", compile_s=seconds, **costs, flops_vs_ideal=costs["flops"] / ideal,
                            hbm_temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
                            estimate=roofline(costs["bytes_accessed"], max(costs["flops"], ideal), chip, "bf16"))
@@ -492,14 +513,15 @@ def kernel_table(records: list[dict], measured: bool) -> str:
 
 
 def experts_table(records: list[dict]) -> str:
-    headers = ["gen", "preset", "rows x D x F, G", "way", "phase", "status", "compiler GFLOP", "/ ideal",
+    headers = ["gen", "preset", "rows x D x F, G", "way", "fwd tiles", "phase", "status", "compiler GFLOP", "/ ideal",
                "compiler GB", "HBM temp MiB", "compile s", "EST ms", "bound"]
     rows = []
     for r in records:
         ok = r["status"] == "compiled"
         e = r.get("estimate") or {}
         rows.append([r["generation"], r["preset"], f"{r['rows']}x{r['d']}x{r['f']}, {r['experts']}", r["way"],
-                     r["phase"], r["status"], _fmt(ok and r["flops"] / 1e9, ".1f") if ok else "-",
+                     r.get("tiles") or "-", r["phase"], r["status"],
+                     _fmt(ok and r["flops"] / 1e9, ".1f") if ok else "-",
                      _fmt(r.get("flops_vs_ideal"), ".2f"), _fmt(ok and r["bytes_accessed"] / 1e9, ".2f") if ok else "-",
                      _fmt(ok and r["hbm_temp_bytes"] / 2**20, ".0f") if ok else "-", _fmt(r.get("compile_s"), ".1f"),
                      _fmt(e and e["at_100pct_bw"]["time_s"] * 1e3, ".2f") if e else "-", e.get("bound", "-")])
@@ -545,6 +567,8 @@ def parse_args(argv):
     p.add_argument("--chip", default="", help="the chip's peaks to report against (default: from device_kind; "
                    "--interpret: v5e)")
     p.add_argument("--only", choices=("kernels", "experts", "all"), default="all")
+    p.add_argument("--compare_tiles", default=",".join("x".join(map(str, t)) for t in COMPARE_TILES),
+                   help="experts: megablox tilings (rows x K x N) to compare with the chosen ones, comma-separated")
     p.add_argument("--small", action="store_true", help="tiny shapes (tests)")
     p.add_argument("--filter", default="", help="only kernel cases whose label matches this regex")
     p.add_argument("--no_layout_check", action="store_true", help="skip the default-layout compile of each kernel")
@@ -560,6 +584,12 @@ def parse_args(argv):
             p.error(f"{name}: unknown {bad}; valid: {', '.join(TOPOLOGIES)}")
     a.generations = [g for g in a.generations.split(",") if g]
     a.expert_generations = [g for g in a.expert_generations.split(",") if g]
+    try:
+        a.compare_tiles = [tuple(int(v) for v in t.split("x")) for t in a.compare_tiles.split(",") if t]
+    except ValueError:
+        p.error(f"--compare_tiles: expected tilings like 128x128x128, got {a.compare_tiles!r}")
+    if any(len(t) != 3 or min(t) <= 0 for t in a.compare_tiles):
+        p.error(f"--compare_tiles: each tiling is three positive sizes, rows x K x N; got {a.compare_tiles}")
     if a.compile_only and a.interpret:
         p.error("--compile_only and --interpret exclude each other")
     re.compile(a.filter)
@@ -591,6 +621,7 @@ def main(argv=None) -> dict:
                small=a.small, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                jax_version=jax.__version__, bandwidth_shares=list(BANDWIDTH_SHARES),
                args=dict(generations=a.generations, expert_generations=a.expert_generations, only=a.only,
+                         compare_tiles=["x".join(map(str, t)) for t in a.compare_tiles],
                          filter=a.filter, layout_check=not a.no_layout_check),
                generations={}, experts=[])
     interpret = pltpu.InterpretParams() if a.interpret else False
@@ -617,7 +648,7 @@ def main(argv=None) -> dict:
             raise SystemExit("the experts comparison compiles for compile-only TPU devices: it needs libtpu")
         for gen in a.expert_generations:
             for shape in expert_shapes(a.small):
-                rep["experts"] += expert_records(gen, shape)
+                rep["experts"] += expert_records(gen, shape, a.compare_tiles)
     rep["wall_s"] = time.perf_counter() - t0
     text = format_report(rep)
     print(json.dumps(rep) if a.json else text, flush=True)

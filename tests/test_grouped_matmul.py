@@ -2,6 +2,8 @@
 here: the reference's (`jax.lax.ragged_dot`) values and gradients, rows outside every group zero both
 ways; in the model, on one device and per device's tokens on meshes (`parallel.ep.data_parallel`);
 and chosen for TPU targets only."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from dsv3_jax.ops import dispatch
 from dsv3_jax.ops.linear import cast_here
 from dsv3_jax.parallel.mesh import make_mesh, parse_mesh
 from dsv3_jax.runtime import Runtime
-from pallas_kernels.grouped_matmul import TILE, gmm
+from pallas_kernels.grouped_matmul import TILE, Tiling, choose_tiling, gmm, scoped_vmem_bytes, vmem_bytes
 
 CFG = ModelConfig.from_json("tiny")
 
@@ -46,6 +48,64 @@ def test_gmm_matches_ragged_dot(sizes):
     want_dx, want_dw = want_back(dy.at[used:].set(0))
     _close((dx[:used], dw), (want_dx[:used], want_dw))
     assert not np.any(np.asarray(dx[used:]))
+
+
+MIB = 1 << 20
+V3_ROWS = 4096 * 8  # a device's tokens x top-k
+
+
+@pytest.mark.parametrize("mkn,itemsize,vmem,want", [
+    ((V3_ROWS, 7168, 2048), 2, 16 * MIB, (512, 1024, 1024)),  # V3's w1/w3 forward, v5p's 16 MiB
+    ((V3_ROWS, 2048, 7168), 2, 16 * MIB, (512, 1024, 1024)),  # w2, and w1's backward gmm
+    ((V3_ROWS, 7168, 2048), 2, 32 * MIB, (512, 1024, 1024)),  # v6e / TPU7x: the largest candidate already fits
+    ((V3_ROWS, 7168, 2048), 4, 16 * MIB, (512, 512, 1024)),  # float32 on 16 MiB: K halved to fit
+    ((V3_ROWS, 7168, 2048), 4, 32 * MIB, (512, 1024, 1024)),
+    ((2048 * 4, 256, 128), 2, 16 * MIB, (512, 256, 128)),  # `small`: whole K and N
+    ((512 + 128, 256, 512), 4, 16 * MIB, (128, 256, 512)),  # 640 rows: 128 the only row tile that divides
+    ((128, 64, 32), 4, 16 * MIB, (128, 64, 32)),  # `tiny`: dims under a lane tile, whole
+    ((256, 200, 384), 4, 16 * MIB, (256, 128, 128)),  # K not whole lane tiles: 128, the last one ragged
+])
+def test_tiling_choices(mkn, itemsize, vmem, want):
+    got = choose_tiling(*mkn, itemsize=itemsize, vmem_limit=vmem)
+    assert got == want
+    assert vmem_bytes(*got, itemsize) <= vmem
+    assert mkn[0] % got[0] == 0 and all(d % t == 0 or t == TILE for d, t in zip(mkn[1:], got[1:], strict=True))
+
+
+def test_scoped_vmem_by_generation():
+    assert scoped_vmem_bytes(5) == 16 * MIB  # v5e, v5p
+    assert scoped_vmem_bytes(6) == scoped_vmem_bytes(7) == 32 * MIB  # v6e, TPU7x
+    assert scoped_vmem_bytes(None) == 16 * MIB  # the interpreter: a choice that fits every generation
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recorded(Tiling):
+    """The chosen tiling, each call's (m, k, n) and choice written down."""
+
+    calls: list = dataclasses.field(default_factory=list, hash=False, compare=False)
+
+    def __call__(self, m, k, n):
+        self.calls.append(((m, k, n), super().__call__(m, k, n)))
+        return self.calls[-1][1]
+
+
+def test_gmm_with_large_tiles_matches_ragged_dot():
+    """Tiles other than 128 (512 rows, 256 of K or N) forward, in the backward's gmm and in its tgmm: the
+    reference's values and gradients; rows past the groups (24 of padding, 50 in no group) zero both ways."""
+    r = np.random.RandomState(1)
+    m, k, n, sizes = 1000, 256, 384, jnp.asarray([300, 0, 500, 150], jnp.int32)
+    x, w = jnp.asarray(r.randn(m, k), jnp.float32), jnp.asarray(r.randn(4, k, n), jnp.float32)
+    dy = jnp.asarray(r.randn(m, n), jnp.float32)
+    tiling = _Recorded(4, 16 * MIB)
+    out, back = jax.vjp(lambda x, w: gmm(x, w, sizes, interpret=True, tiling=tiling), x, w)
+    dx, dw = back(dy)
+    assert sorted(set(tiling.calls)) == [((1024, 256, 384), (512, 256, 128)),  # forward gmm, tgmm (dw [G, K, N])
+                                         ((1024, 384, 256), (512, 128, 256))]  # backward gmm (dy @ w^T)
+    want, want_back = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, sizes), x, w)
+    used = int(sizes.sum())
+    want_dx, want_dw = want_back(dy.at[used:].set(0))
+    _close((out[:used], dx[:used], dw), (want[:used], want_dx[:used], want_dw), tol=2e-5)
+    assert not np.any(np.asarray(out[used:])) and not np.any(np.asarray(dx[used:]))
 
 
 def _loss_and_grads(rt, variables, tokens):
@@ -100,3 +160,24 @@ def test_cast_here_is_a_cast_both_ways():
     assert y.dtype == jnp.bfloat16 and np.array_equal(np.asarray(y), np.asarray(w.astype(jnp.bfloat16)))
     (g,) = back(jnp.ones((3, 4), jnp.bfloat16))
     assert g.dtype == jnp.float32 and np.all(np.asarray(g) == 1)
+
+
+def test_v3_tiles_compile_for_the_smallest_scoped_vmem():
+    """The tiles chosen at V3's expert shapes (512x1024x1024) fit v5e's 16 MiB of scoped VMEM as Mosaic counts it:
+    the forward and backward (gmm, transposed gmm, tgmm) compile for a v5e device (compile-only, libtpu)."""
+    pytest.importorskip("libtpu", reason="compile-only TPU targets need libtpu: pip install 'jax[tpu]==0.10.2'")
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dsv3_jax.plan import topology_devices
+
+    mesh = Mesh(np.asarray(topology_devices("v5e:2x2")[:1]), ("d",))
+    v3 = ModelConfig.from_json("deepseek_v3_671b")
+    m, g, d, f = 1024, 8, v3.hidden_size, v3.moe_intermediate_size
+    tiling = _Recorded(2, scoped_vmem_bytes(5))
+    train = jax.shard_map(lambda x, w, s, dy: jax.vjp(lambda x, w: gmm(x, w, s, tiling=tiling), x, w)[1](dy),
+                          mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
+    jax.jit(train).lower(spec((m, d), jnp.bfloat16), spec((g, d, f), jnp.bfloat16), spec((g,), jnp.int32),
+                         spec((m, f), jnp.bfloat16)).compile()
+    assert {t for _, t in tiling.calls} == {(512, 1024, 1024)} and len(set(tiling.calls)) == 2

@@ -21,14 +21,23 @@ from dsv3_jax.ops import sparse_attention as sparse_op
 from dsv3_jax.ops.attention import AttentionOptions
 from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY, CrossEntropyFn
 from dsv3_jax.ops.experts import EXPERTS, ExpertsFn
-from dsv3_jax.ops.linear import cast_here, dense_for, fp8_ragged_matmul, kernel_ragged_matmul
+from dsv3_jax.ops.linear import (
+    Fp8Weight,
+    cast_here,
+    dense_for,
+    fp8_ragged_matmul,
+    fp8_weight_ragged_matmul,
+    kernel_ragged_matmul,
+)
 from dsv3_jax.ops.registry import AUTO
 from dsv3_jax.ops.remat import OFFLOAD_ATTENTION, REMAT
 from dsv3_jax.parallel.ep import data_parallel, expert_axis_size, expert_parallel
 from dsv3_jax.parallel.rules import batch_axes, local_rows
+from pallas_kernels import fp8_gemm as fp8_gemm_kernel
 from pallas_kernels import grouped_matmul as grouped_matmul_kernel
 from pallas_kernels import mla_decode as mla_decode_kernel
 from pallas_kernels.backends import capability_of_kind, resolve_backend
+from pallas_kernels.fp8_gemm.operands import WEIGHT_ONLY_DTYPES
 
 if TYPE_CHECKING:
     from dsv3_jax.runtime import Runtime
@@ -133,10 +142,39 @@ def grouped_kernel(rt: Runtime, cfg: ModelConfig) -> bool | None:
     return False if platform(rt) == "tpu" and rt.kernel_backend in (AUTO, "xla") and tiles else None
 
 
-def experts_fn(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> ExpertsFn:
+def fp8_experts_refusal(rt: Runtime, cfg: ModelConfig, num_tokens: int | None, x_dtype, w1, w3, w2) -> str | None:
+    """Why the routed experts' 8-bit weights (stacked `Fp8Weight`s, DeepSeek's checkpoints) are not read 8-bit by the
+    grouped weight-only FP8 GEMM, in one line; None: they are, the ragged path's grouped matmul being that kernel
+    (decoding reads half the bytes of bf16 weights, and only the chosen experts'). Refused, they are dequantised
+    first (`ops.linear.dense_for`). `num_tokens` as for `experts_variant`."""
+    if not all(isinstance(w, Fp8Weight) and w.stacked for w in (w1, w3, w2)):
+        return "the experts' weights are not 8-bit (stacked Fp8Weights)"
+    if rt.fp8:
+        return "FP8 training GEMMs (Runtime.fp8) quantise the weights their own way"
+    variant = experts_variant(rt, cfg, num_tokens)
+    if variant != experts_op.RAGGED:
+        return f"the {variant!r} experts path has no grouped matmul to run them; {experts_op.RAGGED!r} has"
+    backend = fp8_backend(rt)
+    if backend == "xla":
+        return "the kernel backend resolves to 'xla' on this platform"
+    if jnp.dtype(x_dtype) not in WEIGHT_ONLY_DTYPES:
+        return f"the weight-only FP8 GEMMs take bfloat16 or float32 activations, not {jnp.dtype(x_dtype)}"
+    rows = (num_tokens or 1) * cfg.num_experts_per_tok
+    for w in (w1, w3, w2):
+        reason = fp8_gemm_kernel.supports((rows, w.matrix_shape[-1]), w.matrix_shape, backend=backend,
+                                          weight_only=True)
+        if reason:
+            return reason
+    return None
+
+
+def experts_fn(rt: Runtime, cfg: ModelConfig, num_tokens: int | None, fp8_weights: bool = False) -> ExpertsFn:
+    """`fp8_weights`: the weights are stacked `Fp8Weight`s that `fp8_experts_refusal` accepted."""
     variant = experts_variant(rt, cfg, num_tokens)
     fn = EXPERTS[variant]
-    if rt.fp8:  # Runtime allows fp8 only with the ragged path: the same path, FP8 grouped GEMMs
+    if fp8_weights:  # accepted only on the ragged path: its grouped matmul reads them 8-bit
+        fn = functools.partial(fn, gmm=fp8_weight_ragged_matmul(fp8_backend(rt)))
+    elif rt.fp8:  # Runtime allows fp8 only with the ragged path: the same path, FP8 grouped GEMMs
         fn = functools.partial(fn, gmm=fp8_ragged_matmul(kernel_backend(rt)))
     elif variant == experts_op.RAGGED and grouped_kernel(rt, cfg) is not None:
         fn = functools.partial(fn, gmm=kernel_ragged_matmul(interpret=grouped_kernel(rt, cfg)))
@@ -146,21 +184,26 @@ def experts_fn(rt: Runtime, cfg: ModelConfig, num_tokens: int | None) -> Experts
 def routed_experts(rt: Runtime, cfg: ModelConfig, x, gates, ids, w1, w3, w2) -> jax.Array:
     """The routed experts on x [T, D]: expert-parallel when the current mesh has an expert axis
     (`with jax.set_mesh(mesh):`), else on this device's tokens; the same function either way. A
-    kernel the compiler cannot partition runs per device's tokens (`parallel.ep.data_parallel`)."""
-    w1, x = dense_for(w1, x)
-    w3, x = dense_for(w3, x)
-    w2, x = dense_for(w2, x)
-    if grouped_kernel(rt, cfg) is False:  # compiled megablox (TPU): each layer's weights cast in its own step
-        w1, w3, w2 = (cast_here(w, x.dtype) for w in (w1, w3, w2))
+    kernel the compiler cannot partition runs per device's tokens (`parallel.ep.data_parallel`).
+    8-bit weights stay 8-bit where `fp8_experts_refusal` accepts them, else are dequantised here."""
     mesh = jax.sharding.get_abstract_mesh()
+    ep = expert_axis_size(mesh) > 1
+    fp8_weights = fp8_experts_refusal(rt, cfg, None if ep else x.shape[0], x.dtype, w1, w3, w2) is None
+    if not fp8_weights:
+        w1, x = dense_for(w1, x)
+        w3, x = dense_for(w3, x)
+        w2, x = dense_for(w2, x)
+    megablox = None if fp8_weights else grouped_kernel(rt, cfg)  # None: not megablox; else its `interpret` flag
+    if megablox is False:  # compiled megablox (TPU): each layer's weights cast in its own step
+        w1, w3, w2 = (cast_here(w, x.dtype) for w in (w1, w3, w2))
     # Pallas calls (FP8 GEMMs, megablox) have no rules for jax's varying-axes check.
-    kernel = rt.fp8 or grouped_kernel(rt, cfg) is not None
-    if expert_axis_size(mesh) > 1:
-        return expert_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=experts_fn(rt, cfg, None),
+    kernel = rt.fp8 or fp8_weights or megablox is not None
+    if ep:
+        return expert_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=experts_fn(rt, cfg, None, fp8_weights),
                                fp8_dispatch=rt.ep_fp8_dispatch, check_vma=not kernel, exchange=ep_exchange(rt),
                                chunks=ep_chunks(mesh, x.shape[0], ids.shape[1], x.shape[1], x.dtype.itemsize))
-    fn = experts_fn(rt, cfg, x.shape[0])
-    pallas = grouped_kernel(rt, cfg) is not None or (rt.fp8 and kernel_backend(rt) != "xla")
+    fn = experts_fn(rt, cfg, x.shape[0], fp8_weights)
+    pallas = fp8_weights or megablox is not None or (rt.fp8 and kernel_backend(rt) != "xla")
     if not mesh.empty and experts_variant(rt, cfg, x.shape[0]) == experts_op.RAGGED \
             and pallas:  # megablox or the FP8 grouped GEMM kernels: the compiler cannot partition them
         return data_parallel(x, gates, ids, w1, w3, w2, mesh=mesh, local=fn, check_vma=False)

@@ -7,7 +7,8 @@ every one against `dense`, gradients included); `dispatch` picks one per platfor
 - `dense`: every expert on every token, weighted by a [T, E] combine matrix: FLOPs wasted, but one
   batched matmul (few, large operations).
 - `ragged`: the T*K assignments sorted by expert, grouped matmuls; the grouped matmul is an argument
-  (`jax.lax.ragged_dot`, or the FP8 grouped GEMMs: the FP8 path is this one with another matmul).
+  (`jax.lax.ragged_dot`, or the FP8 grouped GEMMs: the FP8 path is this one with another matmul; with 8-bit
+  weights, `ops.linear.Fp8Weight`s, the grouped weight-only FP8 GEMM, which takes them as they are).
 - `windowed`: the sorted assignments, each expert's rows as 2-D matmuls over a fixed window plus
   overflow chunks, with a hand-written backward (2-D matmuls there too).
 - `gather`: a loop over the few (token, expert) pairs of decoding, reading only the chosen experts.

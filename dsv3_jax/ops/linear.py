@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.parallel.rules import local_rows
 from pallas_kernels import grouped_matmul
-from pallas_kernels.fp8_gemm import fp8_grouped_linear, fp8_linear, fp8_weight_gemm
+from pallas_kernels.fp8_gemm import fp8_grouped_linear, fp8_grouped_weight_gemm, fp8_linear, fp8_weight_gemm
 from pallas_kernels.fp8_gemm import supports as fp8_supports
 from pallas_kernels.quant import dequantize_weight, quantize_weight
 
@@ -45,6 +45,13 @@ class Fp8Weight:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.q.shape
+
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """[E?, out, in]: the checkpoint's matrix shape, as the weight-only FP8 GEMMs take the weight ([(G,) N, K])."""
+        lead = self.shape[:1] if self.stacked else ()
+        body = self.shape[len(lead):]
+        return (*lead, math.prod(body[self.in_dims:]), math.prod(body[:self.in_dims]))
 
     def _as_matrix(self, x: jax.Array) -> jax.Array:
         """Our layout -> [E?, out, in]."""
@@ -115,8 +122,8 @@ def linear(x: jax.Array, w: jax.Array | Fp8Weight, *, in_dims: int = 1, fp8: boo
     `fp8`: FP8 GEMMs on `backend` (a concrete `pallas_kernels` backend name). An `Fp8Weight` goes through
     the weight-only FP8 GEMM where `backend` is a kernel backend that takes it (the weight read 8-bit and
     dequantised in the kernel: decoding reads half the weight bytes), else it is dequantised first."""
-    if isinstance(w, Fp8Weight) and not fp8 and not w.stacked and backend != "xla" \
-            and fp8_supports((x.shape[-1],), w.shape, backend=backend, weight_only=True) is None:
+    if isinstance(w, Fp8Weight) and not fp8 and not w.stacked and backend != "xla" and fp8_supports(
+            (math.prod(x.shape[:-1]), x.shape[-1]), w.matrix_shape, backend=backend, weight_only=True) is None:
         k = math.prod(w.shape[:in_dims])
         x2, wq = x.reshape(-1, k), w._as_matrix(w.q)  # [out, in], as the kernel and the checkpoint hold it
         gemm = lambda a, q, s: fp8_weight_gemm(a, q, s, backend=backend)
@@ -146,3 +153,20 @@ def kernel_ragged_matmul(interpret: bool) -> GroupedMatmul:
     """The grouped matmul as TPU kernels (`pallas_kernels.grouped_matmul`: megablox, whose weight
     gradient is grouped too), compiled, or in Pallas' interpreter on any platform."""
     return lambda x, w, group_sizes: grouped_matmul.gmm(x, w, group_sizes, interpret=interpret)
+
+
+def fp8_weight_ragged_matmul(backend: str) -> GroupedMatmul:
+    """The grouped matmul (`GroupedMatmul`) of stacked `Fp8Weight`s, for decoding with 8-bit experts: the grouped
+    weight-only FP8 GEMM on `backend`. Each expert's weight is read 8-bit and dequantised in the kernel, and only
+    the experts that have rows are read; dequantised first, every expert would be expanded to x's dtype in memory
+    and read back at twice the bytes. Not differentiable (inference weights).
+
+    The kernel reads [G, out, in], the checkpoint's matrices; our leaf holds [G, in, out], moved here (8-bit
+    bytes, every local expert) and tied to x as `dense_for` ties its expansion, so that one layer's copy is alive
+    at a time."""
+
+    def gmm(x: jax.Array, w: Fp8Weight, group_sizes: jax.Array) -> jax.Array:
+        w, x = jax.lax.optimization_barrier((w, x))
+        return fp8_grouped_weight_gemm(x, w._as_matrix(w.q), w.scale, group_sizes, backend=backend)
+
+    return gmm

@@ -228,7 +228,8 @@ def _chunked_body(x, gates, ids, w1, w3, w2, *, chunks: int, exchange, fp8: bool
     every slice."""
     # The weights are the same on every token shard (invariant); used inside the slice loop, jax would
     # sum their gradients over those shards in every slice. Marked varying here, the sum happens once.
-    missing = tuple(sorted(set(jax.typeof(x).mat.varying) - set(jax.typeof(w1).mat.varying)))
+    # (A weight may be a pytree: 8-bit values and their scales, `ops.linear.Fp8Weight`; its leaves vary alike.)
+    missing = tuple(sorted(set(jax.typeof(x).mat.varying) - set(jax.typeof(jax.tree.leaves(w1)[0]).mat.varying)))
     if missing and chunks > 1:
         w1, w3, w2 = jax.lax.pcast((w1, w3, w2), missing, to="varying")
     if exchange is None:
