@@ -69,10 +69,10 @@ EP_BUFFER_BYTES = 1 << 28
 # DSA's sparse attention gathers each query's K latent rows, [B, T, K, C+R] (V3.2 at 4096 queries a row:
 # 9.7 GB a row in BF16); from this size its queries go in chunks, each re-gathered in the backward.
 SPARSE_GATHER_BYTES = 1 << 28
-# DSA's indexer over a cache: up to this many queries a row, its logits keys-major (XLA:CPU reads the cached
-# keys as stored: a 32K-slot step's scores 1.4 -> 0.3 ms at T = 1); from 8 queries the queries-major form is
-# 1.5-2.5x faster (docs/PERFORMANCE.md, "Dispatch thresholds").
-INDEX_KEYS_MAJOR_MAX_T = 4
+# DSA's indexer over a cache: up to this many queries a row (a token and its MTP draft), its logits keys-major
+# (XLA:CPU reads the cached keys as stored: 32K slots 0.40 -> 0.19 ms at T = 1); from 4 queries the
+# queries-major form is as fast or faster, 2-3x at prefill sizes (docs/PERFORMANCE.md, "Dispatch thresholds").
+INDEX_KEYS_MAJOR_MAX_T = 2
 
 
 def _rows_per_device(batch: int) -> int:
