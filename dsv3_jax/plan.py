@@ -334,7 +334,7 @@ def compile_decode(setup: Setup, devices: Sequence) -> tuple[jax.stages.Compiled
     state = abstract_decode_state(setup, g, variables, mesh)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        lowered = g.step.lower(variables, state)
+        lowered = g.step_for(variables, state).lower(variables, state)
     compiled = lowered.compile()
     return compiled, time.perf_counter() - start
 

@@ -172,6 +172,27 @@ def test_steps_per_call_changes_only_the_chunking(variables, plain, steps_per_ca
     assert (got.steps, got.row_steps) == (want.steps, want.row_steps) == (9, sum(len(t) - 1 for t in want.tokens))
 
 
+def test_pinned_cache_layout_decodes_the_same(variables, plain, monkeypatch):
+    """The step with its caches' rows pinned row-major (what TPU targets get: `Generator.pin_rows`) generates what
+    the plain step does; on CPU row-major is the default layout, so the same program modulo its formats."""
+    generator.cache_clear()
+    made = []
+    init = Generator.__init__
+
+    def pinned(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.pin_rows = True
+        made.append(self)
+
+    monkeypatch.setattr(Generator, "__init__", pinned)
+    try:
+        res = generate(CFG, variables, PROMPTS, GenerateConfig(max_new_tokens=10))
+    finally:
+        generator.cache_clear()
+    assert res.tokens == plain.tokens
+    assert made and made[0]._pinned  # the pinned step ran
+
+
 def test_decode_step_updates_the_cache_in_place(variables):
     """The compiled decode program never copies a layer's cache (a regression once cost 16 copies per
     step at batch 1: XLA:CPU duplicated the cache write into each reader)."""

@@ -190,6 +190,21 @@ def test_decode_state_is_sharded(devices):
     assert state.length.sharding.is_fully_replicated
 
 
+def test_tpu_decode_keeps_the_caches_row_major(devices):
+    """TPU lays a [B*S, 576] cache out with B*S minor by default; the engine's step pins the caches' rows
+    row-major at its entry and exit (`Generator.step_for`), so the compiled step copies no cache: the decode
+    kernel and the loop read rows as stored. Latent 512 + rope 64, as V3's."""
+    cfg = ModelConfig.from_json("tiny").replace(kv_lora_rank=512, qk_rope_head_dim=64, num_heads=16,
+                                                qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=2048)
+    setup = dataclasses.replace(_decode_setup("tiny", context=1024), cfg=cfg)
+    compiled, _ = plan.compile_decode(setup, devices)
+    rows = [c.rows for c in compiled.input_formats[0][1].cache]
+    assert rows and all(f.layout.major_to_minor == (0, 1) for f in rows)
+    slots = plan.cache_slots(setup, 0)
+    column_major = f"[{BATCH * slots // 4},576]{{0,1"  # one device's rows, laid out rows minor
+    assert not [line for line in compiled.as_text().splitlines() if column_major in line]
+
+
 def test_dsa_decode_places_the_indexer_keys_and_compiles(devices):
     """A V3.2 model's caches hold the indexer's keys too: split over the batch shards as the latent rows are,
     and the decode step (indexer scores, top-k, sparse attention over a 512-slot cache) compiles."""

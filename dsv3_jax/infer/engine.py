@@ -34,12 +34,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Format, Layout
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.sampling import Sampling, draw, greedy, log_probs
 from dsv3_jax.layers import cache as latent_cache
 from dsv3_jax.layers.cache import LatentCache
 from dsv3_jax.model import Transformer
+from dsv3_jax.ops import dispatch
 from dsv3_jax.runtime import Runtime
 
 PREFILL_BUCKET = 64  # prompts are padded to a multiple of this: one compilation per bucket, not per length
@@ -149,6 +151,11 @@ class Generator:
         self.prefill = jax.jit(self._prefill, static_argnums=3)
         self.step = jax.jit(self._steps, donate_argnums=1)
         self._compiled = {}  # signature of the arguments -> the AOT prefill, or True for a compiled step
+        # TPU lays a [B*S, 576] array out with B*S minor (576 is not a whole number of 128-lane tiles), while the
+        # decode loop and the latent-decode kernel read cache rows: each call of an unpinned step copied every
+        # cache to row-major and back, and held the copy (docs/PERFORMANCE.md, "TPU kernels").
+        self.pin_rows = dispatch.platform(runtime) == "tpu"
+        self._pinned = {}  # (signature, shardings) -> the step jitted with the caches' rows pinned
 
     def compiled_prefill(self, variables, tokens, lengths, cache_len: int):
         """The prefill compiled ahead of time for these argument shapes (once per Generator), so that
@@ -165,8 +172,32 @@ class Generator:
         AOT `Compiled` object's Python path (it matters at a fraction of a millisecond per token)."""
         key = ("step", _signature((variables, state)))
         if key not in self._compiled:
-            jax.block_until_ready(self.step(variables, jax.tree.map(jnp.copy, state)))
+            jax.block_until_ready(self.step_for(variables, state)(variables, jax.tree.map(jnp.copy, state)))
             self._compiled[key] = True
+
+    def step_for(self, variables, state: State):
+        """The jitted step for these arguments: `step`, or with `pin_rows` (TPU targets) the same function with
+        every cache's rows (and indexer keys) row-major at its entry and exit (`step_formats`). The arguments'
+        shardings must be concrete (arrays, or ShapeDtypeStructs that carry them); the state must be in those
+        formats (`to_step_layout`)."""
+        if not self.pin_rows:
+            return self.step
+        shardings = tuple(x.sharding for x in jax.tree.leaves((variables, state)))
+        key = (_signature((variables, state)), shardings)
+        if key not in self._pinned:
+            formats = step_formats(state)
+            some_cache = next(x.rows.sharding for x in state.cache)
+            whole = jax.sharding.NamedSharding(some_cache.mesh, jax.sharding.PartitionSpec()) \
+                if isinstance(some_cache, jax.sharding.NamedSharding) else some_cache
+            self._pinned[key] = jax.jit(self._steps, donate_argnums=1,
+                                        in_shardings=(jax.tree.map(lambda x: x.sharding, variables), formats),
+                                        out_shardings=(formats, whole))
+        return self._pinned[key]
+
+    def to_step_layout(self, state: State) -> State:
+        """The state as `step_for`'s step takes it: with `pin_rows`, the caches' rows moved to row-major (once
+        per generation, after the prefill); else as it is."""
+        return jax.device_put(state, step_formats(state)) if self.pin_rows else state
 
     # -- the pieces, traced once per shape ------------------------------------------------------
 
@@ -338,6 +369,19 @@ def generator(cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None, runtime: 
     return Generator(cfg, gen, cache_dtype, runtime)
 
 
+def step_formats(state: State) -> State:
+    """`state`'s shardings, each cache's rows and indexer keys with a row-major layout (`Generator.step_for`)."""
+    row_major = lambda x: Format(Layout(major_to_minor=tuple(range(x.ndim))), x.sharding)
+
+    def leaf(x):
+        if isinstance(x, LatentCache):
+            index = None if x.index_rows is None else row_major(x.index_rows)
+            return x.replace(rows=row_major(x.rows), index_rows=index)
+        return x.sharding
+
+    return jax.tree.map(leaf, state, is_leaf=lambda x: isinstance(x, LatentCache))
+
+
 def _signature(tree) -> tuple:
     """What a compiled program depends on in its arguments: their tree and leaf shapes and dtypes."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -369,7 +413,9 @@ def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: G
     first = np.asarray(first)
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    state = g.to_step_layout(state)
     g.compile_step(variables, state)
+    step = g.step_for(variables, state)
     compile_s += time.perf_counter() - t0
     out = [[int(t)] for t in first]
     for i, t in enumerate(out):
@@ -377,12 +423,12 @@ def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: G
     done = np.asarray(state.done)
     res = Result(out, prefill_s, 0.0, compile_s, 0, 0, 0)
     t0 = time.perf_counter()
-    pending = None if done.all() else g.step(variables, state)
+    pending = None if done.all() else step(variables, state)
     while pending is not None:
         state, chunk = pending
         # The next call goes out before this one's tokens are read: the device runs it while the
         # host streams these. Once every row is done, that call's loop runs no step (a few us).
-        pending = g.step(variables, state)
+        pending = step(variables, state)
         if _take_chunk(np.asarray(chunk), g.depth, res, on_tokens):
             pending = None
     res.decode_s = time.perf_counter() - t0
