@@ -565,6 +565,10 @@ def largest_batch(setup: Setup, devices: Sequence, report: dict) -> dict:
         else:
             batch = (lo + hi) // 2 // unit * unit
         probes.append(probe(batch, plan(dataclasses.replace(setup, batch=batch), devices)))
+        # Each probe is minutes at real sizes: say how it went as it goes.
+        p = probes[-1]
+        print(f"--largest_batch: batch {batch} {'fits' if p['fits'] else 'does not fit'} ({p['bytes'] / GIB:.2f} GiB)",
+              file=sys.stderr, flush=True)
         side = "lo" if probes[-1]["fits"] else "hi"
         bisect = guess is not None and side == last_side and hi is not None
         last_side = side if guess is not None else None
