@@ -284,7 +284,7 @@ def _primitives(jaxpr) -> set[str]:
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["f32_cache", "fp8_cache"])
-def test_dsa_decode_through_the_kernel_equals_the_jnp_path(fp8):
+def test_dsa_decode_through_the_kernel_equals_the_jnp_path(fp8, monkeypatch):
     """A DSA model's cached decode steps (T = 1 and 2, a cache past index_topk so the attention is sparse) with
     kernel_backend "interpret" (the sparse kernel) and the default (jnp `sparse_attention`): the same logits."""
     from dsv3_jax.config import ModelConfig
@@ -302,8 +302,11 @@ def test_dsa_decode_through_the_kernel_equals_the_jnp_path(fp8):
     assert dispatch.cached_sparse_attention(jnp_path, cfg, 1, *kv) is sparse_attention  # CPU "auto": jnp
     assert dispatch.cached_sparse_attention(kernel, cfg, 1, *kv) is not sparse_attention
     assert dispatch.cached_sparse_attention(kernel, cfg, dispatch.DECODE_MAX_T + 1, *kv) is sparse_attention
-    hopper = Runtime(platform="gpu", kernel_backend="mosaic_gpu")  # no sparse kernel there: jnp
+    hopper = Runtime(platform="gpu", kernel_backend="mosaic_gpu")  # asked for by name: no sparse kernel, jnp
     assert dispatch.cached_sparse_attention(hopper, cfg, 1, *kv) is sparse_attention
+    monkeypatch.setattr(dispatch, "kernel_backend", lambda rt: "mosaic_gpu")  # "auto" on a Hopper target
+    assert dispatch.cached_sparse_attention(Runtime(platform="gpu"), cfg, 1, *kv).args == ("triton",)
+    monkeypatch.undo()
     step = lambda rt: lambda v, t, p, c: Transformer(cfg, rt).apply(v, t, p, c, method=Transformer.step)
     cache = Generator(cfg, GenerateConfig(), FP8 if fp8 else None)._empty_cache(2, 64, cfg.num_layers)
     _, _, cache = jax.jit(step(jnp_path))(variables, tokens[:, :20], jnp.broadcast_to(jnp.arange(20), (2, 20)), cache)

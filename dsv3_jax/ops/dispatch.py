@@ -296,9 +296,12 @@ def sparse_query_chunks(batch: int, t: int, k: int, row_bytes: int) -> int:
 def cached_sparse_attention(rt: Runtime, cfg: ModelConfig, t: int, kv_shape, kv_dtype):
     """DSA's attention over a cache, with `ops.sparse_attention.sparse_attention`'s signature: that, or for a decode
     step (T <= DECODE_MAX_T) the sparse decode kernel (`mla_decode_sparse`, FlashMLA's sparse layout) where the
-    runtime's kernel backend takes the call. On CPU "auto" is "xla", and on Hopper "mosaic_gpu", which has no
-    sparse kernel: the jnp path (Runtime(kernel_backend="triton") asks for Triton's)."""
+    runtime's kernel backend takes the call. On CPU "auto" is "xla": the jnp path. On Hopper "auto" is "mosaic_gpu",
+    which has no sparse kernel (TMA copies tiles, not gathered rows): the op's stand-in there, Triton's pointer
+    gathers (`mla_decode.sparse_backend`); asked for by name, "mosaic_gpu" falls back to the jnp path."""
     backend = kernel_backend(rt)
+    if rt.kernel_backend == AUTO:
+        backend = mla_decode_kernel.sparse.SPARSE_STAND_IN.get(backend, backend)
     q_shape = (kv_shape[0], t, cfg.num_heads, cfg.kv_cache_dim)
     if t > DECODE_MAX_T or backend == "xla" or mla_decode_kernel.supports_sparse(
             q_shape, kv_shape, (kv_shape[0], t, cfg.index_topk), kv_dtype, v_dim=cfg.kv_lora_rank, backend=backend):
