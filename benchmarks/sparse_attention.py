@@ -7,8 +7,9 @@ For each context length, batch 1, float32:
     latent rows and indexer keys written while at it);
   - decode tokens/s: `--new` single-token steps at that position over a cache of that many tokens. A
     decode step's cost depends on the cache's slots, not on how its rows were made, so the cache is filled
-    with random latent rows and indexer keys instead of a prefill (a dense prefill at 32K does not fit this
-    machine's memory: [heads, T, T] float32 scores);
+    with random latent rows and indexer keys instead of a prefill (quicker to make);
+  - dense and DSA are timed alternately, repeat by repeat, after a warm-up of each (`interleaved`), so both see
+    the same background load on a shared machine; medians;
   - the cache's bytes per token, all layers: latent rows plus indexer keys (DSA) against latent rows only;
   - agreement: the sparse op (`ops.sparse_attention`) against its masked-dense reference on the same
     selections, the indexer's top-k of the random keys, max abs difference over the last `--check` queries.
@@ -80,15 +81,23 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def prefill_tokens_per_s(cfg, variables, length: int, repeats: int) -> float:
+def _prefill_run(cfg, variables, length: int):
+    """() -> seconds of one prefill of `length` tokens."""
     step = _step_fn(cfg)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, length)), jnp.int32)
     positions = jnp.arange(length, dtype=jnp.int32)[None]
-    run = lambda: jax.block_until_ready(step(variables, tokens, positions, _empty(cfg, length))[0])
-    return length / _median_s(run, repeats)
+
+    def run():
+        cache = _empty(cfg, length)
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(variables, tokens, positions, cache)[0])
+        return time.perf_counter() - t0
+
+    return run
 
 
-def decode_tokens_per_s(cfg, variables, context: int, new: int, repeats: int) -> float:
+def _decode_run(cfg, variables, context: int, new: int):
+    """() -> seconds of `new` decode steps over a random cache of `context` tokens."""
     step, slots = _step_fn(cfg), context + new
     token = jnp.ones((1, 1), jnp.int32)
 
@@ -101,8 +110,15 @@ def decode_tokens_per_s(cfg, variables, context: int, new: int, repeats: int) ->
         jax.block_until_ready(logits)
         return time.perf_counter() - t0
 
-    run()  # compiles and warms
-    return new / statistics.median(run() for _ in range(repeats))
+    return run
+
+
+def interleaved(dense_run, dsa_run, repeats: int) -> tuple[float, float]:
+    """Median seconds of each, timed alternately (dense, DSA, dense, ...) after one warm-up run each: on a
+    shared machine both see the same background, so their ratio is fair even when the load changes."""
+    dense_run(), dsa_run()  # compile and warm
+    times = [(dense_run(), dsa_run()) for _ in range(repeats)]
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
 def agreement(cfg, variables, context: int, queries: int) -> float:
@@ -173,18 +189,20 @@ def main(argv: list[str] | None = None) -> dict:
                                      "dense": cache_bytes_per_token(v3, jnp.float32)},
            "prefill": {}, "decode": {}}
     for t in prefill:
-        d, s = prefill_tokens_per_s(dense, variables, t, repeats), prefill_tokens_per_s(cfg, variables, t, repeats)
+        d, s = (t / sec for sec in interleaved(_prefill_run(dense, variables, t), _prefill_run(cfg, variables, t),
+                                               repeats))
         out["prefill"][t] = {"dense_tokens_per_s": d, "dsa_tokens_per_s": s, "speedup": s / d}
         print(f"prefill {t:>6}: dense {d:9.1f} tok/s  dsa {s:9.1f} tok/s  x{s / d:.2f}", flush=True)
     for t in decode:
-        d, s = (decode_tokens_per_s(c, variables, t, new, repeats) for c in (dense, cfg))
+        runs = (_decode_run(c, variables, t, new) for c in (dense, cfg))
+        d, s = (new / sec for sec in interleaved(*runs, repeats))
         out["decode"][t] = {"dense_tokens_per_s": d, "dsa_tokens_per_s": s, "speedup": s / d}
         print(f"decode  {t:>6}: dense {d:9.1f} tok/s  dsa {s:9.1f} tok/s  x{s / d:.2f}", flush=True)
-    out["agreement_context"] = max(decode)
-    out["max_abs_diff_vs_masked_dense"] = agreement(cfg, variables, max(decode), check)
+    out["agreement_context"] = max(decode + prefill)
+    out["max_abs_diff_vs_masked_dense"] = agreement(cfg, variables, out["agreement_context"], check)
     b = out["cache_bytes_per_token"]
     print(f"cache bytes/token (float32, {cfg.num_layers} layers): dsa {b['dsa']} (latent + indexer keys), dense "
-          f"{b['dense']} (latent); sparse vs masked dense at {max(decode)}: max |diff| "
+          f"{b['dense']} (latent); sparse vs masked dense at {out['agreement_context']}: max |diff| "
           f"{out['max_abs_diff_vs_masked_dense']:.2e}")
     if a.json:
         print(json.dumps(out))
