@@ -94,10 +94,11 @@ def test_paged_packed_cache_with_a_shuffled_block_table(sq=2):
 
 def test_which_backends_read_the_packed_cache():
     q_shape, cache_shape = (2, 1, 16, 576), (2, 256, 656)  # V3's rows: 656 bytes
-    for backend in ("xla", "interpret", "triton"):
+    for backend in ("xla", "interpret", "triton", "mosaic_gpu"):
         assert supports(q_shape, cache_shape, jnp.uint8, v_dim=512, backend=backend) is None, backend
-    reason = supports(q_shape, cache_shape, jnp.uint8, v_dim=512, backend="mosaic_gpu")
-    assert reason.startswith("mosaic_gpu: reads no packed FP8 cache") and "\n" not in reason
+    # Mosaic GPU TMA-copies the rows in 16-byte units: C = 256 gives 392-byte rows.
+    reason = supports((2, 1, 16, 320), (2, 256, 392), jnp.uint8, v_dim=256, backend="mosaic_gpu")
+    assert reason.startswith("mosaic_gpu: an FP8 cache needs v_dim 512") and "\n" not in reason
 
 
 def test_triton_lowers_the_packed_cache_for_cuda():
@@ -182,7 +183,7 @@ def test_a_backend_that_cannot_read_it_falls_back_with_its_reason():
     name, _ = dispatch.attention(rt, CFG, cached=True, q_shape=q_shape, kv_shape=kv_shape, kv_dtype=jnp.uint8,
                                  sorted_positions=False)
     assert name == attention_op.ABSORBED
-    with pytest.raises(ValueError, match="mosaic_gpu: reads no packed FP8 cache"):
+    with pytest.raises(ValueError, match="mosaic_gpu: an FP8 cache needs v_dim 512"):
         dispatch.attention(rt.replace(attention=attention_op.LATENT_KERNEL), CFG, cached=True, q_shape=q_shape,
                            kv_shape=kv_shape, kv_dtype=jnp.uint8, sorted_positions=False)
 

@@ -121,14 +121,45 @@ def test_mla_decode_block_table_lowers(backend):
     _check_mla_kernel(_export_for_cuda(fn, args, backend), backend)
 
 
-def test_mla_decode_mosaic_smem_estimate_is_exact():
+# A packed FP8 cache (V3's 656-byte rows): the bytes TMA-copied, dequantised into a bfloat16 tile, the same wgmma.
+_FP8_ROW = 656
+
+
+def _check_fp8_kernel(exp) -> None:
+    _check_mla_kernel(exp, "mosaic_gpu")
+    text = exp.mlir_module()
+    assert "e4m3x2" in text  # E4M3 codes converted in pairs (to f16, then float32 for the scale)
+
+
+@pytest.mark.parametrize("heads,sq,splits", [(128, 2, 1), (16, 2, 2)])
+def test_mla_decode_fp8_cache_lowers_mosaic_gpu(heads, sq, splits):
+    args = (S((128, sq, heads, 576), jnp.bfloat16), S((128, 4096, _FP8_ROW), jnp.uint8), S((128,), jnp.int32))
+    config = md.MlaDecodeConfig(num_splits=splits)
+    assert md.supports(args[0].shape, args[1].shape, jnp.uint8, v_dim=512, backend="mosaic_gpu", config=config) is None
+    fn = lambda *a: md.mla_decode(*a, backend="mosaic_gpu", config=config, **_MLA_KW)
+    _check_fp8_kernel(_export_for_cuda(fn, args, "mosaic_gpu"))
+
+
+def test_mla_decode_fp8_block_table_lowers_mosaic_gpu():
+    config = md.MlaDecodeConfig()
+    args = (S((128, 2, 128, 576), jnp.bfloat16), S((8192, config.block_s, _FP8_ROW), jnp.uint8),
+            S((128, 64), jnp.int32), S((128,), jnp.int32))
+    layout = md_mosaic.make_plan(args[0].shape, (128, 64 * config.block_s, _FP8_ROW), 512, config)
+    fn = lambda *a: md_plan.decode_pages(*a, softmax_scale=_MLA_KW["softmax_scale"], plan=layout,
+                                         run=functools.partial(md_mosaic.run, config=config))
+    _check_fp8_kernel(_export_for_cuda(fn, args, "mosaic_gpu"))
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_mla_decode_mosaic_smem_estimate_is_exact(fp8):
     """`mosaic_gpu.refusal` rejects configs by `smem_bytes`: the kernel must use exactly that much."""
     from jax.experimental.mosaic.gpu import core as mgpu_core
 
-    args = (S((2, 1, 64, 576), jnp.bfloat16), S((2, 256, 576), jnp.bfloat16), S((2,), jnp.int32))
+    cache = S((2, 256, _FP8_ROW), jnp.uint8) if fp8 else S((2, 256, 576), jnp.bfloat16)
+    args = (S((2, 1, 64, 576), jnp.bfloat16), cache, S((2,), jnp.int32))
     config = md.MlaDecodeConfig(num_splits=1)
     plan = md_mosaic.make_plan(args[0].shape, args[1].shape, 512, config)
-    need = md_mosaic.smem_bytes(plan, 2, md_mosaic.stages(plan, config))
+    need = md_mosaic.smem_bytes(plan, 2, md_mosaic.stages(plan, config), fp8=fp8)
     assert need <= md.SMEM_BYTES
     fn = lambda *a: md.mla_decode(*a, backend="mosaic_gpu", config=config, **_MLA_KW)
     with mgpu_core.artificial_shared_memory_limit(need - 1), pytest.raises(ValueError, match="shared memory"):
@@ -180,9 +211,23 @@ _MLA_SUPPORT = [  # q [B, Sq, H, C+R], cache [B, S, C+R], v_dim, backend, config
 ]
 
 
-@pytest.mark.parametrize("q_shape,cache_shape,v_dim,backend,config,want", _MLA_SUPPORT)
-def test_mla_decode_supports_agrees_with_lowering(q_shape, cache_shape, v_dim, backend, config, want):
-    reason = md.supports(q_shape, cache_shape, jnp.bfloat16, v_dim=v_dim, backend=backend, config=config)
-    args = (S(q_shape, jnp.bfloat16), S(cache_shape, jnp.bfloat16), S((q_shape[0],), jnp.int32))
+_MLA_FP8_SUPPORT = [  # the same over packed FP8 rows (uint8 [B, S, row bytes])
+    ((4, 2, 16, 576), (4, 512, _FP8_ROW), 512, "mosaic_gpu", md.MlaDecodeConfig(block_h=32), None),
+    ((4, 2, 16, 576), (4, 512, _FP8_ROW), 512, "mosaic_gpu", md.MlaDecodeConfig(num_stages=3, num_splits=1),
+     "bytes of shared memory needed (block_s 64, 3 stages, an FP8 cache: 2 packed + 1 converted)"),
+    ((4, 2, 16, 576), (4, 512, _FP8_ROW), 512, "mosaic_gpu", md.MlaDecodeConfig(block_s=128, num_splits=1),
+     "bytes of shared memory needed (block_s 128"),
+    ((4, 1, 16, 320), (4, 512, 392), 256, "mosaic_gpu", None, "mosaic_gpu: an FP8 cache needs v_dim 512"),
+    ((4, 1, 16, 576), (4, 500, _FP8_ROW), 512, "triton", md.MlaDecodeConfig(block_s=128, num_splits=2), None),
+]
+
+
+_MLA_SUPPORT_CASES = [(*c, jnp.bfloat16) for c in _MLA_SUPPORT] + [(*c, jnp.uint8) for c in _MLA_FP8_SUPPORT]
+
+
+@pytest.mark.parametrize("q_shape,cache_shape,v_dim,backend,config,want,cache_dtype", _MLA_SUPPORT_CASES)
+def test_mla_decode_supports_agrees_with_lowering(q_shape, cache_shape, v_dim, backend, config, want, cache_dtype):
+    reason = md.supports(q_shape, cache_shape, cache_dtype, v_dim=v_dim, backend=backend, config=config)
+    args = (S(q_shape, jnp.bfloat16), S(cache_shape, cache_dtype), S((q_shape[0],), jnp.int32))
     fn = lambda *a: md.mla_decode(*a, v_dim=v_dim, softmax_scale=0.1, backend=backend, config=config)
     _lowers_unless_refused(fn, args, backend, reason, want)

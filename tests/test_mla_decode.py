@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.mla_decode import MlaDecodeConfig, mla_decode, mla_decode_reference, supports
+from pallas_kernels.mla_decode import MlaDecodeConfig, fp8_cache, mla_decode, mla_decode_reference, supports
 from pallas_kernels.mla_decode import interpret as interpret_backend
 from pallas_kernels.mla_decode import mosaic_gpu as mosaic_backend
 from pallas_kernels.mla_decode import plan as decode_plan
@@ -221,6 +221,68 @@ def test_mosaic_gpu_interpreted_paged_with_shuffled_block_table(gpu_interpreter)
     assert np.all(np.asarray(got[0]) == 0) and np.abs(np.asarray(got[1])).max() > 0
 
 
+# The packed FP8 cache (`fp8_cache`): the kernel TMA-copies the bytes and dequantises each block into a bfloat16
+# tile in shared memory. Its TMA copies need C a multiple of 512, so these run V3's row (C=512, R=64, 656 bytes).
+FP8_C, FP8_R = 512, 64
+
+
+def _fp8_inputs(seed, batch, sq, heads, s_len, dtype=jnp.bfloat16):
+    """q and a packed cache whose four 128-value tiles differ in size (x1, x8, x1/8, x2), so a scale read for
+    the wrong tile or row shows."""
+    kq, kc = jax.random.split(jax.random.key(seed))
+    q = jax.random.normal(kq, (batch, sq, heads, FP8_C + FP8_R), jnp.float32).astype(dtype)
+    tile = jnp.array([1.0, 8.0, 0.125, 2.0])[jnp.minimum(jnp.arange(FP8_C + FP8_R) // 128, 3)]
+    rows = jax.random.normal(kc, (batch, s_len, FP8_C + FP8_R), jnp.float32) * jnp.where(
+        jnp.arange(FP8_C + FP8_R) < FP8_C, tile, 1.0)
+    return q, fp8_cache.quantize_rows(rows, FP8_C)
+
+
+def _close_scaled(got, want):
+    """bfloat16 (the dequantised block, P and the output rounded to 8 bits), relative to the output's size."""
+    size = float(jnp.abs(want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2 * size, rtol=3e-2)
+
+
+# (Sq, heads, lengths, config, detect_races, q dtype); S = 192 (3 blocks). Grids of 2 or 3 points, as above.
+MOSAIC_FP8_CASES = {
+    # Empty, ragged (3 blocks through one packed slot: two refills, the last block partial) and full; the race
+    # detector checks the conversion's hand-offs (free slot, half_ready, the converted tile's reuse).
+    "sq2_empty_ragged_full": (2, 16, (0, 130, 192), dict(num_splits=1), True, jnp.bfloat16),
+    # Sq 1, 2 splits of 2 blocks: split 0 reads a full block and one row through one packed slot (a refill);
+    # split 1 has nothing to read (its log-sum-exp -inf must drop out of the merge). float32 queries: the
+    # kernel computes in bfloat16 and the result comes back in float32.
+    "sq1_splits_float32_q": (1, 32, (65,), dict(num_splits=2), False, jnp.float32),
+}
+
+
+@pytest.mark.parametrize("case", MOSAIC_FP8_CASES)
+def test_mosaic_gpu_interpreted_reads_the_fp8_cache(gpu_interpreter, case):
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    sq, heads, lengths, config, detect_races, dtype = MOSAIC_FP8_CASES[case]
+    lengths = jnp.array(lengths, jnp.int32)
+    q, cache = _fp8_inputs(11, len(lengths), sq, heads, 192, dtype)
+    interpret = InterpretGPUParams(detect_races=True) if detect_races else True
+    config = MlaDecodeConfig(interpret=interpret, **config)
+    assert supports(q.shape, cache.shape, cache.dtype, v_dim=FP8_C, backend="mosaic_gpu", config=config) is None
+    got = mla_decode(q, cache, lengths, v_dim=FP8_C, softmax_scale=SCALE, backend="mosaic_gpu", config=config)
+    want = mla_decode_reference(q, cache, lengths, v_dim=FP8_C, softmax_scale=SCALE)
+    assert got.shape == (len(lengths), sq, heads, FP8_C) and got.dtype == dtype
+    _close_scaled(got, want)
+    assert not gpu_interpreter.get_races().races_found
+
+
+def test_mosaic_gpu_interpreted_reads_paged_fp8_pages(gpu_interpreter):
+    batch, sq, heads, blocks = 2, 2, 16, 3
+    lengths = jnp.array((150, 0), jnp.int32)
+    q, cache = _fp8_inputs(12, batch, sq, heads, blocks * PAGE_SIZE)
+    pages, table = _shuffled_pages(cache, (150, 0), blocks, 2, seed=3)
+    got = _decode_paged(mosaic_backend, q, pages, table, lengths, v_dim=FP8_C,
+                        config=MlaDecodeConfig(num_splits=1, interpret=True))
+    _close_scaled(got, mla_decode_reference(q, cache, lengths, v_dim=FP8_C, softmax_scale=SCALE))
+    assert np.abs(np.asarray(got[0])).max() > 0 and np.all(np.asarray(got[1]) == 0)
+
+
 def test_xla_and_auto_on_cpu_are_the_reference():
     q, cache = _inputs(7, 2, 2, 4, 32, 8, 64, jnp.float32)
     lengths = jnp.array([5, 64], jnp.int32)
@@ -286,6 +348,13 @@ SUPPORT_CASES = {
     "mosaic_smem": ((1, 1, 64, 576), (1, 1024, 576), BF16, 512, "mosaic_gpu",
                     MlaDecodeConfig(block_s=128, num_splits=1),
                     "bytes of shared memory needed (block_s 128, 2 stages)"),
+    # A packed FP8 cache: 128 + 4 + 128 bytes a row are no whole 16-byte TMA units.
+    "mosaic_fp8_v_dim": ((2, 1, 4, 192), (2, 64, 260), jnp.uint8, 128, "mosaic_gpu", None,
+                         "mosaic_gpu: an FP8 cache needs v_dim 512"),
+    # V3's row with 3 stages: two packed blocks and the converted one do not fit (2 stages do, see lowering).
+    "mosaic_fp8_smem": ((1, 1, 64, 576), (1, 1024, 656), jnp.uint8, 512, "mosaic_gpu",
+                        MlaDecodeConfig(num_stages=3, num_splits=1),
+                        "bytes of shared memory needed (block_s 64, 3 stages, an FP8 cache: 2 packed + 1 converted)"),
 }
 
 
