@@ -65,7 +65,7 @@ def make_plan(q_shape, cache_shape, v_dim: int, config, *, row_cap: int, rows: C
     )
 
 
-def _to_blocks(q, plan: Plan):
+def to_blocks(q, plan: Plan):
     """q [B, T, H, D] -> [B, HB, M, D]; within a program, rows are query-major (row = t * block_h + h)."""
     b, sq, h, d = q.shape
     hb, bh = plan.head_blocks, plan.block_h
@@ -74,14 +74,14 @@ def _to_blocks(q, plan: Plan):
     return jnp.pad(q, ((0, 0), (0, 0), (0, plan.rows - sq * bh), (0, 0)))
 
 
-def _from_blocks(out, plan: Plan):
+def from_blocks(out, plan: Plan):
     """[B, HB, M, C] -> [B, T, H, C]."""
     b, hb, _, c = out.shape
     out = out[:, :, : plan.sq * plan.block_h].reshape(b, hb, plan.sq, plan.block_h, c)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, plan.sq, hb * plan.block_h, c)[:, :, : plan.heads]
 
 
-def _combine(o, lse2):
+def combine(o, lse2):
     """Merge splits: o [B, NS, HB, M, C] (each split normalised), lse2 [B, NS, HB, M] base-2 log-sum-exp."""
     if o.shape[1] == 1:
         return o[:, 0]
@@ -96,7 +96,7 @@ def decode_pages(q, pages, table, lengths, *, softmax_scale: float, plan: Plan, 
     """q [B, T, H, C+R] over pages [P, block_s, C+R] through a block table [B, blocks] (sequence b's block j is
     page table[b, j]; entries are clipped to [0, P), and those past a sequence's end are never read), lengths
     [B] -> [B, T, H, v_dim]. The kernel `run(q_blocks [B, HB, M, D], pages, table, lengths, plan, scale2,
-    out_dtype)` returns (o, lse2) as `_combine` takes them."""
+    out_dtype)` returns (o, lse2) as `combine` takes them."""
     num_pages = pages.shape[0]
     table = jnp.clip(table.astype(jnp.int32), 0, num_pages - 1)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, plan.blocks * plan.block_s)
@@ -104,8 +104,8 @@ def decode_pages(q, pages, table, lengths, *, softmax_scale: float, plan: Plan, 
         table = jnp.pad(table, ((0, 0), (0, plan.num_splits * plan.steps - plan.blocks)))
     out_dtype = q.dtype if plan.num_splits == 1 else jnp.float32
     scale2 = float(softmax_scale) * LOG2E  # scores in base 2, so the kernels use exp2
-    o, lse2 = run(_to_blocks(q, plan), pages, table, lengths, plan, scale2, out_dtype)
-    return _from_blocks(_combine(o, lse2), plan).astype(q.dtype)
+    o, lse2 = run(to_blocks(q, plan), pages, table, lengths, plan, scale2, out_dtype)
+    return from_blocks(combine(o, lse2), plan).astype(q.dtype)
 
 
 def gather_pages(pages, table):

@@ -71,5 +71,5 @@ def decode_rows(q, rows, indices, *, v_dim: int, softmax_scale: float, config, m
     idx = jnp.pad(indices.reshape(b * t, topk), ((0, 0), (0, slots - topk)), constant_values=NONE)
     out_dtype = q.dtype if layout.num_splits == 1 else jnp.float32
     scale2 = float(softmax_scale) * plan.LOG2E  # scores in base 2, so the kernels use exp2
-    o, lse2 = run(plan._to_blocks(q.reshape(q_shape), layout), rows, idx, layout, scale2, out_dtype, config=config)
-    return plan._from_blocks(plan._combine(o, lse2), layout).reshape(b, t, h, v_dim).astype(q.dtype)
+    o, lse2 = run(plan.to_blocks(q.reshape(q_shape), layout), rows, idx, layout, scale2, out_dtype, config=config)
+    return plan.from_blocks(plan.combine(o, lse2), layout).reshape(b, t, h, v_dim).astype(q.dtype)
