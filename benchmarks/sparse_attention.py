@@ -48,9 +48,12 @@ def configs(max_context: int) -> tuple[ModelConfig, ModelConfig]:
     return cfg, cfg.replace(index_topk=max_context)
 
 
-def _step_fn(cfg: ModelConfig):
+def _step_fn(cfg: ModelConfig, from_start: bool = False):
+    """The model's cached step, jitted; `from_start`: a prefill from an empty cache, as the engine's (positions
+    0..T-1 vouched for: `Transformer.step`'s sorted_positions)."""
     model = Transformer(cfg)
-    return jax.jit(lambda v, t, p, c: model.apply(v, t, p, c, method=Transformer.step), donate_argnums=3)
+    return jax.jit(lambda v, t, p, c: model.apply(v, t, p, c, None, from_start, method=Transformer.step),
+                   donate_argnums=3)
 
 
 def _empty(cfg: ModelConfig, slots: int) -> tuple[LatentCache, ...]:
@@ -83,7 +86,7 @@ def _median_s(fn, repeats: int) -> float:
 
 def _prefill_run(cfg, variables, length: int):
     """() -> seconds of one prefill of `length` tokens."""
-    step = _step_fn(cfg)
+    step = _step_fn(cfg, from_start=True)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, length)), jnp.int32)
     positions = jnp.arange(length, dtype=jnp.int32)[None]
 

@@ -212,14 +212,16 @@ class Transformer(nn.Module):
         return self.layers
 
     def step(self, tokens: jax.Array, positions: jax.Array, cache: tuple[LatentCache, ...],
-             logits_at: jax.Array | None = None):
+             logits_at: jax.Array | None = None, sorted_positions: bool = False):
         """Inference over a latent cache: tokens [B,T] at contiguous positions [B,T] (each row its own
         start), one LatentCache per layer.
         -> (logits [B,T,V], last hidden [B,T,D], new cache).
-        `logits_at` [B]: the head runs only at that index of each row (prefill), logits [B,1,V]."""
+        `logits_at` [B]: the head runs only at that index of each row (prefill), logits [B,1,V].
+        `sorted_positions`: the caller vouches that every row's positions are 0..T-1 (a prefill from an empty
+        cache), so attention may skip the keys past each query block (MLA)."""
         x, new = self.embed_tokens(tokens), []
         for layer, layer_cache in zip(self._per_layer(), cache, strict=True):
-            x, layer_cache = layer(x, positions, layer_cache)
+            x, layer_cache = layer(x, positions, layer_cache, sorted_positions)
             new.append(layer_cache)
         return self.logits(self.final_norm(_pick(x, logits_at))), x, tuple(new)
 

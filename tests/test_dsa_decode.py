@@ -14,7 +14,7 @@ from dsv3_jax.hf import save_hf_checkpoint
 from dsv3_jax.infer import cli
 from dsv3_jax.infer.engine import GenerateConfig, Generator, cache_bytes_per_token, generate
 from dsv3_jax.layers.cache import FP8
-from dsv3_jax.layers.indexer import index_scores, select
+from dsv3_jax.layers.indexer import index_scores, select, select_cached
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.ops import dispatch
 from dsv3_jax.ops.attention import KvWeights, visible
@@ -115,6 +115,20 @@ def test_index_scores_keys_major_is_the_same_function(t):
     assert jnp.array_equal(jnp.isinf(a), jnp.isinf(b)) and int(jnp.isinf(a).sum()) > 0
     np.testing.assert_allclose(jnp.where(jnp.isinf(a), 0, a), jnp.where(jnp.isinf(b), 0, b), rtol=1e-5, atol=1e-5)
     assert dispatch.index_keys_major(1) and not dispatch.index_keys_major(16)
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 16])
+def test_select_cached_from_start_is_the_same_selection(chunks):
+    """A prefill from an empty cache scores each query block against the slots up to its end only: the same
+    indices as scoring every slot, NONE slots included (early queries see fewer than topk keys)."""
+    k = jax.random.split(jax.random.PRNGKey(3), 3)
+    t, s = 64, 80  # slots past the prompt: room for the tokens to come
+    q, w = jax.random.normal(k[0], (2, t, 4, 16)), jax.random.normal(k[1], (2, t, 4))
+    keys = jax.random.normal(k[2], (2, s, 16))
+    positions = jnp.broadcast_to(jnp.arange(t), (2, t))
+    full = select_cached(q, w, keys, positions, 12, chunks)
+    assert (full == -1).any() and (full >= 0).any()
+    assert jnp.array_equal(select_cached(q, w, keys, positions, 12, chunks, from_start=True), full)
 
 
 def test_sparse_attention_reads_packed_fp8_rows_as_their_dequantised_values():

@@ -237,7 +237,8 @@ class Generator:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cache = self._empty_cache(b, cache_len, self.cfg.num_layers)
         at = lengths - 1
-        logits, h, cache = self.model.apply(variables, tokens, positions, cache, at, method=Transformer.step)
+        # positions are 0..T-1 in every row: the attention may skip keys past each query block
+        logits, h, cache = self.model.apply(variables, tokens, positions, cache, at, True, method=Transformer.step)
         key, k1, k2 = jax.random.split(jax.random.PRNGKey(self.gen.seed), 3)
         first = draw(k1, log_probs(logits[:, 0], self.gen.sampling))
         ext = jnp.pad(tokens, ((0, 0), (0, self.depth + 1))).at[jnp.arange(b), lengths].set(first)

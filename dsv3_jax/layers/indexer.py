@@ -24,6 +24,8 @@ index_topk (keys kept per query).
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -102,18 +104,35 @@ def select(scores: jax.Array, topk: int) -> jax.Array:
     return idx
 
 
+# A prefill from an empty cache scores its query chunks in up to this many groups, each group against the slots
+# up to its own end: the indexer's scores and top-k over ~(1 + 1/groups)/2 of the slots, not all of them.
+FROM_START_GROUPS = 8
+
+
 def select_cached(q: jax.Array, w: jax.Array, keys: jax.Array, q_positions: jax.Array, topk: int,
-                  query_chunks: int = 1, keys_major: bool = False) -> jax.Array:
+                  query_chunks: int = 1, keys_major: bool = False, from_start: bool = False) -> jax.Array:
     """`select` over the scores of q [B,T,H,I], w [B,T,H] against a cache's keys [B,S,I] (slot s holds
     position s) -> [B,T,topk]. `query_chunks` > 1 (dividing T) scores the queries a chunk at a time, so a
-    prefill holds [B, T/chunks, H, S] float32 logits, not [B,T,H,S]; `keys_major` as `index_scores`."""
-    score = lambda qc, wc, pc: select(index_scores(qc, wc, keys, pc, None, keys_major), topk)
+    prefill holds [B, T/chunks, H, S] float32 logits, not [B,T,H,S]; `keys_major` as `index_scores`.
+    `from_start`: the caller vouches that q_positions are 0..T-1 in every row, so the slots past a query
+    block's last position are hidden from all of it: each block scores only the slots up to its end. The
+    same indices (those slots would score -inf, which `select` never ranks above a visible key)."""
+    score = lambda qc, wc, pc, kc: select(index_scores(qc, wc, kc, pc, None, keys_major), topk)
     b, t = q.shape[:2]
+    s = keys.shape[1]
     if query_chunks <= 1 or t % query_chunks:
-        return score(q, w, q_positions)
-    split = lambda a: a.reshape(b, query_chunks, t // query_chunks, *a.shape[2:]).swapaxes(0, 1)
-    idx = jax.lax.map(lambda a: score(*a), (split(q), split(w), split(q_positions)))
-    return idx.swapaxes(0, 1).reshape(b, t, topk)
+        return score(q, w, q_positions, keys[:, :min(s, t)] if from_start else keys)
+    groups = math.gcd(query_chunks, FROM_START_GROUPS) if from_start else 1
+    per_group, tg = query_chunks // groups, t // groups
+    split = lambda a: a.reshape(b, per_group, tg // per_group, *a.shape[2:]).swapaxes(0, 1)
+    out = []
+    for g in range(groups):  # group g: queries [g tg, (g+1) tg), at positions below (g+1) tg when from_start
+        rows = slice(g * tg, (g + 1) * tg)
+        kc = keys[:, :min(s, (g + 1) * tg)] if from_start else keys
+        idx = jax.lax.map(lambda a, kc=kc: score(*a, kc), (split(q[:, rows]), split(w[:, rows]),
+                                                          split(q_positions[:, rows])))
+        out.append(idx.swapaxes(0, 1).reshape(b, tg, topk))
+    return jnp.concatenate(out, axis=1) if groups > 1 else out[0]
 
 
 class Indexer(nn.Module):

@@ -141,13 +141,14 @@ class MLA(nn.Module):
                                                                self.kv_weights(), self.cfg.softmax_scale))
         kl = indexer_kl(dense_p, scores) if target is None else indexer_kl(target, gather_scores(scores, indices))
         self.sow("intermediates", "dsa", jnp.stack([kl, selected_mass(dense_p, indices)]))
-    def _dsa_cached(self, x, flat, q_nope, q_pe, cache: LatentCache, positions, cos, sin):
+    def _dsa_cached(self, x, flat, q_nope, q_pe, cache: LatentCache, positions, cos, sin, from_start: bool = False):
         """The cached path with an indexer: x [B,T,D] at `positions` (contiguous per row, already written to
         the latent `cache`), q_nope/q_pe [B,T,H,*], cos/sin [B*T,R/2] -> ([B,T,H,V], cache with the new
         tokens' indexer keys). Each query scores the keys of every slot at or before its position (a slot
         holds the position it is numbered by; slots past it are stale or empty and hidden) and attends over
         its top index_topk latent rows. A cache of at most index_topk slots runs the dense cached attention:
-        the selection would keep every visible key, the same function."""
+        the selection would keep every visible key, the same function. `from_start`: positions are 0..T-1 in
+        every row, so each query chunk's indexer scores only the slots up to its own end (`select_cached`)."""
         c, (b, t) = self.cfg, x.shape[:2]
         cos, sin = cos.reshape(b, t, -1), sin.reshape(b, t, -1)
         cache = cache.write_index(self.indexer.keys(x, cos, sin), positions[:, 0])
@@ -158,7 +159,8 @@ class MLA(nn.Module):
         # Prefill scores T queries against S slots: in query chunks, [B, T/chunks, H, S] float32 at a time.
         chunks = dispatch.sparse_query_chunks(b, t, cache.slots, 4 * c.index_n_heads)
         indices = select_cached(self.indexer.queries(q_latent, cos, sin), self.indexer.head_weights(x),
-                                cache.index_view(), positions, c.index_topk, chunks, dispatch.index_keys_major(t))
+                                cache.index_view(), positions, c.index_topk, chunks, dispatch.index_keys_major(t),
+                                from_start)
         chunks = dispatch.sparse_query_chunks(b, t, c.index_topk, kv.shape[-1] * jnp.dtype(q_nope.dtype).itemsize)
         with jax.named_scope("mla_sparse"):
             attend = dispatch.cached_sparse_attention(self.runtime, c, t, kv.shape, kv.dtype)  # decode: a kernel
@@ -171,7 +173,8 @@ class MLA(nn.Module):
         """x [B,T,D], positions [B,T] -> [B,T,D]. With a latent `cache` (inference), the new tokens'
         latents are written at their positions (contiguous per row) and the queries attend over the
         cache; returns (output, updated cache). `sorted_positions`: the caller vouches that positions
-        increase along T (the model's default arange), so causal attention may skip later key blocks."""
+        increase along T (the model's default arange), so causal attention may skip later key blocks; with a
+        cache, that they are 0..T-1 in every row (a prefill from an empty cache)."""
         c = self.cfg
         b, t, d = x.shape
         # Projections run on [B*T, D]: plain 2-D matmuls, which XLA:CPU lays out without transposes.
@@ -188,7 +191,8 @@ class MLA(nn.Module):
         if c.has_indexer and cache is None:  # DSA (issue 17): the indexer's selection, see _dsa
             o = self._dsa(x, flat, unflat(q_nope), unflat(q_pe), kv, positions, sorted_positions)
         elif c.has_indexer:
-            o, cache = self._dsa_cached(x, flat, unflat(q_nope), unflat(q_pe), cache, positions, cos, sin)
+            o, cache = self._dsa_cached(x, flat, unflat(q_nope), unflat(q_pe), cache, positions, cos, sin,
+                                        sorted_positions)
         else:
             o = self._dense(unflat(q_nope), unflat(q_pe), kv, positions, kv_positions, cache is not None,
                             sorted_positions)
