@@ -111,11 +111,27 @@ def _kernel(table_ref, len_ref, q_ref, pages_ref, o_ref, lse_ref, *, plan: Plan,
     lse_ref[...] = lse2
 
 
+def split_outputs(n: int, hb: int, rows: int, plan: Plan, out_dtype) -> dict:
+    """`pl.pallas_call`'s out_specs and out_shape for a grid (item, head block, split) writing each split's
+    o [N, NS, HB, M, C] and lse2 [N, NS, HB, M]."""
+    ns, dv = plan.num_splits, plan.v_dim
+    return dict(
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, dv), lambda i, h, s: (i, s, h, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda i, h, s: (i, s, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((n, ns, hb, rows, dv), out_dtype),
+            jax.ShapeDtypeStruct((n, ns, hb, rows), jnp.float32),
+        ],
+    )
+
+
 def run(q_blocks, pages, table, lengths, plan: Plan, scale2: float, out_dtype, *, interpret: bool,
         compiler_params=None):
     """q_blocks [B, HB, M, D] -> (o [B, NS, HB, M, C], lse2 [B, NS, HB, M])."""
     b, hb, rows, dim = q_blocks.shape
-    ns, dv = plan.num_splits, plan.v_dim
+    ns = plan.num_splits
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
     return pl.pallas_call(
         functools.partial(_kernel, plan=plan, scale2=scale2),
@@ -126,14 +142,7 @@ def run(q_blocks, pages, table, lengths, plan: Plan, scale2: float, out_dtype, *
             pl.BlockSpec((None, None, rows, dim), lambda i, h, s: (i, h, 0, 0)),
             whole(pages),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows, dv), lambda i, h, s: (i, s, h, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda i, h, s: (i, s, h, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, ns, hb, rows, dv), out_dtype),
-            jax.ShapeDtypeStruct((b, ns, hb, rows), jnp.float32),
-        ],
+        **split_outputs(b, hb, rows, plan, out_dtype),
         interpret=interpret,
         compiler_params=compiler_params,
         name="mla_decode",

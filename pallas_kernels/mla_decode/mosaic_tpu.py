@@ -153,25 +153,23 @@ def _keys(page_ref, static: _Static):
     return latent, (_fp8_rope(page_ref, static).astype(static.dtype) if dr else None)
 
 
-def _step(static: _Static, refs, length, block, *, masked: bool):
-    """One cache block into the running softmax. The running max and sum are [M, 1] columns, the layout in
-    which Mosaic keeps a row reduction (a 1-D vector would be relaid out each step)."""
-    q_ref, page_ref, acc_ref, m_ref, l_ref = refs
-    layout = static.plan
-    dv, dr, bs = layout.v_dim, layout.rope_dim, layout.block_s
-    dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
+_dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
+
+
+def _scores(q_ref, k_lat, k_pe, static: _Static):
+    """Base-2 scaled scores [M, N] of the query rows against a block's keys (latent, then rope)."""
+    dv, dr = static.plan.v_dim, static.plan.rope_dim
     qk = (((1,), (1,)), ((), ()))  # [M, D] x [N, D] -> [M, N]
-    k_lat, k_pe = _keys(page_ref, static)
-    s = dot(q_ref[:, pl.ds(0, dv)], k_lat, qk)
+    s = _dot(q_ref[:, pl.ds(0, dv)], k_lat, qk)
     if dr:
-        s = s + dot(q_ref[:, pl.ds(dv, dr)], k_pe, qk)
-    s = s * static.scale2
-    if masked:
-        base = block * bs
-        rows = lax.broadcasted_iota(jnp.int32, s.shape, 0)
-        s = jnp.where(visible(rows, lax.broadcasted_iota(jnp.int32, s.shape, 1) + base, length, layout), s, -jnp.inf)
-        inside = lax.broadcasted_iota(jnp.int32, (bs, 1), 0) + base < length
-        k_lat = jnp.where(inside, k_lat, jnp.zeros_like(k_lat))
+        s = s + _dot(q_ref[:, pl.ds(dv, dr)], k_pe, qk)
+    return s * static.scale2
+
+
+def _accumulate(s, k_lat, acc_ref, m_ref, l_ref):
+    """Scores s [M, N] (-inf where hidden) and values k_lat [N, C] into the running softmax. The running max and
+    sum are [M, 1] columns, the layout in which Mosaic keeps a row reduction (a 1-D vector would be relaid out
+    each step)."""
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing visible yet stays at zero
@@ -179,7 +177,23 @@ def _step(static: _Static, refs, length, block, *, masked: bool):
     p = jnp.exp2(s - m_use)
     l_ref[...] = l_ref[...] * alpha + p.sum(axis=1, keepdims=True)
     m_ref[...] = m_new
-    acc_ref[...] = acc_ref[...] * alpha + dot(p.astype(k_lat.dtype), k_lat, (((1,), (0,)), ((), ())))
+    acc_ref[...] = acc_ref[...] * alpha + _dot(p.astype(k_lat.dtype), k_lat, (((1,), (0,)), ((), ())))
+
+
+def _step(static: _Static, refs, length, block, *, masked: bool):
+    """One cache block into the running softmax."""
+    q_ref, page_ref, acc_ref, m_ref, l_ref = refs
+    layout = static.plan
+    bs = layout.block_s
+    k_lat, k_pe = _keys(page_ref, static)
+    s = _scores(q_ref, k_lat, k_pe, static)
+    if masked:
+        base = block * bs
+        rows = lax.broadcasted_iota(jnp.int32, s.shape, 0)
+        s = jnp.where(visible(rows, lax.broadcasted_iota(jnp.int32, s.shape, 1) + base, length, layout), s, -jnp.inf)
+        inside = lax.broadcasted_iota(jnp.int32, (bs, 1), 0) + base < length
+        k_lat = jnp.where(inside, k_lat, jnp.zeros_like(k_lat))
+    _accumulate(s, k_lat, acc_ref, m_ref, l_ref)
 
 
 def _kernel(table_ref, len_ref, q_ref, page_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, static: _Static):
@@ -320,23 +334,9 @@ def _sparse_copies(idx_ref, rows_hbm, buf, sem, first: int, slot, *, block_s: in
 def _sparse_step(static: _Static, refs, valid_row, valid_col):
     """One block of slots into the running softmax; valid_row [1, block_s] and valid_col [block_s, 1] bool."""
     q_ref, rows_ref, acc_ref, m_ref, l_ref = refs
-    dv, dr = static.plan.v_dim, static.plan.rope_dim
-    dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
-    qk = (((1,), (1,)), ((), ()))  # [M, D] x [N, D] -> [M, N]
     k_lat, k_pe = _keys(rows_ref, static)
-    s = dot(q_ref[:, pl.ds(0, dv)], k_lat, qk)
-    if dr:
-        s = s + dot(q_ref[:, pl.ds(dv, dr)], k_pe, qk)
-    s = jnp.where(valid_row, s * static.scale2, -jnp.inf)
-    k_lat = jnp.where(valid_col, k_lat, jnp.zeros_like(k_lat))
-    m_prev = m_ref[...]
-    m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing valid yet stays at zero
-    alpha = jnp.exp2(m_prev - m_use)
-    p = jnp.exp2(s - m_use)
-    l_ref[...] = l_ref[...] * alpha + p.sum(axis=1, keepdims=True)
-    m_ref[...] = m_new
-    acc_ref[...] = acc_ref[...] * alpha + dot(p.astype(k_lat.dtype), k_lat, (((1,), (0,)), ((), ())))
+    s = jnp.where(valid_row, _scores(q_ref, k_lat, k_pe, static), -jnp.inf)
+    _accumulate(s, jnp.where(valid_col, k_lat, jnp.zeros_like(k_lat)), acc_ref, m_ref, l_ref)
 
 
 def _sparse_kernel(idx_ref, q_ref, row_ref, col_ref, rows_ref, o_ref, lse_ref, *scratch, static: _Static,

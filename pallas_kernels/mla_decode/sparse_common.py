@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.mla_decode import fp8_cache
-from pallas_kernels.mla_decode.common import _dense_block, _packed_block
+from pallas_kernels.mla_decode.common import _dense_block, _packed_block, split_outputs
 from pallas_kernels.mla_decode.flash import finish, online_softmax
 from pallas_kernels.mla_decode.plan import Plan
 
@@ -73,7 +72,7 @@ def run(q_blocks, rows, slots, plan: Plan, scale2: float, out_dtype, *, interpre
     """q_blocks [N, HB, M, D], rows [R, D], slots [N, NS steps block_s] -> (o [N, NS, HB, M, C], lse2 [N, NS,
     HB, M])."""
     n, hb, m, dim = q_blocks.shape
-    ns, dv = plan.num_splits, plan.v_dim
+    ns = plan.num_splits
     return pl.pallas_call(
         functools.partial(_kernel, plan=plan, scale2=scale2),
         grid=(n, hb, ns),
@@ -82,14 +81,7 @@ def run(q_blocks, rows, slots, plan: Plan, scale2: float, out_dtype, *, interpre
             pl.BlockSpec((None, None, m, dim), lambda i, h, s: (i, h, 0, 0)),
             pl.BlockSpec(rows.shape, lambda *_: (0, 0)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, m, dv), lambda i, h, s: (i, s, h, 0, 0)),
-            pl.BlockSpec((None, None, None, m), lambda i, h, s: (i, s, h, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((n, ns, hb, m, dv), out_dtype),
-            jax.ShapeDtypeStruct((n, ns, hb, m), jnp.float32),
-        ],
+        **split_outputs(n, hb, m, plan, out_dtype),
         interpret=interpret,
         compiler_params=compiler_params,
         name="mla_decode_sparse",
