@@ -305,18 +305,19 @@ def _costs(compiled) -> dict:
     return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
-def base_record(case: Case) -> dict:
+def base_record(case: Case, chip: dict) -> dict:
+    """The case's counts and roofline estimate on `chip`; status "refused" where the kernel refuses it up front."""
     total = sum(case.traffic.values())
-    return dict(kernel=case.kernel, variant=case.variant, shape=case.shape, label=case.label, status="pending",
-                refusal=case.refusal, error=None, bytes=total, bytes_by_operand=case.traffic, flops=case.flops,
-                flop_per_byte=case.flops / total)
+    rec = dict(kernel=case.kernel, variant=case.variant, shape=case.shape, label=case.label,
+               status="refused" if case.refusal else "pending", refusal=case.refusal, error=None, bytes=total,
+               bytes_by_operand=case.traffic, flops=case.flops, flop_per_byte=case.flops / total)
+    rec["estimate"] = roofline(total, case.flops, chip, case.peak)
+    return rec
 
 
 def compile_case(case: Case, devices, chip: dict, layout_check: bool) -> dict:
-    rec = base_record(case)
-    rec["estimate"] = roofline(rec["bytes"], case.flops, chip, case.peak)
+    rec = base_record(case, chip)
     if case.refusal:
-        rec["status"] = "refused"
         return rec
     try:
         compiled, seconds = compile_on(case.fn, case.specs, devices)
@@ -340,10 +341,8 @@ def compile_case(case: Case, devices, chip: dict, layout_check: bool) -> dict:
 def time_case(case: Case, devices, chip: dict, iters: int, repeats: int) -> dict:
     """Measured on `devices[0]`: `iters` calls dispatched back to back then one wait (host dispatch overlaps the
     device), the median over `repeats` runs, divided by iters. Inputs in row-major layout, as compiled."""
-    rec = base_record(case)
-    rec["estimate"] = roofline(rec["bytes"], case.flops, chip, case.peak)
+    rec = base_record(case, chip)
     if case.refusal:
-        rec["status"] = "refused"
         return rec
     try:
         mesh = _mesh(devices)
