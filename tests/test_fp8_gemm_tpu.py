@@ -134,30 +134,37 @@ def test_grouped_matches_reference(sizes, m):
 # ----------------------------------------------------------------------------------- weight-only FP8
 
 
-@pytest.mark.parametrize("backend,x_dtype,generation", [
-    ("mosaic_tpu", jnp.bfloat16, None), ("mosaic_tpu", jnp.bfloat16, 7), ("mosaic_tpu", jnp.float32, None),
-    ("interpret", jnp.float32, None),
+@pytest.mark.parametrize("backend,x_dtype,generation,w_layout", [
+    ("mosaic_tpu", jnp.bfloat16, None, "nk"), ("mosaic_tpu", jnp.bfloat16, 7, "nk"),
+    ("mosaic_tpu", jnp.float32, None, "nk"), ("mosaic_tpu", jnp.bfloat16, None, "kn"),
+    ("mosaic_tpu", jnp.bfloat16, 7, "kn"), ("mosaic_tpu", jnp.float32, None, "kn"),
+    ("interpret", jnp.float32, None, "nk"), ("interpret", jnp.float32, None, "kn"), ("xla", jnp.float32, None, "kn"),
 ])
-def test_weight_only_matches_reference(backend, x_dtype, generation):
+def test_weight_only_matches_reference(backend, x_dtype, generation, w_layout):
+    """w_layout "kn": the weight held [K, N] as the model holds it (`Fp8Weight`), its scales as the checkpoint's."""
     m, n, k = 9, 200, 300
     x = jnp.asarray(_rand((m, k), 21)).astype(x_dtype)
     (w,), (ws,) = _weights(1, n, k, 22)
     config = _config(tpu_generation=generation, block_k=256) if backend == "mosaic_tpu" else None
-    out = fg.fp8_weight_gemm(x, w, ws, out_dtype=jnp.float32, backend=backend, config=config)
+    held = w.T if w_layout == "kn" else w
+    out = fg.fp8_weight_gemm(x, held, ws, out_dtype=jnp.float32, backend=backend, config=config, w_layout=w_layout)
     ref = fg.fp8_weight_gemm_reference(x, w, ws, out_dtype=jnp.float32)
     exact, bound = _exact_and_bound(np.asarray(x, np.float64), _deq(w, ws, 128), k)
     _check(out, ref, exact, bound)
     assert fg.fp8_weight_gemm(x, w, ws, backend="xla").dtype == x_dtype  # out_dtype None: x's
 
 
-@pytest.mark.parametrize("backend", ["mosaic_tpu", "interpret"])
-def test_grouped_weight_only_matches_reference(backend):
+@pytest.mark.parametrize("backend,w_layout", [("mosaic_tpu", "nk"), ("mosaic_tpu", "kn"), ("interpret", "nk"),
+                                              ("interpret", "kn")])
+def test_grouped_weight_only_matches_reference(backend, w_layout):
     sizes, m, n, k = [3, 0, 40, 1], 50, 130, 384
     x = jnp.asarray(_rand((m, k), 31)).astype(jnp.bfloat16)
     w, ws = _weights(len(sizes), n, k, 32)
     gs = jnp.asarray(sizes, jnp.int32)
     config = _config(block_m=32, block_k=256) if backend == "mosaic_tpu" else fg.Fp8GemmConfig(block_m=16)
-    out = np.asarray(fg.fp8_grouped_weight_gemm(x, w, ws, gs, out_dtype=jnp.float32, backend=backend, config=config))
+    held = jnp.swapaxes(w, 1, 2) if w_layout == "kn" else w
+    out = np.asarray(fg.fp8_grouped_weight_gemm(x, held, ws, gs, out_dtype=jnp.float32, backend=backend,
+                                                config=config, w_layout=w_layout))
     ref = np.asarray(fg.fp8_grouped_weight_gemm_reference(x, w, ws, gs, out_dtype=jnp.float32))
     x64 = np.asarray(x, np.float64)
     start = 0
@@ -213,6 +220,12 @@ def test_weight_only_refusals():
         fg.fp8_weight_gemm(x, w, ws, backend="interpret", config=_config())
     with pytest.raises(ValueError, match="tpu_generation must be a positive int"):
         fg.Fp8GemmConfig(tpu_generation=0)
+    with pytest.raises(ValueError, match=r"w_layout must be one of \('nk', 'kn'\), got 'nt'"):
+        fg.fp8_weight_gemm(x, w, ws, backend="xla", w_layout="nt")
+    with pytest.raises(ValueError, match=r"K of x \(4, 200\) and w \(130, 200\) \(kn\) differ \(200 vs 130\)"):
+        fg.fp8_weight_gemm(x, w, ws, backend="xla", w_layout="kn")
+    with pytest.raises(ValueError, match=r"w \(200, 130\) \(kn\) needs w_scale of shape \(2, 2\), got \(2, 1\)"):
+        fg.fp8_weight_gemm(x, w.T, ws[:, :1], backend="xla", w_layout="kn")
 
 
 # --------------------------------------------------------------------------- compiled by libtpu for TPUs
@@ -253,8 +266,14 @@ def test_compiles_for_tpus(tpu_devices, target, monkeypatch):
     c_weight = _compiled(devices, lambda *o: fg.fp8_weight_gemm(*o, backend="mosaic_tpu"), x, b, sb)
     _compiled(devices, lambda *o: fg.fp8_grouped_weight_gemm(*o, backend="mosaic_tpu"), ((4 * G, K), F32), bg, sbg,
               gs)
+    # The weights as the model holds them ([(G,) K, N]): read in place, no transposed copy of them in HBM.
+    c_kn = _compiled(devices, lambda *o: fg.fp8_weight_gemm(*o, backend="mosaic_tpu", w_layout="kn"),
+                     x, ((K, N), E4M3), sb)
+    c_grouped_kn = _compiled(devices, lambda *o: fg.fp8_grouped_weight_gemm(*o, backend="mosaic_tpu", w_layout="kn"),
+                             ((4 * G, K), jnp.bfloat16), ((G, K, N), E4M3), sbg, gs)
+    assert c_grouped_kn.memory_analysis().temp_size_in_bytes < G * N * K / 8
     assert chosen and set(chosen) == {TARGETS[target] >= mosaic_tpu.FP8_MXU_GENERATION}
-    for c in (c_dense, c_weight):
+    for c in (c_dense, c_weight, c_kn):
         stats = c.memory_analysis()
         assert stats.output_size_in_bytes >= N * DECODE_ROWS * 2
         # the weight is read in E4M3 and never widened in HBM: no temporary near its size
@@ -280,5 +299,8 @@ def test_small_and_ragged_shapes_compile(tpu_devices, target):
                         ((4,), jnp.int32))
     weight = _compiled(devices, lambda *o: fg.fp8_weight_gemm(*o, backend="mosaic_tpu", config=small),
                        ((9, 300), F32), ((200, 300), E4M3), ((2, 3), F32))
-    for c in (dense, few, grouped, weight):
+    weight_kn = _compiled(devices, lambda *o: fg.fp8_grouped_weight_gemm(*o, backend="mosaic_tpu", config=small,
+                                                                         w_layout="kn"),
+                          ((50, 300), jnp.bfloat16), ((4, 300, 200), E4M3), ((4, 2, 3), F32), ((4,), jnp.int32))
+    for c in (dense, few, grouped, weight, weight_kn):
         assert c.memory_analysis() is not None

@@ -49,6 +49,7 @@ from pallas_kernels.fp8_gemm.operands import (
     operand_refusal,
     refuse,
     shape_refusal,
+    weight_matrix_shape,
     weight_operand_refusal,
 )
 from pallas_kernels.fp8_gemm.reference import (
@@ -166,44 +167,61 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloa
                              backend=backend, config=default_config(backend, config))
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "config"))
-def _fp8_weight_gemm(x, w, w_scale, *, out_dtype, backend: str, config: Fp8GemmConfig):
-    return _MODULES[backend].weight_gemm(x, w, w_scale, out_dtype=out_dtype, config=config)
+def _weight_in(backend: str, w: jax.Array, w_layout: str) -> tuple[jax.Array, dict]:
+    """w as `backend`'s weight-only GEMM takes it: a [K, N] weight goes as it is to a backend with a [K, N] kernel
+    (`WEIGHT_KN`), else it is transposed to [N, K] here, in XLA (a copy of the weight: the reference backends')."""
+    if w_layout == "kn" and getattr(_MODULES[backend], "WEIGHT_KN", False):
+        return w, dict(w_layout="kn")
+    return (jnp.swapaxes(w, -1, -2) if w_layout == "kn" else w), {}
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "config", "w_layout"))
+def _fp8_weight_gemm(x, w, w_scale, *, out_dtype, backend: str, config: Fp8GemmConfig, w_layout: str):
+    w, layout = _weight_in(backend, w, w_layout)
+    return _MODULES[backend].weight_gemm(x, w, w_scale, out_dtype=out_dtype, config=config, **layout)
 
 
 def fp8_weight_gemm(x, w, w_scale, *, out_dtype=None, backend: str = "auto",
-                    config: Fp8GemmConfig | None = None) -> jax.Array:
+                    config: Fp8GemmConfig | None = None, w_layout: str = "nk") -> jax.Array:
     """x @ dequant(w).T -> [M, N] with only the weight in FP8 (decoding: half the weight bytes of bf16). Any M, N, K.
 
     x: bf16 or f32 [M, K], not quantised; w: e4m3 [N, K], w_scale: f32 [ceil(N/128), ceil(K/128)]
     (`quant.quantize_weight`). Each 128-wide K block's f32 partial product is scaled by its weight block's scale
     and added into an f32 accumulator. out_dtype None: x's dtype.
+    w_layout "kn": w is held [K, N] (the model's [in, out] leaves), its scales still [ceil(N/128), ceil(K/128)];
+    "mosaic_tpu" reads it so, with no copy; the other backends transpose it first.
     """
-    refuse("fp8_weight_gemm", weight_operand_refusal(x, w, w_scale, grouped=False)
-           or supports(x.shape, w.shape, backend=backend, config=config, weight_only=True))
+    refuse("fp8_weight_gemm", weight_operand_refusal(x, w, w_scale, grouped=False, w_layout=w_layout)
+           or supports(x.shape, weight_matrix_shape(w.shape, w_layout), backend=backend, config=config,
+                       weight_only=True))
     backend = resolve_backend(backend)
     return _fp8_weight_gemm(x, w, w_scale, out_dtype=jnp.dtype(out_dtype or x.dtype), backend=backend,
-                            config=default_config(backend, config))
+                            config=default_config(backend, config), w_layout=w_layout)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "config"))
-def _fp8_grouped_weight_gemm(x, w, w_scale, group_sizes, *, out_dtype, backend: str, config: Fp8GemmConfig):
-    return _MODULES[backend].grouped_weight_gemm(x, w, w_scale, group_sizes, out_dtype=out_dtype, config=config)
+@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "config", "w_layout"))
+def _fp8_grouped_weight_gemm(x, w, w_scale, group_sizes, *, out_dtype, backend: str, config: Fp8GemmConfig,
+                             w_layout: str):
+    w, layout = _weight_in(backend, w, w_layout)
+    return _MODULES[backend].grouped_weight_gemm(x, w, w_scale, group_sizes, out_dtype=out_dtype, config=config,
+                                                 **layout)
 
 
 def fp8_grouped_weight_gemm(x, w, w_scale, group_sizes, *, out_dtype=None, backend: str = "auto",
-                            config: Fp8GemmConfig | None = None) -> jax.Array:
+                            config: Fp8GemmConfig | None = None, w_layout: str = "nk") -> jax.Array:
     """Grouped (MoE) weight-only FP8 GEMM: rows of x sorted by group; row r of group g gets x[r] @ dequant(w[g]).T.
 
     x: bf16 or f32 [M, K]; w: e4m3 [G, N, K], w_scale [G, ceil(N/128), ceil(K/128)]; group_sizes: int [G],
     summing to <= M (rows past the sum come out as zeros). Returns [M, N] in out_dtype (None: x's dtype).
+    w_layout "kn": w is [G, K, N], as `fp8_weight_gemm` takes it.
     """
-    refuse("fp8_grouped_weight_gemm", weight_operand_refusal(x, w, w_scale, grouped=True)
+    refuse("fp8_grouped_weight_gemm", weight_operand_refusal(x, w, w_scale, grouped=True, w_layout=w_layout)
            or group_sizes_refusal(group_sizes, w.shape[0], f"w {w.shape}")
-           or supports(x.shape, w.shape, backend=backend, config=config, weight_only=True))
+           or supports(x.shape, weight_matrix_shape(w.shape, w_layout), backend=backend, config=config,
+                       weight_only=True))
     backend = resolve_backend(backend)
     return _fp8_grouped_weight_gemm(x, w, w_scale, group_sizes, out_dtype=jnp.dtype(out_dtype or x.dtype),
-                                    backend=backend, config=default_config(backend, config))
+                                    backend=backend, config=default_config(backend, config), w_layout=w_layout)
 
 
 # ----------------------------------------------------------------------------- differentiable entries

@@ -26,7 +26,9 @@ to one group; the expert of each tile and the count of tiles holding rows arrive
 block map reads the tile's expert. Tiles past the count compute nothing and map their inputs to the last live
 tile's blocks, which the pipeline then does not copy again.
 
-Weight-only (decode): x stays bf16 or f32 and only the weight is E4M3 (half the bytes of a bf16 weight read per
+Weight-only (decode): x stays bf16 or f32 and only the weight is E4M3, read [N, K] or, as the model holds it,
+[K, N] (`WEIGHT_KN`: [tk, bn] tiles, contracted along their rows; a transposed copy would cost a read and a write
+of every weight a step, and XLA may keep the copies alive across layers) (half the bytes of a bf16 weight read per
 token); each K block of the weight is widened to x's dtype in VMEM and its partial product is scaled by the
 128x128 block's scale alone. On TPU7x a bf16 x meets the E4M3 tile on the MXU as it is. An f32 x multiplies at
 HIGHEST precision (f32 products, as the reference's).
@@ -141,20 +143,21 @@ def _interpret(config: Fp8GemmConfig):
 # ----------------------------------------------------------------------------------------------- the body
 
 
-def _block_dot(ak: jax.Array, bk: jax.Array, *, fp8_mxu: bool) -> jax.Array:
-    """[bm, 128] x [bn, 128] -> [bm, bn] f32, one K block's raw products. ak: E4M3, bf16 or f32; bk: E4M3."""
+def _block_dot(ak: jax.Array, bk: jax.Array, *, fp8_mxu: bool, b_kn: bool) -> jax.Array:
+    """[bm, 128] x [bn, 128] ([128, bn] with b_kn) -> [bm, bn] f32, one K block's raw products. ak: E4M3, bf16 or
+    f32; bk: E4M3."""
     precision = None
     if ak.dtype == jnp.float32:  # weight-only with an f32 x: f32 products, as the reference's
         bk, precision = bk.astype(jnp.float32), lax.Precision.HIGHEST
     elif not fp8_mxu:  # no E4M3 on this MXU: widen to bf16 in VMEM (exact for E4M3 values)
         ak, bk = ak.astype(jnp.bfloat16), bk.astype(jnp.bfloat16)
-    return lax.dot_general(ak, bk, (((1,), (1,)), ((), ())), precision=precision,
+    return lax.dot_general(ak, bk, (((1,), (0 if b_kn else 1,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32)
 
 
-def _kernel(*refs, steps: int, scaled: bool, grouped: bool, fp8_mxu: bool):
+def _kernel(*refs, steps: int, scaled: bool, grouped: bool, fp8_mxu: bool, b_kn: bool):
     # [tile_group [T], num_tiles [1] (SMEM, grouped only)], a_ref [bm, tk], [as_ref [s, bm] f32 (scaled only)],
-    # b_ref [bn, tk] e4m3, bs_ref [s, bn] f32, o_ref [bm, bn], acc_ref [bm, bn] f32 (scratch)
+    # b_ref [bn, tk] e4m3 ([tk, bn] with b_kn), bs_ref [s, bn] f32, o_ref [bm, bn], acc_ref [bm, bn] f32 (scratch)
     if grouped:
         _, num_tiles, *refs = refs
     a_ref, as_ref, b_ref, bs_ref, o_ref, acc_ref = refs if scaled else (refs[0], None, *refs[1:])
@@ -170,7 +173,8 @@ def _kernel(*refs, steps: int, scaled: bool, grouped: bool, fp8_mxu: bool):
         sa = None if as_ref is None else as_ref[...].T  # [bm, s]: each K block's row scales as a column
         for j in range(steps):
             cols = slice(j * BLOCK_K, (j + 1) * BLOCK_K)
-            part = _block_dot(a_ref[:, cols], b_ref[:, cols], fp8_mxu=fp8_mxu)
+            bk = b_ref[cols, :] if b_kn else b_ref[:, cols]
+            part = _block_dot(a_ref[:, cols], bk, fp8_mxu=fp8_mxu, b_kn=b_kn)
             sb = bs_ref[j:j + 1, :]  # [1, bn]
             acc_ref[...] += part * (sb if sa is None else sa[:, j:j + 1] * sb)
 
@@ -208,9 +212,10 @@ def _row_scales(as_t: jax.Array, p: _Plan) -> jax.Array:
     return as_t.reshape(p.nk, p.s, mp // p.bm, p.bm).transpose(0, 2, 1, 3)
 
 
-def _dense(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, *, plan: _Plan):
-    """a [Mp, Kp], as_t [Kp/128, Mp] (None: weight-only), b [Np, Kp] e4m3, bs_t [Kp/128, Np] -> [Mp, Np]."""
-    (mp, _), np_ = a.shape, b.shape[0]
+def _dense(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, *, plan: _Plan, b_kn: bool = False):
+    """a [Mp, Kp], as_t [Kp/128, Mp] (None: weight-only), b [Np, Kp] e4m3 ([Kp, Np] with b_kn), bs_t [Kp/128, Np]
+    -> [Mp, Np]."""
+    (mp, _), np_ = a.shape, b.shape[-1 if b_kn else 0]
     launch = _Launch(plan, mp, np_, cfg)
     p = plan
     scaled = as_t is not None
@@ -219,11 +224,15 @@ def _dense(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, *, plan: _Plan):
     if scaled:
         in_specs.append(launch.spec((None, None, p.s, p.bm), lambda i, j, k: (k, i, 0, 0)))
         args.append(_row_scales(as_t, p))
-    in_specs += [launch.spec((p.bn, p.tk), lambda i, j, k: (j, k)),
+    if b_kn:
+        b_spec = launch.spec((p.tk, p.bn), lambda i, j, k: (k, j))
+    else:
+        b_spec = launch.spec((p.bn, p.tk), lambda i, j, k: (j, k))
+    in_specs += [b_spec,
                  launch.spec((None, p.s, p.bn), lambda i, j, k: (k, 0, j))]
     args += [b, bs_t.reshape(p.nk, p.s, np_)]
     call = pl.pallas_call(
-        functools.partial(_kernel, steps=p.s, scaled=scaled, grouped=False, fp8_mxu=fp8_mxu(cfg)),
+        functools.partial(_kernel, steps=p.s, scaled=scaled, grouped=False, fp8_mxu=fp8_mxu(cfg), b_kn=b_kn),
         grid=launch.grid,
         in_specs=in_specs,
         out_specs=pl.BlockSpec((p.bm, p.bn), lambda i, j, k: (i, j)),
@@ -236,10 +245,12 @@ def _dense(a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, *, plan: _Plan):
     return call(*args)
 
 
-def _grouped(tile_group, num_tiles, a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, *, plan: _Plan):
-    """Aligned rows a [T*bm, Kp], as_t [Kp/128, T*bm] (None: weight-only), b [G, Np, Kp], bs_t [G, Kp/128, Np];
-    tile_group [T] int32 (expert of each row tile), num_tiles [1] int32 (tiles holding rows) -> [T*bm, Np]."""
-    (mp, _), (g, np_, _) = a.shape, b.shape
+def _grouped(tile_group, num_tiles, a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmConfig, *, plan: _Plan,
+             b_kn: bool = False):
+    """Aligned rows a [T*bm, Kp], as_t [Kp/128, T*bm] (None: weight-only), b [G, Np, Kp] ([G, Kp, Np] with b_kn),
+    bs_t [G, Kp/128, Np]; tile_group [T] int32 (expert of each row tile), num_tiles [1] int32 (tiles holding rows)
+    -> [T*bm, Np]."""
+    (mp, _), g, np_ = a.shape, b.shape[0], b.shape[-1 if b_kn else 1]
     launch = _Launch(plan, mp, np_, cfg)
     p = plan
     _, nj, nk = launch.grid
@@ -261,7 +272,7 @@ def _grouped(tile_group, num_tiles, a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmCon
 
     def b_map(i, j, k, tg, nt):
         i, j, k = live(i, j, k, nt)
-        return tg[i], j, k
+        return (tg[i], k, j) if b_kn else (tg[i], j, k)
 
     def bs_map(i, j, k, tg, nt):
         i, j, k = live(i, j, k, nt)
@@ -272,7 +283,8 @@ def _grouped(tile_group, num_tiles, a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmCon
     if scaled:
         in_specs.append(launch.spec((None, None, p.s, p.bm), as_map))
         args.append(_row_scales(as_t, p))
-    in_specs += [launch.spec((None, p.bn, p.tk), b_map), launch.spec((None, None, p.s, p.bn), bs_map)]
+    b_block = (None, p.tk, p.bn) if b_kn else (None, p.bn, p.tk)
+    in_specs += [launch.spec(b_block, b_map), launch.spec((None, None, p.s, p.bn), bs_map)]
     args += [b, bs_t.reshape(g, p.nk, p.s, np_)]
     # Dead tiles keep their own output block (left unwritten, dropped by the gather back): mapping it onto a
     # live one would let a second TensorCore (v5p megacore) write back a stale buffer over it.
@@ -284,7 +296,7 @@ def _grouped(tile_group, num_tiles, a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmCon
         scratch_shapes=[pltpu.VMEM((p.bm, p.bn), jnp.float32)],
     )
     call = pl.pallas_call(
-        functools.partial(_kernel, steps=p.s, scaled=scaled, grouped=True, fp8_mxu=fp8_mxu(cfg)),
+        functools.partial(_kernel, steps=p.s, scaled=scaled, grouped=True, fp8_mxu=fp8_mxu(cfg), b_kn=b_kn),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
         compiler_params=_compiler_params(),
@@ -297,31 +309,36 @@ def _grouped(tile_group, num_tiles, a, as_t, b, bs_t, out_dtype, cfg: Fp8GemmCon
 # ------------------------------------------------------------------------------------------ the interface
 
 
-def _tiled(config: Fp8GemmConfig, a, b, out_dtype) -> tuple[Fp8GemmConfig, _Plan]:
-    plan = _plan(config, a.shape[0], b.shape[-2], a.shape[1], a.dtype, out_dtype)
+def _tiled(config: Fp8GemmConfig, a, n: int, out_dtype) -> tuple[Fp8GemmConfig, _Plan]:
+    plan = _plan(config, a.shape[0], n, a.shape[1], a.dtype, out_dtype)
     return dataclasses.replace(config, block_m=plan.bm, block_n=plan.bn), plan
 
 
 def gemm(a, a_scale, b, b_scale, *, out_dtype, config: Fp8GemmConfig):
-    cfg, plan = _tiled(config, a, b, out_dtype)
+    cfg, plan = _tiled(config, a, b.shape[-2], out_dtype)
     kernel = functools.partial(_dense, plan=plan)
     return tiles.run_dense(kernel, a, a_scale, b, b_scale, out_dtype, cfg, k_multiple=plan.tk)
 
 
 def grouped_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype, config: Fp8GemmConfig):
-    cfg, plan = _tiled(config, a, b, out_dtype)
+    cfg, plan = _tiled(config, a, b.shape[-2], out_dtype)
     kernel = functools.partial(_grouped, plan=plan)
     return tiles.run_grouped(kernel, a, a_scale, b, b_scale, group_sizes, out_dtype, cfg, k_multiple=plan.tk)
 
 
-def weight_gemm(x, w, w_scale, *, out_dtype, config: Fp8GemmConfig):
-    cfg, plan = _tiled(config, x, w, out_dtype)
-    kernel = functools.partial(_dense, plan=plan)
-    return tiles.run_dense(kernel, x, None, w, w_scale, out_dtype, cfg, k_multiple=plan.tk)
+# The weight-only GEMMs also read w as the model holds it, [(G,) K, N]: tiles of [tk, bn], no copy of the weight.
+WEIGHT_KN = True
 
 
-def grouped_weight_gemm(x, w, w_scale, group_sizes, *, out_dtype, config: Fp8GemmConfig):
-    cfg, plan = _tiled(config, x, w, out_dtype)
-    kernel = functools.partial(_grouped, plan=plan)
-    return tiles.run_grouped(kernel, x, None, w, w_scale, group_sizes, out_dtype, cfg, k_multiple=plan.tk)
+def weight_gemm(x, w, w_scale, *, out_dtype, config: Fp8GemmConfig, w_layout: str = "nk"):
+    kn = w_layout == "kn"
+    cfg, plan = _tiled(config, x, w.shape[-1 if kn else -2], out_dtype)
+    kernel = functools.partial(_dense, plan=plan, b_kn=kn)
+    return tiles.run_dense(kernel, x, None, w, w_scale, out_dtype, cfg, k_multiple=plan.tk, b_kn=kn)
 
+
+def grouped_weight_gemm(x, w, w_scale, group_sizes, *, out_dtype, config: Fp8GemmConfig, w_layout: str = "nk"):
+    kn = w_layout == "kn"
+    cfg, plan = _tiled(config, x, w.shape[-1 if kn else -2], out_dtype)
+    kernel = functools.partial(_grouped, plan=plan, b_kn=kn)
+    return tiles.run_grouped(kernel, x, None, w, w_scale, group_sizes, out_dtype, cfg, k_multiple=plan.tk, b_kn=kn)

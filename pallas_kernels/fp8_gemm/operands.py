@@ -59,10 +59,21 @@ def operand_refusal(a, a_scale, b, b_scale, grouped: bool) -> str | None:
 WEIGHT_ONLY_DTYPES = (jnp.bfloat16, jnp.float32)  # x of the weight-only GEMMs: activations as the model holds them
 
 
-def weight_operand_refusal(x, w, w_scale, grouped: bool) -> str | None:
-    """Shapes and dtypes of a weight-only GEMM's operands: x [M, K] (not quantised), w e4m3 [(G,) N, K] with
-    float32 block scales [(G,) ceil(N/128), ceil(K/128)]."""
-    want_w = "[G, N, K]" if grouped else "[N, K]"
+WEIGHT_LAYOUTS = ("nk", "kn")  # w of the weight-only GEMMs: [(G,) N, K] (the checkpoint's) or [(G,) K, N] (ours)
+
+
+def weight_matrix_shape(w_shape, w_layout: str) -> tuple[int, ...]:
+    """A weight-only GEMM's w shape as [(G,) N, K], whichever layout it is held in."""
+    w_shape = tuple(w_shape)
+    return (*w_shape[:-2], w_shape[-1], w_shape[-2]) if w_layout == "kn" and len(w_shape) >= 2 else w_shape
+
+
+def weight_operand_refusal(x, w, w_scale, grouped: bool, w_layout: str = "nk") -> str | None:
+    """Shapes and dtypes of a weight-only GEMM's operands: x [M, K] (not quantised), w e4m3 [(G,) N, K] ("nk") or
+    [(G,) K, N] ("kn") with float32 block scales [(G,) ceil(N/128), ceil(K/128)] in either layout."""
+    if w_layout not in WEIGHT_LAYOUTS:
+        return f"w_layout must be one of {WEIGHT_LAYOUTS}, got {w_layout!r}"
+    want_w = ("[G, N, K]" if grouped else "[N, K]") if w_layout == "nk" else ("[G, K, N]" if grouped else "[K, N]")
     if x.ndim != 2:
         return f"x must be [M, K], got shape {x.shape}"
     if x.dtype not in WEIGHT_ONLY_DTYPES:
@@ -71,13 +82,15 @@ def weight_operand_refusal(x, w, w_scale, grouped: bool) -> str | None:
         return f"w must be float8_e4m3fn, got {w.dtype}"
     if w.ndim != (3 if grouped else 2):
         return f"w must be {want_w}, got shape {w.shape}"
-    if w.shape[-1] != x.shape[1]:
-        return f"K of x {x.shape} and w {w.shape} differ ({x.shape[1]} vs {w.shape[-1]})"
+    *lead, n, k = weight_matrix_shape(w.shape, w_layout)
+    held = f"w {w.shape}" + (" (kn)" if w_layout == "kn" else "")
+    if k != x.shape[1]:
+        return f"K of x {x.shape} and {held} differ ({x.shape[1]} vs {k})"
     if w_scale.dtype != jnp.float32:
         return f"w_scale must be float32, got {w_scale.dtype}"
-    want = (*w.shape[:-2], cdiv(w.shape[-2], BLOCK), cdiv(w.shape[-1], BLOCK_K))
+    want = (*lead, cdiv(n, BLOCK), cdiv(k, BLOCK_K))
     if w_scale.shape != want:
-        return f"w {w.shape} needs w_scale of shape {want}, got {w_scale.shape}"
+        return f"{held} needs w_scale of shape {want}, got {w_scale.shape}"
     return None
 
 

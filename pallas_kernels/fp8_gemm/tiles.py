@@ -1,10 +1,10 @@
 """Operands cut to whole output tiles for the Pallas backends, and put back.
 
-A tile kernel takes a [Mp, Kp] e4m3, as_t [Kp/128, Mp] f32, b [(G,) Np, Kp] e4m3 and bs_t [(G,) Kp/128, Np] f32
-(the scale of every output column, per K block), with Mp, Np multiples of the tile and Kp of 128, or of the
-`k_multiple` a backend steps K by (zero padding: padded products are zero). The weight-only GEMMs pass an
-unquantised a and no a_scale (as_t None). The grouped GEMM first moves rows so that every group starts on a
-`block_m` tile (DeepGEMM's "contiguous" layout); each tile then reads one expert's b.
+A tile kernel takes a [Mp, Kp] e4m3, as_t [Kp/128, Mp] f32, b [(G,) Np, Kp] e4m3 (or [(G,) Kp, Np], a weight held as
+the model holds it) and bs_t [(G,) Kp/128, Np] f32 (the scale of every output column, per K block), with Mp, Np
+multiples of the tile and Kp of 128, or of the `k_multiple` a backend steps K by (zero padding: padded products are
+zero). The weight-only GEMMs pass an unquantised a and no a_scale (as_t None). The grouped GEMM first moves rows so
+that every group starts on a `block_m` tile (DeepGEMM's "contiguous" layout); each tile then reads one expert's b.
 """
 from __future__ import annotations
 
@@ -36,12 +36,22 @@ def _column_scales_t(b_scale: jax.Array, n: int, np_: int, kp: int) -> jax.Array
     return jnp.pad(cs, pads)
 
 
-def run_dense(kernel, a, a_scale, b, b_scale, out_dtype, config: Fp8GemmConfig, k_multiple: int = BLOCK_K):
-    """kernel(a, as_t, b, bs_t, out_dtype, config) on the padded operands -> [M, N]; a_scale None: as_t None."""
-    (m, k), n = a.shape, b.shape[0]
+def _padded_b(b: jax.Array, np_: int, k_multiple: int, b_kn: bool) -> jax.Array:
+    """b [(G,) N, K] (or [(G,) K, N] with b_kn) zero-padded to Np columns and K to a multiple of k_multiple."""
+    lead = ((0, 0),) * (b.ndim - 2)
+    if b_kn:
+        return jnp.pad(b, (*lead, (0, -b.shape[-2] % k_multiple), (0, np_ - b.shape[-1])))
+    return jnp.pad(b, (*lead, (0, np_ - b.shape[-2]), (0, -b.shape[-1] % k_multiple)))
+
+
+def run_dense(kernel, a, a_scale, b, b_scale, out_dtype, config: Fp8GemmConfig, k_multiple: int = BLOCK_K,
+              b_kn: bool = False):
+    """kernel(a, as_t, b, bs_t, out_dtype, config) on the padded operands -> [M, N]; a_scale None: as_t None.
+    b_kn: b is [K, N] (a weight-only GEMM's weight in the model's layout) and goes to the kernel as [Kp, Np]."""
+    (m, k), n = a.shape, b.shape[-1 if b_kn else 0]
     mp, np_ = cdiv(m, config.block_m) * config.block_m, cdiv(n, config.block_n) * config.block_n
     kp = cdiv(k, k_multiple) * k_multiple
-    a_p, b_p = pad_rows(pad_k(a, k_multiple), mp), pad_rows(pad_k(b, k_multiple), np_)
+    a_p, b_p = pad_rows(pad_k(a, k_multiple), mp), _padded_b(b, np_, k_multiple, b_kn)
     as_t = None if a_scale is None else _scales_t(a_scale, mp, kp)  # [Kp/128, Mp]
     bs_t = _column_scales_t(b_scale, n, np_, kp)  # [Kp/128, Np]
     return kernel(a_p, as_t, b_p, bs_t, out_dtype, config)[:m, :n]
@@ -82,16 +92,16 @@ def aligned_layout(group_sizes: jax.Array, m: int, g: int, bm: int):
 
 
 def run_grouped(kernel, a, a_scale, b, b_scale, group_sizes, out_dtype, config: Fp8GemmConfig,
-                k_multiple: int = BLOCK_K) -> jax.Array:
+                k_multiple: int = BLOCK_K, b_kn: bool = False) -> jax.Array:
     """kernel(tile_group, num_tiles, a, as_t, b, bs_t, out_dtype, config) on the aligned rows -> [M, N];
-    a_scale None: as_t None."""
-    (m, k), (g, n, _) = a.shape, b.shape
+    a_scale None: as_t None. b_kn: b is [G, K, N] and goes to the kernel as [G, Kp, Np]."""
+    (m, k), g, n = a.shape, b.shape[0], b.shape[-1 if b_kn else 1]
     bm, bn = config.block_m, config.block_n
     dest, tile_group, num_tiles, t = aligned_layout(group_sizes, m, g, bm)
     mp, np_, kp = t * bm, cdiv(n, bn) * bn, cdiv(k, k_multiple) * k_multiple
     a_p = pad_k(rows_to(a, dest, mp), k_multiple)
     as_t = None if a_scale is None else _scales_t(rows_to(a_scale, dest, mp), mp, kp)
-    b_p = jnp.pad(pad_k(b, k_multiple), ((0, 0), (0, np_ - n), (0, 0)))
+    b_p = _padded_b(b, np_, k_multiple, b_kn)
     bs_t = _column_scales_t(b_scale, n, np_, kp)  # [G, Kp/128, Np]
     out = kernel(tile_group, num_tiles, a_p, as_t, b_p, bs_t, out_dtype, config)
     return jnp.take(out[:, :n], dest, axis=0, mode="fill", fill_value=0)
