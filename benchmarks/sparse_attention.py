@@ -2,7 +2,9 @@
 
 The model is the `small_dsa` preset with index_topk 256 (and a context long enough for the runs); "dense" is
 the same weights with index_topk past the context, where MLA takes the V3 attention (`dispatch.dsa_sparse`).
-For each context length, batch 1, float32:
+For each context length, batch 1, float32 weights and activations, both models' latent caches in `--cache`
+(float32 or bfloat16) and DSA's indexer keys in `--index_cache` (unset: as the latent cache; the engine's
+`--index_cache`):
   - prefill tokens/s: one forward of a prompt of that length over an empty cache (as the engine's prefill:
     latent rows and indexer keys written while at it);
   - decode tokens/s: `--new` single-token steps at that position over a cache of that many tokens. A
@@ -15,7 +17,7 @@ For each context length, batch 1, float32:
     selections, the indexer's top-k of the random keys, max abs difference over the last `--check` queries.
 
 Usage: python benchmarks/sparse_attention.py [--prefill 4096,16384,32768] [--decode 4096,16384,32768]
-       [--new 16] [--repeats 2] [--quick] [--json]
+       [--new 16] [--repeats 2] [--cache float32|bfloat16] [--index_cache float32|bfloat16] [--quick] [--json]
        python benchmarks/sparse_attention.py --indexer_layouts 1x32768,8x32768   # the indexer's score layouts
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.infer.engine import cache_bytes_per_token, use_decode_xla_flags
+from dsv3_jax.infer.engine import cache_bytes_per_token, resolve_index_dtype, use_decode_xla_flags
 from dsv3_jax.layers.cache import LatentCache
 from dsv3_jax.layers.indexer import index_scores, select
 from dsv3_jax.model import Transformer, init_variables
@@ -56,17 +58,18 @@ def _step_fn(cfg: ModelConfig, from_start: bool = False):
                    donate_argnums=3)
 
 
-def _empty(cfg: ModelConfig, slots: int) -> tuple[LatentCache, ...]:
-    return tuple(LatentCache.empty(1, slots, cfg.kv_cache_dim, jnp.float32, index_dim=cfg.index_head_dim,
-                                   index_dtype=jnp.float32) for _ in range(cfg.num_layers))
+def _empty(cfg: ModelConfig, slots: int, dtypes) -> tuple[LatentCache, ...]:
+    return tuple(LatentCache.empty(1, slots, cfg.kv_cache_dim, dtypes[0], index_dim=cfg.index_head_dim,
+                                   index_dtype=dtypes[1]) for _ in range(cfg.num_layers))
 
 
-def _random(cfg: ModelConfig, slots: int, seed: int) -> tuple[LatentCache, ...]:
+def _random(cfg: ModelConfig, slots: int, seed: int, dtypes=(jnp.float32, jnp.float32)) -> tuple[LatentCache, ...]:
     """Caches of unit-scale rows: c_kv is RMS-normalised and the indexer key LayerNorm-ed, so both have
     about unit entries."""
     keys = jax.random.split(jax.random.PRNGKey(seed), 2 * cfg.num_layers)
-    return tuple(LatentCache(jax.random.normal(keys[2 * i], (slots, cfg.kv_cache_dim)), slots,
-                             index_rows=jax.random.normal(keys[2 * i + 1], (slots, cfg.index_head_dim)))
+    return tuple(LatentCache(jax.random.normal(keys[2 * i], (slots, cfg.kv_cache_dim)).astype(dtypes[0]), slots,
+                             index_keys=jax.random.normal(keys[2 * i + 1], (cfg.index_head_dim, slots))
+                             .astype(dtypes[1]))
                  for i in range(cfg.num_layers))
 
 
@@ -84,14 +87,14 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _prefill_run(cfg, variables, length: int):
+def _prefill_run(cfg, variables, length: int, dtype):
     """() -> seconds of one prefill of `length` tokens."""
     step = _step_fn(cfg, from_start=True)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, length)), jnp.int32)
     positions = jnp.arange(length, dtype=jnp.int32)[None]
 
     def run():
-        cache = _empty(cfg, length)
+        cache = _empty(cfg, length, dtype)
         t0 = time.perf_counter()
         jax.block_until_ready(step(variables, tokens, positions, cache)[0])
         return time.perf_counter() - t0
@@ -99,17 +102,20 @@ def _prefill_run(cfg, variables, length: int):
     return run
 
 
-def _decode_run(cfg, variables, context: int, new: int):
-    """() -> seconds of `new` decode steps over a random cache of `context` tokens."""
+def _decode_run(cfg, variables, context: int, new: int, dtype):
+    """() -> seconds of `new` decode steps over a random cache of `context` tokens. The steps' inputs are made
+    before the clock starts: building a position array on the host costs ~0.6 ms of dispatch here, a quarter of
+    a DSA step at 32K, and belongs to neither attention."""
     step, slots = _step_fn(cfg), context + new
     token = jnp.ones((1, 1), jnp.int32)
+    positions = [jnp.full((1, 1), context + i, jnp.int32) for i in range(new)]
 
     def run():
-        cache = _random(cfg, slots, 0)
-        jax.block_until_ready(cache)
+        cache = _random(cfg, slots, 0, dtype)
+        jax.block_until_ready((cache, positions))
         t0 = time.perf_counter()
-        for i in range(new):
-            logits, _, cache = step(variables, token, jnp.full((1, 1), context + i, jnp.int32), cache)
+        for pos in positions:
+            logits, _, cache = step(variables, token, pos, cache)
         jax.block_until_ready(logits)
         return time.perf_counter() - t0
 
@@ -133,7 +139,7 @@ def agreement(cfg, variables, context: int, queries: int) -> float:
     positions = jnp.arange(context - queries, context, dtype=jnp.int32)[None]
     q_index = jax.random.normal(k[0], (1, queries, cfg.index_n_heads, cfg.index_head_dim))
     w_index = jax.random.normal(k[1], (1, queries, cfg.index_n_heads))
-    indices = select(index_scores(q_index, w_index, cache.index_view(), positions, None), cfg.index_topk)
+    indices = select(index_scores(q_index, w_index, cache.index_view(), positions, None, keys_t=True), cfg.index_topk)
     q_nope, q_pe = jax.random.normal(k[2], (1, queries, h, n)), jax.random.normal(k[3], (1, queries, h, r))
     w = KvWeights(variables["params"]["layers_0"]["attn"]["wkv_b"])
     args = (q_nope, q_pe, cache.view(), positions, None, indices, w, cfg.softmax_scale)
@@ -141,8 +147,9 @@ def agreement(cfg, variables, context: int, queries: int) -> float:
 
 
 def indexer_layouts(cases: list[tuple[int, int]], cfg: ModelConfig, repeats: int = 20) -> dict:
-    """ms of the indexer's scores (`index_scores`) in both layouts for T queries over S cached keys, batch 1:
-    what `dispatch.INDEX_KEYS_MAJOR_MAX_T` rests on."""
+    """ms of the indexer's scores (`index_scores`) for T queries over S keys, batch 1, the keys held as rows [S, I]
+    (as the uncached indexer computes them) and transposed [I, S] (as `LatentCache.index_keys` holds them): what
+    the cache's layout rests on."""
     out = {}
     for t, s in cases:
         k = jax.random.split(jax.random.PRNGKey(t * 7919 + s), 3)
@@ -151,13 +158,13 @@ def indexer_layouts(cases: list[tuple[int, int]], cfg: ModelConfig, repeats: int
         keys = jax.random.normal(k[2], (1, s, cfg.index_head_dim))
         positions = jnp.full((1, t), s - 1, jnp.int32)
         row = {}
-        for name, major in (("queries_major_ms", False), ("keys_major_ms", True)):
-            fn = jax.jit(functools.partial(index_scores, kv_positions=None, keys_major=major))
-            args = (q, w, keys, positions)
+        for name, held in (("rows_ms", keys), ("transposed_ms", jnp.swapaxes(keys, 1, 2))):
+            fn = jax.jit(functools.partial(index_scores, kv_positions=None, keys_t=held is not keys))
+            args = (q, w, jax.block_until_ready(held), positions)
             row[name] = 1e3 * _median_s(functools.partial(_ready, fn, args), repeats)
         out[f"{t}x{s}"] = row
-        print(f"indexer scores T={t:>4} S={s:>6}: queries-major {row['queries_major_ms']:.3f} ms  "
-              f"keys-major {row['keys_major_ms']:.3f} ms", flush=True)
+        print(f"indexer scores T={t:>4} S={s:>6}: keys [S, I] {row['rows_ms']:.3f} ms  "
+              f"[I, S] {row['transposed_ms']:.3f} ms", flush=True)
     return out
 
 
@@ -170,8 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--check", type=int, default=16, help="queries of the agreement check")
     p.add_argument("--quick", action="store_true", help=f"short contexts, for a test: {QUICK}")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--cache", default="float32", choices=["float32", "bfloat16"],
+                   help="the latent caches' dtype, both models")
+    p.add_argument("--index_cache", default=None, choices=["float32", "bfloat16"],
+                   help="DSA's indexer keys (unset: as --cache)")
     p.add_argument("--indexer_layouts", default="",
-                   help="only time the indexer's two score layouts at TxS cases, e.g. 1x32768,8x32768,4096x4096")
+                   help="only time the indexer's scores over keys [S, I] and [I, S] at TxS cases, e.g. "
+                        "1x32768,8x32768,4096x4096")
     a = p.parse_args(argv)
     if a.indexer_layouts:
         cases = [tuple(int(v) for v in c.split("x")) for c in a.indexer_layouts.split(",")]
@@ -182,31 +194,34 @@ def main(argv: list[str] | None = None) -> dict:
     prefill = [int(x) for x in a.prefill.split(",") if x]
     decode = [int(x) for x in a.decode.split(",") if x]
     new, repeats, check = a.new, a.repeats, a.check
+    cache = jnp.dtype(a.cache), resolve_index_dtype(a.index_cache, jnp.dtype(a.cache))
     if a.quick:
         prefill, decode, new, repeats, check = (QUICK[k] for k in ("prefill", "decode", "new", "repeats", "check"))
     cfg, dense = configs(max(prefill + [d + new for d in decode]))
     variables = Transformer(cfg).prepare_decode(init_variables(cfg, jax.random.PRNGKey(0)))
     v3 = cfg.replace(index_n_heads=0, index_head_dim=0, index_topk=0)
     out = {"config": "small_dsa", "index_topk": TOPK, "device": jax.devices()[0].device_kind,
-           "cache_bytes_per_token": {"dsa": cache_bytes_per_token(cfg, jnp.float32),
-                                     "dense": cache_bytes_per_token(v3, jnp.float32)},
+           "cache": a.cache, "index_cache": str(cache[1]),
+           "cache_bytes_per_token": {"dsa": cache_bytes_per_token(cfg, cache[0], index_dtype=cache[1]),
+                                     "dense": cache_bytes_per_token(v3, cache[0])},
            "prefill": {}, "decode": {}}
     for t in prefill:
-        d, s = (t / sec for sec in interleaved(_prefill_run(dense, variables, t), _prefill_run(cfg, variables, t),
+        d, s = (t / sec for sec in interleaved(_prefill_run(dense, variables, t, cache),
+                                               _prefill_run(cfg, variables, t, cache),
                                                repeats))
         out["prefill"][t] = {"dense_tokens_per_s": d, "dsa_tokens_per_s": s, "speedup": s / d}
         print(f"prefill {t:>6}: dense {d:9.1f} tok/s  dsa {s:9.1f} tok/s  x{s / d:.2f}", flush=True)
     for t in decode:
-        runs = (_decode_run(c, variables, t, new) for c in (dense, cfg))
+        runs = (_decode_run(c, variables, t, new, cache) for c in (dense, cfg))
         d, s = (new / sec for sec in interleaved(*runs, repeats))
         out["decode"][t] = {"dense_tokens_per_s": d, "dsa_tokens_per_s": s, "speedup": s / d}
         print(f"decode  {t:>6}: dense {d:9.1f} tok/s  dsa {s:9.1f} tok/s  x{s / d:.2f}", flush=True)
     out["agreement_context"] = max(decode + prefill)
     out["max_abs_diff_vs_masked_dense"] = agreement(cfg, variables, out["agreement_context"], check)
     b = out["cache_bytes_per_token"]
-    print(f"cache bytes/token (float32, {cfg.num_layers} layers): dsa {b['dsa']} (latent + indexer keys), dense "
-          f"{b['dense']} (latent); sparse vs masked dense at {out['agreement_context']}: max |diff| "
-          f"{out['max_abs_diff_vs_masked_dense']:.2e}")
+    print(f"cache bytes/token ({a.cache}, indexer keys {cache[1]}, {cfg.num_layers} layers): dsa {b['dsa']} (latent + "
+          f"indexer keys), dense {b['dense']} (latent); sparse vs masked dense at {out['agreement_context']}: max "
+          f"|diff| {out['max_abs_diff_vs_masked_dense']:.2e}")
     if a.json:
         print(json.dumps(out))
     return out

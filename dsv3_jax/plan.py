@@ -287,7 +287,7 @@ def abstract_decode_variables(setup: Setup, mesh) -> dict:
 
 def abstract_decode_state(setup: Setup, g: Generator, variables: dict, mesh):
     """The engine's State after a prefill of [batch, PREFILL_BUCKET] tokens into caches of `cache_slots`
-    slots: the caches' rows (and a DSA indexer's key rows, laid out as they are) split by `LatentCache.AXES`,
+    slots: the caches' rows (and a DSA indexer's keys, [B*I, S]: batch-major too) split by `LatentCache.AXES`,
     everything else replicated."""
     tokens = jax.ShapeDtypeStruct((setup.batch, PREFILL_BUCKET), jnp.int32)
     lengths = jax.ShapeDtypeStruct((setup.batch,), jnp.int32)
@@ -298,8 +298,8 @@ def abstract_decode_state(setup: Setup, g: Generator, variables: dict, mesh):
     def place(x):
         if isinstance(x, LatentCache):
             split = lambda rows: _placed(rows, NamedSharding(mesh, to_mesh_spec(LatentCache.AXES, mesh, rows.shape)))
-            index = None if x.index_rows is None else split(x.index_rows)
-            return x.replace(rows=split(x.rows), index_rows=index)
+            index = None if x.index_keys is None else split(x.index_keys)
+            return x.replace(rows=split(x.rows), index_keys=index)
         return _placed(x, whole)
 
     return jax.tree_util.tree_map(place, state, is_leaf=lambda x: isinstance(x, LatentCache))

@@ -2,6 +2,7 @@
 attention reads each query's top-k latent rows only. Teacher-forced logits through the cache equal the full
 uncached model's (its sparse path) at every position, with contexts shorter and longer than index_topk;
 greedy decoding, MTP speculative decoding and infer.py run on a DSA model."""
+import os
 import types
 
 import jax
@@ -12,8 +13,8 @@ import pytest
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.hf import save_hf_checkpoint
 from dsv3_jax.infer import cli
-from dsv3_jax.infer.engine import GenerateConfig, Generator, cache_bytes_per_token, generate
-from dsv3_jax.layers.cache import FP8
+from dsv3_jax.infer.engine import GenerateConfig, GenerationError, Generator, cache_bytes_per_token, generate
+from dsv3_jax.layers.cache import FP8, LatentCache
 from dsv3_jax.layers.indexer import index_scores, select, select_cached
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.ops import dispatch
@@ -93,28 +94,61 @@ def test_caches_hold_latent_rows_and_indexer_keys(variables, tokens):
     assert len(cache) == CFG.num_layers
     for layer in cache:
         assert layer.rows.shape == (2 * SLOTS, CFG.kv_cache_dim)
-        assert layer.index_rows.shape == (2 * SLOTS, CFG.index_head_dim) and layer.index_rows.dtype == jnp.float32
-        keys = np.asarray(layer.index_view())
-        assert (np.abs(keys[:, :12]).max(-1) > 0).all() and (keys[:, 12:] == 0).all()  # written as tokens came
+        assert layer.index_keys.shape == (2 * CFG.index_head_dim, SLOTS) and layer.index_keys.dtype == jnp.float32
+        keys = np.asarray(layer.index_view())  # [B, I, S]: one column a slot
+        assert (np.abs(keys[..., :12]).max(1) > 0).all() and (keys[..., 12:] == 0).all()  # written as tokens came
     packed = Generator(CFG, GenerateConfig(), FP8)._empty_cache(2, SLOTS, 1)[0]
-    assert packed.rows.dtype == jnp.uint8 and packed.index_rows.dtype == jnp.float32  # keys stay in compute dtype
+    assert packed.rows.dtype == jnp.uint8 and packed.index_keys.dtype == jnp.bfloat16  # FP8 rows: bf16 keys
+    narrow = Generator(CFG, GenerateConfig(), jnp.bfloat16)._empty_cache(2, SLOTS, 1)[0]
+    assert narrow.rows.dtype == narrow.index_keys.dtype == jnp.bfloat16
+    assert cache_bytes_per_token(CFG, FP8) - cache_bytes_per_token(CFG, jnp.bfloat16) == \
+        CFG.num_layers * (fp8_cache.row_bytes(CFG.kv_lora_rank, CFG.qk_rope_head_dim) - CFG.kv_cache_dim * 2)
     v3 = CFG.replace(index_n_heads=0, index_head_dim=0, index_topk=0)
-    assert Generator(v3, GenerateConfig())._empty_cache(2, SLOTS, 1)[0].index_rows is None
+    assert Generator(v3, GenerateConfig())._empty_cache(2, SLOTS, 1)[0].index_keys is None
     assert cache_bytes_per_token(CFG, jnp.float32) == cache_bytes_per_token(v3, jnp.float32) + 2 * 16 * 4
 
 
+def test_write_index_puts_each_key_in_its_slots_column():
+    """Ragged starts, a write running past a row's last slot dropped (never into another row's columns), the
+    other slots untouched; `index_view` gives [B, I, S]."""
+    b, s, i, t = 3, 6, 4, 2
+    cache = LatentCache.empty(b, s, 8, jnp.float32, index_dim=i, index_dtype=jnp.float32)
+    cache = cache.replace(index_keys=jnp.full_like(cache.index_keys, -1.0))
+    keys = jnp.arange(b * t * i, dtype=jnp.float32).reshape(b, t, i)
+    got = np.asarray(cache.write_index(keys, jnp.array([0, 4, 5], jnp.int32)).index_view())
+    want = np.full((b, i, s), -1.0, np.float32)
+    for row, start in enumerate([0, 4, 5]):
+        for j in range(t):
+            if start + j < s:
+                want[row, :, start + j] = np.asarray(keys[row, j])
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("t", [1, 2, 16])
-def test_index_scores_keys_major_is_the_same_function(t):
-    """The layout a decode step scores its cache in (`dispatch.index_keys_major`) changes no score beyond
-    float32 summation order, -inf where the key is not visible included."""
+def test_index_scores_over_transposed_keys_is_the_same_function(t):
+    """The cache's transposed keys ([B, I, S], `LatentCache.index_keys`) give the scores of the keys as rows
+    beyond float32 summation order, -inf where the key is not visible included."""
     k = jax.random.split(jax.random.PRNGKey(7), 3)
     q, w = jax.random.normal(k[0], (2, t, 4, 32)), jax.random.normal(k[1], (2, t, 4))
     keys = jax.random.normal(k[2], (2, 96, 32))
     positions = jnp.array([[60 + i for i in range(t)], [3 + i for i in range(t)]], jnp.int32)
-    a, b = (index_scores(q, w, keys, positions, None, keys_major=m) for m in (False, True))
+    a, b = index_scores(q, w, keys, positions, None), index_scores(q, w, keys.swapaxes(1, 2), positions, None, True)
     assert jnp.array_equal(jnp.isinf(a), jnp.isinf(b)) and int(jnp.isinf(a).sum()) > 0
     np.testing.assert_allclose(jnp.where(jnp.isinf(a), 0, a), jnp.where(jnp.isinf(b), 0, b), rtol=1e-5, atol=1e-5)
-    assert dispatch.index_keys_major(1) and not dispatch.index_keys_major(16)
+
+
+def test_bfloat16_cached_keys_score_in_bfloat16_with_float32_sums():
+    """A bf16 cache's keys meet q rounded to bf16: every product exact, summed in f32, so the scores are those of
+    the widened operands up to summation order."""
+    k = jax.random.split(jax.random.PRNGKey(8), 3)
+    q, w = jax.random.normal(k[0], (2, 1, 4, 32)), jax.random.normal(k[1], (2, 1, 4))
+    keys = jax.random.normal(k[2], (2, 32, 96)).astype(jnp.bfloat16)
+    positions = jnp.array([[60], [3]], jnp.int32)
+    got = index_scores(q, w, keys, positions, None, True)
+    want = index_scores(q.astype(jnp.bfloat16).astype(jnp.float32), w, keys.astype(jnp.float32), positions, None, True)
+    assert got.dtype == jnp.float32 and jnp.array_equal(jnp.isinf(got), jnp.isinf(want))
+    np.testing.assert_allclose(jnp.where(jnp.isinf(got), 0, got), jnp.where(jnp.isinf(want), 0, want), rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("chunks", [1, 4, 16])
@@ -124,7 +158,7 @@ def test_select_cached_from_start_is_the_same_selection(chunks):
     k = jax.random.split(jax.random.PRNGKey(3), 3)
     t, s = 64, 80  # slots past the prompt: room for the tokens to come
     q, w = jax.random.normal(k[0], (2, t, 4, 16)), jax.random.normal(k[1], (2, t, 4))
-    keys = jax.random.normal(k[2], (2, s, 16))
+    keys = jax.random.normal(k[2], (2, 16, s))  # as a cache holds them: [B, I, S]
     positions = jnp.broadcast_to(jnp.arange(t), (2, t))
     full = select_cached(q, w, keys, positions, 12, chunks)
     assert (full == -1).any() and (full >= 0).any()
@@ -177,7 +211,27 @@ def test_infer_decodes_from_a_dsa_checkpoint(variables, tmp_path, capsys):
     flags = dict(checkpoint=str(tmp_path), prompt=["the quick brown"], prompts_file=None, prompt_ids=[],
                  tokenizer="byte", max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, seed=0,
                  speculative="none", compare_plain=True, weights="fp32", steps_per_call=8, experts="auto",
-                 attention="auto", json=True, kv_cache=None)
+                 attention="auto", json=True, kv_cache=None, index_cache=None)
     out = cli.run(types.SimpleNamespace(**flags))
     assert out["tokens"] == _greedy_by_full_forwards(variables, list(b"the quick brown"), 12)
     assert out["kv_cache_bytes_per_token"] == cache_bytes_per_token(CFG, jnp.float32)
+    # --index_cache bf16: the keys in half the bytes; the decode the same here (greedy over 12 tokens)
+    narrow = cli.run(types.SimpleNamespace(**{**flags, "index_cache": "bf16"}))
+    saved = out["kv_cache_bytes_per_token"] - narrow["kv_cache_bytes_per_token"]
+    assert saved == CFG.num_layers * CFG.index_head_dim * 2
+    assert narrow["tokens"] == out["tokens"]
+    g = Generator(CFG, GenerateConfig(), None, index_dtype=jnp.bfloat16)
+    assert g._empty_cache(1, SLOTS, 1)[0].index_keys.dtype == jnp.bfloat16
+    with pytest.raises(GenerationError, match="the indexer's key cache stores float32 or bfloat16, got float16"):
+        Generator(CFG, GenerateConfig(), None, index_dtype=jnp.float16)
+
+
+def test_infer_refuses_an_unknown_index_cache_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(tmp_path), "--index_cache=fp8"],
+                       capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "infer.py: --index_cache='fp8': expected one of fp32, bf16 (unset: as --kv_cache)"]

@@ -88,7 +88,7 @@ def test_infer_batch_lines_carry_their_prompts(first_run, capsys):
     f = types.SimpleNamespace(checkpoint=workdir, prompt=["def f", "    return"], prompts_file=None, prompt_ids=["100"],
                               tokenizer=None, max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0, seed=0,
                               speculative="none", compare_plain=False, weights="fp32", steps_per_call=8,
-                              experts="auto", attention="auto", json=True, kv_cache=None)
+                              experts="auto", attention="auto", json=True, kv_cache=None, index_cache=None)
     out = infer_cli.run(f)
     printed = capsys.readouterr().out.splitlines()
     assert printed == [f"[0] def f{out['text'][0]}", f"[1]     return{out['text'][1]}", f"[2] d{out['text'][2]}"]

@@ -230,7 +230,7 @@ class _Flags(types.SimpleNamespace):
 def _flags(**kw):
     base = dict(checkpoint=None, prompt=[], prompts_file=None, prompt_ids=[], tokenizer="byte", max_new_tokens=10,
                 temperature=0.0, top_p=1.0, top_k=0, seed=0, speculative="none", compare_plain=True, weights="fp32",
-                steps_per_call=8, experts="auto", attention="auto", kv_cache=None, json=True)
+                steps_per_call=8, experts="auto", attention="auto", kv_cache=None, index_cache=None, json=True)
     return _Flags(**{**base, **kw})
 
 

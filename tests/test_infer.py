@@ -384,7 +384,8 @@ def test_every_checkpoint_layout_loads_the_same_model(trained, tmp_path):
 def _flags(**kw):
     base = dict(checkpoint=None, prompt=[], prompts_file=None, prompt_ids=[], tokenizer=None, max_new_tokens=16,
                 temperature=0.0, top_p=1.0, top_k=0, seed=0, speculative="none", compare_plain=True,
-                weights="fp32", steps_per_call=8, experts="auto", attention="auto", json=True, kv_cache=None)
+                weights="fp32", steps_per_call=8, experts="auto", attention="auto", json=True, kv_cache=None,
+                index_cache=None)
     return types.SimpleNamespace(**{**base, **kw})
 
 

@@ -367,7 +367,7 @@ def _infer_main(**kw) -> str:
     base = dict(checkpoint=None, prompt=["x"], prompts_file=None, prompt_ids=[], tokenizer="byte",
                 max_new_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=0, speculative="none",
                 compare_plain=True, weights="fp32", steps_per_call=8, experts="auto", attention="auto", json=True,
-                kv_cache=None)
+                kv_cache=None, index_cache=None)
     line = _exit_line(lambda: infer_cli.main(["infer.py"], InferFlags(**{**base, **kw})))
     assert line.startswith("infer.py: ")
     return line

@@ -214,8 +214,9 @@ def test_dsa_decode_places_the_indexer_keys_and_compiles(devices):
     variables = plan.abstract_decode_variables(setup, mesh)
     state = plan.abstract_decode_state(setup, plan.decode_generator(setup), variables, mesh)
     for cache in state.cache:
-        assert cache.index_rows.shape == (cache.rows.shape[0], 32)
-        assert cache.index_rows.sharding.shard_shape(cache.index_rows.shape)[0] == cache.rows.shape[0] // 4
+        batch = cache.rows.shape[0] // cache.slots
+        assert cache.index_keys.shape == (batch * 32, cache.slots)  # transposed: [B*I, S]
+        assert cache.index_keys.sharding.shard_shape(cache.index_keys.shape)[0] == batch * 32 // 4
     r = plan.plan(setup, devices)
     assert r["fits"] and r["per_device_bytes"]["arguments"] > 0
 

@@ -20,8 +20,17 @@ def test_quick_benchmark_reports_every_figure(capsys):
     assert '"max_abs_diff_vs_masked_dense"' in capsys.readouterr().out.splitlines()[-1]
 
 
+def test_bfloat16_indexer_keys_halve_their_bytes():
+    """--index_cache bfloat16: the latent caches float32, DSA's indexer keys bfloat16 (the engine's --index_cache)."""
+    out = bench.main(["--prefill", "", "--decode", "512", "--new", "2", "--repeats", "1", "--check", "2",
+                      "--index_cache", "bfloat16"])
+    assert out["cache"] == "float32" and out["index_cache"] == "bfloat16"
+    assert out["cache_bytes_per_token"]["dsa"] - out["cache_bytes_per_token"]["dense"] == 4 * 32 * 2
+    assert out["decode"][512]["dsa_tokens_per_s"] > 0
+
+
 def test_indexer_layouts_times_both(capsys):
     out = bench.main(["--indexer_layouts", "1x512,16x512", "--json"])["indexer_layouts"]
     assert set(out) == {"1x512", "16x512"}
-    assert all(row["queries_major_ms"] > 0 and row["keys_major_ms"] > 0 for row in out.values())
+    assert all(row["rows_ms"] > 0 and row["transposed_ms"] > 0 for row in out.values())
     assert '"indexer_layouts"' in capsys.readouterr().out.splitlines()[-1]

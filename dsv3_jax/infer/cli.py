@@ -31,6 +31,8 @@ from dsv3_jax.runtime import choices
 
 # --kv_cache -> the engine's cache dtype (unset: the compute dtype, which --weights sets).
 KV_CACHES = {"bf16": "bfloat16", "fp8": FP8}
+# --index_cache -> the dtype of a DSA indexer's cached keys (unset: as the latent cache; bf16 where it is fp8).
+INDEX_CACHES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def define_flags() -> None:
@@ -57,6 +59,8 @@ def define_flags() -> None:
     flags.DEFINE_string("kv_cache", None, "how the latent KV cache stores tokens: bf16, or fp8 (FlashMLA's packed "
                         "rows: E4M3 latent with a float32 scale per 128 values, bf16 rope key; 656 bytes a token "
                         "and layer for V3 against 1152); default: the compute dtype")
+    flags.DEFINE_string("index_cache", None, "how a DSA model (V3.2) caches its indexer's keys: fp32 or bf16 (half "
+                        "the bytes each decode step scores); default: as --kv_cache, bf16 where that is fp8")
     flags.DEFINE_bool("json", False, "print one JSON object with the results as the last line")
 
 
@@ -105,12 +109,13 @@ def _decode(tokenizer, ids: list[int], eos_id) -> str:
     return tokenizer.decode([t for t in ids if t != eos_id])
 
 
-def _summary(res: Result, texts: list[str], cfg, cache_dtype, variables, prompts, rt) -> dict:
+def _summary(res: Result, texts: list[str], cfg, cache_dtype, variables, prompts, rt, index_dtype=None) -> dict:
     out = {"text": texts[0] if len(texts) == 1 else texts,
            "tokens": res.tokens[0] if len(res.tokens) == 1 else res.tokens,
            "tokens_per_s": res.tokens_per_s, "prefill_s": res.prefill_s, "decode_s": res.decode_s,
            "compile_s": res.compile_s, "prefill_tokens_per_s": sum(map(len, prompts)) / res.prefill_s,
-           "kv_cache": str(cache_dtype), "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, cache_dtype, rt),
+           "kv_cache": str(cache_dtype),
+           "kv_cache_bytes_per_token": cache_bytes_per_token(cfg, cache_dtype, rt, index_dtype),
            "weight_bytes": weight_bytes(variables), "batch": len(prompts)}
     if res.acceptance_rate is not None:
         out.update(acceptance_rate=res.acceptance_rate, accepted_per_step=res.accepted_per_step)
@@ -157,17 +162,19 @@ def run(f) -> dict:
     gen = GenerateConfig(f.max_new_tokens, sampling, f.speculative, tokenizer.eos_id, f.seed, f.steps_per_call)
     stream = _Stream(tokenizer, tokenizer.eos_id, prompts[0]) if len(prompts) == 1 else None
     cache_dtype = resolve_cache_dtype(KV_CACHES.get(f.kv_cache), rt)
-    res = generate(cfg, variables, prompts, gen, on_tokens=stream, cache_dtype=cache_dtype, runtime=rt)
+    index_dtype = INDEX_CACHES.get(f.index_cache)
+    res = generate(cfg, variables, prompts, gen, on_tokens=stream, cache_dtype=cache_dtype, runtime=rt,
+                   index_dtype=index_dtype)
     texts = [_decode(tokenizer, ids, tokenizer.eos_id) for ids in res.tokens]
     if stream is None:
         for i, ids in enumerate(res.tokens):  # each with its prompt
             print(f"[{i}] {_decode(tokenizer, prompts[i] + ids, tokenizer.eos_id)}")
     else:
         print()
-    out = {**_summary(res, texts, cfg, cache_dtype, variables, prompts, rt), "weights": f.weights}
+    out = {**_summary(res, texts, cfg, cache_dtype, variables, prompts, rt, index_dtype), "weights": f.weights}
     if f.speculative == "mtp" and f.compare_plain:
         plain = generate(cfg, variables, prompts, dataclasses.replace(gen, speculative="none"), cache_dtype=cache_dtype,
-                         runtime=rt)
+                         runtime=rt, index_dtype=index_dtype)
         out.update(plain_tokens_per_s=plain.tokens_per_s,
                    speedup=res.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else None,
                    same_as_plain=plain.tokens == res.tokens)
@@ -180,6 +187,10 @@ def main(argv, f) -> None:
     if f.kv_cache is not None and f.kv_cache not in KV_CACHES:
         print(f"infer.py: --kv_cache={f.kv_cache!r}: expected one of {', '.join(KV_CACHES)} (unset: the compute "
               "dtype)", file=sys.stderr)
+        sys.exit(2)
+    if f.index_cache is not None and f.index_cache not in INDEX_CACHES:
+        print(f"infer.py: --index_cache={f.index_cache!r}: expected one of {', '.join(INDEX_CACHES)} (unset: as "
+              "--kv_cache)", file=sys.stderr)
         sys.exit(2)
     if not f.checkpoint:
         sys.exit("infer.py: --checkpoint is required")

@@ -139,7 +139,8 @@ def _rows(x: jax.Array, idx: jax.Array) -> jax.Array:
 class Generator:
     """Jitted prefill and step functions for one model, batch size and cache length."""
 
-    def __init__(self, cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None, runtime: Runtime = Runtime()):
+    def __init__(self, cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None, runtime: Runtime = Runtime(),
+                 index_dtype=None):
         self.cfg, self.gen = cfg, gen
         self.depth = cfg.mtp_depth if gen.speculative == "mtp" else 0
         if gen.speculative == "mtp" and not cfg.mtp_depth:
@@ -148,6 +149,7 @@ class Generator:
         self.runtime = runtime
         self.greedy = gen.sampling.temperature == 0
         self.cache_dtype = resolve_cache_dtype(cache_dtype, runtime)
+        self.index_dtype = resolve_index_dtype(index_dtype, self.cache_dtype)  # a DSA indexer's cached keys
         self.prefill = jax.jit(self._prefill, static_argnums=3)
         self.step = jax.jit(self._steps, donate_argnums=1)
         self._compiled = {}  # signature of the arguments -> the AOT prefill, or True for a compiled step
@@ -202,11 +204,11 @@ class Generator:
     # -- the pieces, traced once per shape ------------------------------------------------------
 
     def _empty_cache(self, batch: int, length: int, n: int) -> tuple[LatentCache, ...]:
-        """n layers' caches; with a DSA indexer each also holds the indexer's keys (in the compute dtype)."""
+        """n layers' caches; with a DSA indexer each also holds the indexer's keys, in `index_dtype`."""
         c = self.cfg
         index_dim = c.index_head_dim if c.has_indexer else 0
         return tuple(LatentCache.empty(batch, length, c.kv_cache_dim, self.cache_dtype, c.kv_lora_rank, index_dim,
-                                       self.runtime.compute_dtype) for _ in range(n))
+                                       self.index_dtype) for _ in range(n))
 
     def _draft(self, variables, mtp_cache, h, ext, positions, at, key):
         """The MTP chain over a window: h [B,W,D] main hidden at `positions` [B,W]; ext [B, W+D+1] the
@@ -364,10 +366,11 @@ def cache_length(cfg: ModelConfig, prompt_tokens: int, max_new_tokens: int, dept
 
 
 @functools.lru_cache(maxsize=8)
-def generator(cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None, runtime: Runtime = Runtime()) -> Generator:
-    """A Generator per (model config, generation config, cache dtype, runtime), kept across calls, so
+def generator(cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None, runtime: Runtime = Runtime(),
+              index_dtype=None) -> Generator:
+    """A Generator per (model config, generation config, cache dtypes, runtime), kept across calls, so
     that calling `generate` again with the same settings and shapes compiles nothing."""
-    return Generator(cfg, gen, cache_dtype, runtime)
+    return Generator(cfg, gen, cache_dtype, runtime, index_dtype)
 
 
 def step_formats(state: State) -> State:
@@ -376,8 +379,8 @@ def step_formats(state: State) -> State:
 
     def leaf(x):
         if isinstance(x, LatentCache):
-            index = None if x.index_rows is None else row_major(x.index_rows)
-            return x.replace(rows=row_major(x.rows), index_rows=index)
+            index = None if x.index_keys is None else row_major(x.index_keys)
+            return x.replace(rows=row_major(x.rows), index_keys=index)
         return x.sharding
 
     return jax.tree.map(leaf, state, is_leaf=lambda x: isinstance(x, LatentCache))
@@ -391,15 +394,19 @@ def _signature(tree) -> tuple:
 
 def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: GenerateConfig,
              on_tokens: Callable[[int, list[int]], None] | None = None, cache_dtype=None,
-             warm_prefill: bool = False, runtime: Runtime = Runtime()) -> Result:
+             warm_prefill: bool = False, runtime: Runtime = Runtime(), index_dtype=None) -> Result:
     """Generate for a batch of prompts (token ids). `on_tokens(row, new_ids)` is called as tokens
     arrive (streaming). Compilation is timed apart from prefill and decode, and happens once per
     settings and shapes (later calls reuse it); `warm_prefill` also runs the prefill once untimed
     first (an executable's first run pays one-time costs: benchmarks). `runtime`: how the model
     computes (`infer.weights.runtime_for` matches it to the weights' precision). `cache_dtype`: None (the
-    compute dtype), a jnp dtype, or "fp8" (`layers.cache.FP8`: packed FP8 rows)."""
+    compute dtype), a jnp dtype, or "fp8" (`layers.cache.FP8`: packed FP8 rows). `index_dtype`: a DSA indexer's
+    cached keys (`resolve_index_dtype`)."""
     validate_prompts(cfg, prompts, gen.max_new_tokens)
-    g = generator(cfg, gen, None if cache_dtype is None else resolve_cache_dtype(cache_dtype, runtime), runtime)
+    cache_dtype = None if cache_dtype is None else resolve_cache_dtype(cache_dtype, runtime)
+    # The same arguments as a caller's `generator(cfg, gen, cache_dtype, runtime)`: lru_cache keys on them as given.
+    extra = () if index_dtype is None else (jnp.dtype(index_dtype),)
+    g = generator(cfg, gen, cache_dtype, runtime, *extra)
     variables = g.model.prepare_decode(variables)
     tokens, lengths = pad_prompts(prompts)
     s = cache_length(cfg, tokens.shape[1], gen.max_new_tokens, g.depth)
@@ -462,8 +469,19 @@ def resolve_cache_dtype(cache_dtype, runtime: Runtime):
     return jnp.dtype(cache_dtype or runtime.dtype)
 
 
-def cache_bytes_per_token(cfg: ModelConfig, cache_dtype, runtime: Runtime = Runtime()) -> int:
+def resolve_index_dtype(index_dtype, cache_dtype):
+    """The dtype a DSA indexer's cached keys are stored in: `index_dtype` (float32 or bfloat16), else as the
+    latent cache (`layers.cache.index_dtype`)."""
+    if index_dtype is None:
+        return latent_cache.index_dtype(cache_dtype)
+    if jnp.dtype(index_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise GenerationError(f"the indexer's key cache stores float32 or bfloat16, got {jnp.dtype(index_dtype)}")
+    return jnp.dtype(index_dtype)
+
+
+def cache_bytes_per_token(cfg: ModelConfig, cache_dtype, runtime: Runtime = Runtime(), index_dtype=None) -> int:
     """Bytes the main model's cache holds per token, all layers (the cost model's figure at this dtype; "fp8":
-    packed rows, `layers.cache.row_bytes`), plus a DSA indexer's keys in the compute dtype."""
-    index = cfg.index_head_dim * runtime.compute_dtype.itemsize if cfg.has_indexer else 0
+    packed rows, `layers.cache.row_bytes`), plus a DSA indexer's keys (`resolve_index_dtype`)."""
+    cache_dtype = resolve_cache_dtype(cache_dtype, runtime)
+    index = cfg.index_head_dim * resolve_index_dtype(index_dtype, cache_dtype).itemsize if cfg.has_indexer else 0
     return cfg.num_layers * (latent_cache.row_bytes(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cache_dtype) + index)

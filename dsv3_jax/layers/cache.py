@@ -1,5 +1,5 @@
 """The latent KV cache of one attention layer: per batch row and slot, MLA's C + R cached values, and with a
-DSA indexer (DeepSeek-V3.2) the indexer's key, index_head_dim values in the compute dtype."""
+DSA indexer (DeepSeek-V3.2) the indexer's key, index_head_dim values, stored transposed."""
 from __future__ import annotations
 
 import flax.struct
@@ -15,6 +15,26 @@ FP8 = "fp8"
 
 def is_fp8(cache_dtype) -> bool:
     return isinstance(cache_dtype, str) and cache_dtype == FP8
+
+
+def _set(array: jax.Array, where, values: jax.Array) -> jax.Array:
+    """array.at[where].set(values, mode="drop") in array's dtype; a float narrower than 32 bits is scattered as
+    the integers of its bits: XLA:CPU widens a bfloat16 array to float32 around a scatter into it, and narrows
+    it back, so every write converted the whole cache twice (a bf16 index cache of 32K slots: 2.3x slower
+    decode steps than float32)."""
+    values = values.astype(array.dtype)
+    if jnp.issubdtype(array.dtype, jnp.floating) and array.dtype.itemsize < 4:
+        bits = jnp.dtype(f"uint{8 * array.dtype.itemsize}")
+        as_bits = lambda x: jax.lax.bitcast_convert_type(x, bits)
+        return jax.lax.bitcast_convert_type(as_bits(array).at[where].set(as_bits(values), mode="drop"), array.dtype)
+    return array.at[where].set(values, mode="drop")
+
+
+def index_dtype(cache_dtype):
+    """The dtype a DSA indexer's cached keys are stored in: the cache's, and bfloat16 where the cache packs FP8
+    rows (a layout of the latent's). A narrower cache halves the bytes every decode step scores; the indexer's
+    dot then runs in that dtype with float32 sums (`layers.indexer.index_scores`)."""
+    return jnp.dtype(jnp.bfloat16) if is_fp8(cache_dtype) else jnp.dtype(cache_dtype)
 
 
 def row_bytes(latent_dim: int, rope_dim: int, cache_dtype) -> int:
@@ -36,15 +56,19 @@ class LatentCache:
     four times per layer and step. Batch-major, so splitting the rows over the batch mesh axes
     splits whole batch rows (logical axes `AXES`).
 
-    `index_rows` [B*S, I] (None without an indexer): the DSA indexer's key of each token (`Indexer.keys`),
-    laid out as `rows` and written at the same slots. Kept apart from the latent rows because the indexer
-    scores every visible slot with its own dot products, while the attention reads only the selected
-    latent rows; in the compute dtype, as the uncached indexer scores its keys."""
+    `index_keys` [B*I, S] (None without an indexer): the DSA indexer's key of each token (`Indexer.keys`),
+    transposed: row b*I + i holds dim i of batch row b's keys, one column per slot, written at the slots `rows`
+    are. Kept apart from the latent rows because the indexer scores every visible slot with its own dot
+    products, while the attention reads only the selected latent rows; in `index_dtype`. Transposed because each
+    step multiplies the queries [T*H, I] by every cached key: against [I, S] that is one plain matmul, where [S,
+    I] rows make XLA:CPU either transpose the keys every step or run a slower keys-major product (32K slots:
+    0.08 against 0.12-0.19 ms a layer, `benchmarks/sparse_attention.py --indexer_layouts`). Still batch-major,
+    so the batch shards split it."""
 
     rows: jax.Array
     slots: int = flax.struct.field(pytree_node=False)
     fp8_dims: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
-    index_rows: jax.Array | None = None
+    index_keys: jax.Array | None = None
 
     AXES = ("batch", "kv_latent")  # logical axes of `rows` (dsv3_jax.parallel.rules)
 
@@ -52,10 +76,10 @@ class LatentCache:
     def empty(cls, batch: int, slots: int, dim: int, dtype, latent_dim: int | None = None, index_dim: int = 0,
               index_dtype=None) -> LatentCache:
         """Rows of `dim` = C + R values in `dtype`; dtype FP8 packs them, and needs C (`latent_dim`). With
-        `index_dim` > 0, also the indexer's key rows, in `index_dtype` (a jnp dtype)."""
-        index = jnp.zeros((batch * slots, index_dim), index_dtype) if index_dim else None
+        `index_dim` > 0, also the indexer's keys, in `index_dtype` (a jnp dtype)."""
+        index = jnp.zeros((batch * index_dim, slots), index_dtype) if index_dim else None
         if not is_fp8(dtype):
-            return cls(jnp.zeros((batch * slots, dim), dtype), slots, index_rows=index)
+            return cls(jnp.zeros((batch * slots, dim), dtype), slots, index_keys=index)
         if latent_dim is None or not 0 < latent_dim <= dim:
             raise ValueError(f"an FP8 latent cache needs latent_dim in [1, {dim}], got {latent_dim!r}")
         dims = (latent_dim, dim - latent_dim)
@@ -71,8 +95,8 @@ class LatentCache:
         return self.rows.reshape(self.batch, self.slots, self.rows.shape[-1])
 
     def index_view(self) -> jax.Array:
-        """The indexer's keys [B, S, I] (a reshape: no copy)."""
-        return self.index_rows.reshape(self.batch, self.slots, self.index_rows.shape[-1])
+        """The indexer's keys, transposed: [B, I, S] (a reshape: no copy)."""
+        return self.index_keys.reshape(self.batch, -1, self.slots)
 
     def _targets(self, start: jax.Array, t: int) -> jax.Array:
         """The flat row of each of T new entries per batch row written from slot start[b] -> [B*T]; an entry
@@ -82,11 +106,15 @@ class LatentCache:
         return jnp.where(slot < self.slots, rows, self.rows.shape[0]).reshape(-1)
 
     def write_index(self, keys: jax.Array, start: jax.Array) -> LatentCache:
-        """keys [B,T,I] -> the cache with row b's indexer keys at slots start[b]..start[b]+T-1 (as `write`)."""
+        """keys [B,T,I] -> the cache with row b's indexer keys at slots start[b]..start[b]+T-1 (as `write`:
+        entries past a row's S slots are dropped)."""
         b, t, i = keys.shape
-        index = self.index_rows.at[self._targets(start, t)].set(keys.reshape(b * t, i).astype(self.index_rows.dtype),
-                                                                mode="drop")
-        return self.replace(index_rows=index)
+        slot = start[:, None, None] + jnp.arange(t)[None, :, None]  # [B, T, 1]
+        col = jnp.where(slot < self.slots, slot, self.slots)  # past the slots: out of range, dropped
+        row = jnp.arange(b)[:, None, None] * i + jnp.arange(i)  # [B, 1, I]
+        row, col = jnp.broadcast_arrays(row, col)
+        index = _set(self.index_keys, (row.reshape(-1), col.reshape(-1)), keys.reshape(-1))
+        return self.replace(index_keys=index)
 
     def write(self, new: jax.Array, start: jax.Array) -> LatentCache:
         """new [B,T,C+R], start [B] -> the cache with row b's entries at slots start[b]..start[b]+T-1.
@@ -96,5 +124,4 @@ class LatentCache:
         if self.fp8_dims is not None:  # each token's row quantised on its own: its scales are its own
             new = fp8_cache.quantize_rows(new, self.fp8_dims[0])
         b, t, k = new.shape
-        rows = self.rows.at[self._targets(start, t)].set(new.reshape(b * t, k).astype(self.rows.dtype), mode="drop")
-        return self.replace(rows=rows)
+        return self.replace(rows=_set(self.rows, self._targets(start, t), new.reshape(b * t, k)))

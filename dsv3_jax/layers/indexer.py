@@ -76,19 +76,20 @@ def apply_rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def index_scores(q: jax.Array, w: jax.Array, k: jax.Array, q_positions: jax.Array,
-                 kv_positions: jax.Array | None, keys_major: bool = False) -> jax.Array:
-    """q [B,T,H,I], w [B,T,H] (both scales folded in), k [B,S,I] -> float32 scores [B,T,S], -inf
-    where the key is not visible (after the query's position; `kv_positions` None: slot s holds
-    position s, as in a cache). Materialises [B,T,H,S]: the ReLU sits between the dot product and
-    the sum over heads, so the two do not fold into one matmul. `keys_major` lays those logits out
-    [B,S,T,H] instead: the same function, in the order a decode step over a long cache wants
-    (`dispatch.index_keys_major`)."""
-    q, k, w = q.astype(jnp.float32), k.astype(jnp.float32), w.astype(jnp.float32)
-    if keys_major:
-        scores = jnp.einsum("bth,bsth->bts", w, jax.nn.relu(jnp.einsum("bsi,bthi->bsth", k, q)))
-    else:
-        scores = jnp.einsum("bth,bths->bts", w, jax.nn.relu(jnp.einsum("bthi,bsi->bths", q, k)))
-    return jnp.where(visible(q_positions, kv_positions, k.shape[1]), scores, -jnp.inf)
+                 kv_positions: jax.Array | None, keys_t: bool = False) -> jax.Array:
+    """q [B,T,H,I], w [B,T,H] (both scales folded in), k [B,S,I] (or [B,I,S] with `keys_t`: a cache's
+    keys, `LatentCache.index_view`) -> float32 scores [B,T,S], -inf where the key is not visible (after the
+    query's position; `kv_positions` None: slot s holds position s, as in a cache). Materialises
+    [B,T,H,S]: the ReLU sits between the dot product and the sum over heads, so the two do not fold into
+    one matmul. A cache's keys in bfloat16 (`layers.cache.index_dtype`) meet q rounded to bfloat16, their
+    products exact and summed in float32: widening the keys instead would write and read them again at twice
+    the bytes, every step (32K cached keys: 0.16 against 0.27 ms a layer). Keys as rows (training) are
+    widened to float32, their gradients too."""
+    dt = jnp.bfloat16 if keys_t and k.dtype == jnp.bfloat16 else jnp.float32
+    q, k, w = q.astype(dt), k.astype(dt), w.astype(jnp.float32)
+    logits = jnp.einsum("bthi,bis->bths" if keys_t else "bthi,bsi->bths", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bth,bths->bts", w, jax.nn.relu(logits))
+    return jnp.where(visible(q_positions, kv_positions, k.shape[-1 if keys_t else 1]), scores, -jnp.inf)
 
 
 def select(scores: jax.Array, topk: int) -> jax.Array:
@@ -110,25 +111,25 @@ FROM_START_GROUPS = 8
 
 
 def select_cached(q: jax.Array, w: jax.Array, keys: jax.Array, q_positions: jax.Array, topk: int,
-                  query_chunks: int = 1, keys_major: bool = False, from_start: bool = False) -> jax.Array:
-    """`select` over the scores of q [B,T,H,I], w [B,T,H] against a cache's keys [B,S,I] (slot s holds
-    position s) -> [B,T,topk]. `query_chunks` > 1 (dividing T) scores the queries a chunk at a time, so a
-    prefill holds [B, T/chunks, H, S] float32 logits, not [B,T,H,S]; `keys_major` as `index_scores`.
-    `from_start`: the caller vouches that q_positions are 0..T-1 in every row, so the slots past a query
-    block's last position are hidden from all of it: each block scores only the slots up to its end. The
-    same indices (those slots would score -inf, which `select` never ranks above a visible key)."""
-    score = lambda qc, wc, pc, kc: select(index_scores(qc, wc, kc, pc, None, keys_major), topk)
+                  query_chunks: int = 1, from_start: bool = False) -> jax.Array:
+    """`select` over the scores of q [B,T,H,I], w [B,T,H] against a cache's keys [B,I,S] (transposed, as
+    `LatentCache.index_view` gives them; slot s holds position s) -> [B,T,topk]. `query_chunks` > 1 (dividing
+    T) scores the queries a chunk at a time, so a prefill holds [B, T/chunks, H, S] float32 logits, not
+    [B,T,H,S]. `from_start`: the caller vouches that q_positions are 0..T-1 in every row, so the slots past a
+    query block's last position are hidden from all of it: each block scores only the slots up to its end.
+    The same indices (those slots would score -inf, which `select` never ranks above a visible key)."""
+    score = lambda qc, wc, pc, kc: select(index_scores(qc, wc, kc, pc, None, keys_t=True), topk)
     b, t = q.shape[:2]
-    s = keys.shape[1]
+    s = keys.shape[-1]
     if query_chunks <= 1 or t % query_chunks:
-        return score(q, w, q_positions, keys[:, :min(s, t)] if from_start else keys)
+        return score(q, w, q_positions, keys[..., :min(s, t)] if from_start else keys)
     groups = math.gcd(query_chunks, FROM_START_GROUPS) if from_start else 1
     per_group, tg = query_chunks // groups, t // groups
     split = lambda a: a.reshape(b, per_group, tg // per_group, *a.shape[2:]).swapaxes(0, 1)
     out = []
     for g in range(groups):  # group g: queries [g tg, (g+1) tg), at positions below (g+1) tg when from_start
         rows = slice(g * tg, (g + 1) * tg)
-        kc = keys[:, :min(s, (g + 1) * tg)] if from_start else keys
+        kc = keys[..., :min(s, (g + 1) * tg)] if from_start else keys
         idx = jax.lax.map(lambda a, kc=kc: score(*a, kc), (split(q[:, rows]), split(w[:, rows]),
                                                           split(q_positions[:, rows])))
         out.append(idx.swapaxes(0, 1).reshape(b, tg, topk))

@@ -159,8 +159,7 @@ class MLA(nn.Module):
         # Prefill scores T queries against S slots: in query chunks, [B, T/chunks, H, S] float32 at a time.
         chunks = dispatch.sparse_query_chunks(b, t, cache.slots, 4 * c.index_n_heads)
         indices = select_cached(self.indexer.queries(q_latent, cos, sin), self.indexer.head_weights(x),
-                                cache.index_view(), positions, c.index_topk, chunks, dispatch.index_keys_major(t),
-                                from_start)
+                                cache.index_view(), positions, c.index_topk, chunks, from_start)
         chunks = dispatch.sparse_query_chunks(b, t, c.index_topk, kv.shape[-1] * jnp.dtype(q_nope.dtype).itemsize)
         with jax.named_scope("mla_sparse"):
             attend = dispatch.cached_sparse_attention(self.runtime, c, t, kv.shape, kv.dtype)  # decode: a kernel

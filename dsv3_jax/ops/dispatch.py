@@ -69,10 +69,6 @@ EP_BUFFER_BYTES = 1 << 28
 # DSA's sparse attention gathers each query's K latent rows, [B, T, K, C+R] (V3.2 at 4096 queries a row:
 # 9.7 GB a row in BF16); from this size its queries go in chunks, each re-gathered in the backward.
 SPARSE_GATHER_BYTES = 1 << 28
-# DSA's indexer over a cache: up to this many queries a row (a token and its MTP draft), its logits keys-major
-# (XLA:CPU reads the cached keys as stored: 32K slots 0.40 -> 0.19 ms at T = 1); from 4 queries the
-# queries-major form is as fast or faster, 2-3x at prefill sizes (docs/PERFORMANCE.md, "Dispatch thresholds").
-INDEX_KEYS_MAJOR_MAX_T = 2
 
 
 def _rows_per_device(batch: int) -> int:
@@ -275,12 +271,6 @@ def dsa_sparse(rt: Runtime, cfg: ModelConfig, num_keys: int) -> bool:
     # Up to K keys the selection keeps every visible key: the dense attention is the same function, bit for
     # bit the V3 path, without the gather.
     return num_keys > cfg.index_topk
-
-
-def index_keys_major(t: int) -> bool:
-    """Whether the DSA indexer scores T queries against a cache's keys keys-major (`layers.indexer.index_scores`):
-    a decode window reads the cached keys as stored; longer windows (prefill) want the queries-major form."""
-    return t <= INDEX_KEYS_MAJOR_MAX_T
 
 
 def sparse_query_chunks(batch: int, t: int, k: int, row_bytes: int) -> int:
