@@ -14,7 +14,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.hf import save_hf_checkpoint
 from dsv3_jax.infer import cli
 from dsv3_jax.infer.engine import GenerateConfig, GenerationError, Generator, cache_bytes_per_token, generate
-from dsv3_jax.layers.cache import FP8, LatentCache
+from dsv3_jax.layers.cache import FP8, LatentCache, stored_index
 from dsv3_jax.layers.indexer import index_scores, select, select_cached
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.ops import dispatch
@@ -98,9 +98,10 @@ def test_caches_hold_latent_rows_and_indexer_keys(variables, tokens):
         keys = np.asarray(layer.index_view())  # [B, I, S]: one column a slot
         assert (np.abs(keys[..., :12]).max(1) > 0).all() and (keys[..., 12:] == 0).all()  # written as tokens came
     packed = Generator(CFG, GenerateConfig(), FP8)._empty_cache(2, SLOTS, 1)[0]
-    assert packed.rows.dtype == jnp.uint8 and packed.index_keys.dtype == jnp.bfloat16  # FP8 rows: bf16 keys
+    assert packed.rows.dtype == jnp.uint8 and packed.index_view().dtype == jnp.bfloat16  # FP8 rows: bf16 keys
     narrow = Generator(CFG, GenerateConfig(), jnp.bfloat16)._empty_cache(2, SLOTS, 1)[0]
-    assert narrow.rows.dtype == narrow.index_keys.dtype == jnp.bfloat16
+    assert narrow.rows.dtype == narrow.index_view().dtype == jnp.bfloat16
+    assert narrow.index_keys.dtype == jnp.uint16  # held as their bits: XLA:CPU scatters them in place
     assert cache_bytes_per_token(CFG, FP8) - cache_bytes_per_token(CFG, jnp.bfloat16) == \
         CFG.num_layers * (fp8_cache.row_bytes(CFG.kv_lora_rank, CFG.qk_rope_head_dim) - CFG.kv_cache_dim * 2)
     v3 = CFG.replace(index_n_heads=0, index_head_dim=0, index_topk=0)
@@ -108,14 +109,17 @@ def test_caches_hold_latent_rows_and_indexer_keys(variables, tokens):
     assert cache_bytes_per_token(CFG, jnp.float32) == cache_bytes_per_token(v3, jnp.float32) + 2 * 16 * 4
 
 
-def test_write_index_puts_each_key_in_its_slots_column():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_write_index_puts_each_key_in_its_slots_column(dtype):
     """Ragged starts, a write running past a row's last slot dropped (never into another row's columns), the
-    other slots untouched; `index_view` gives [B, I, S]."""
+    other slots untouched; `index_view` gives [B, I, S] in the keys' dtype (bf16 held as its bits)."""
     b, s, i, t = 3, 6, 4, 2
-    cache = LatentCache.empty(b, s, 8, jnp.float32, index_dim=i, index_dtype=jnp.float32)
-    cache = cache.replace(index_keys=jnp.full_like(cache.index_keys, -1.0))
+    cache = LatentCache.empty(b, s, 8, jnp.float32, index_dim=i, index_dtype=dtype)
+    cache = cache.replace(index_keys=stored_index(jnp.full((b * i, s), -1.0, dtype)))
     keys = jnp.arange(b * t * i, dtype=jnp.float32).reshape(b, t, i)
-    got = np.asarray(cache.write_index(keys, jnp.array([0, 4, 5], jnp.int32)).index_view())
+    written = cache.write_index(keys, jnp.array([0, 4, 5], jnp.int32))
+    assert written.index_keys.dtype == cache.index_keys.dtype and written.index_view().dtype == dtype
+    got = np.asarray(written.index_view().astype(jnp.float32))
     want = np.full((b, i, s), -1.0, np.float32)
     for row, start in enumerate([0, 4, 5]):
         for j in range(t):
@@ -221,7 +225,7 @@ def test_infer_decodes_from_a_dsa_checkpoint(variables, tmp_path, capsys):
     assert saved == CFG.num_layers * CFG.index_head_dim * 2
     assert narrow["tokens"] == out["tokens"]
     g = Generator(CFG, GenerateConfig(), None, index_dtype=jnp.bfloat16)
-    assert g._empty_cache(1, SLOTS, 1)[0].index_keys.dtype == jnp.bfloat16
+    assert g._empty_cache(1, SLOTS, 1)[0].index_view().dtype == jnp.bfloat16
     with pytest.raises(GenerationError, match="the indexer's key cache stores float32 or bfloat16, got float16"):
         Generator(CFG, GenerateConfig(), None, index_dtype=jnp.float16)
 

@@ -17,17 +17,12 @@ def is_fp8(cache_dtype) -> bool:
     return isinstance(cache_dtype, str) and cache_dtype == FP8
 
 
-def _set(array: jax.Array, where, values: jax.Array) -> jax.Array:
-    """array.at[where].set(values, mode="drop") in array's dtype; a float narrower than 32 bits is scattered as
-    the integers of its bits: XLA:CPU widens a bfloat16 array to float32 around a scatter into it, and narrows
-    it back, so every write converted the whole cache twice (a bf16 index cache of 32K slots: 2.3x slower
-    decode steps than float32)."""
-    values = values.astype(array.dtype)
-    if jnp.issubdtype(array.dtype, jnp.floating) and array.dtype.itemsize < 4:
-        bits = jnp.dtype(f"uint{8 * array.dtype.itemsize}")
-        as_bits = lambda x: jax.lax.bitcast_convert_type(x, bits)
-        return jax.lax.bitcast_convert_type(as_bits(array).at[where].set(as_bits(values), mode="drop"), array.dtype)
-    return array.at[where].set(values, mode="drop")
+def stored_index(keys: jax.Array) -> jax.Array:
+    """Indexer keys as the cache holds them: bfloat16 as the uint16 of its bits, any other dtype as it is.
+    XLA:CPU widens a bfloat16 array to float32 around every scatter into it and narrows it back (the whole
+    cache, twice a write: 0.43 against 0.006 ms for a 32K-slot cache); an integer scatter is done in place,
+    and the reader's bitcast is free."""
+    return jax.lax.bitcast_convert_type(keys, jnp.uint16) if keys.dtype == jnp.bfloat16 else keys
 
 
 def index_dtype(cache_dtype):
@@ -59,11 +54,11 @@ class LatentCache:
     `index_keys` [B*I, S] (None without an indexer): the DSA indexer's key of each token (`Indexer.keys`),
     transposed: row b*I + i holds dim i of batch row b's keys, one column per slot, written at the slots `rows`
     are. Kept apart from the latent rows because the indexer scores every visible slot with its own dot
-    products, while the attention reads only the selected latent rows; in `index_dtype`. Transposed because each
-    step multiplies the queries [T*H, I] by every cached key: against [I, S] that is one plain matmul, where [S,
-    I] rows make XLA:CPU either transpose the keys every step or run a slower keys-major product (32K slots:
-    0.08 against 0.12-0.19 ms a layer, `benchmarks/sparse_attention.py --indexer_layouts`). Still batch-major,
-    so the batch shards split it."""
+    products, while the attention reads only the selected latent rows; in `index_dtype` (bfloat16 held as its
+    bits, `stored_index`). Transposed because each step multiplies the queries [T*H, I] by every cached key:
+    against [I, S] that is one plain matmul, where [S, I] rows make XLA:CPU either transpose the keys every step
+    or run a slower keys-major product (32K slots: 0.08 against 0.12-0.19 ms a layer,
+    `benchmarks/sparse_attention.py --indexer_layouts`). Still batch-major, so the batch shards split it."""
 
     rows: jax.Array
     slots: int = flax.struct.field(pytree_node=False)
@@ -76,8 +71,8 @@ class LatentCache:
     def empty(cls, batch: int, slots: int, dim: int, dtype, latent_dim: int | None = None, index_dim: int = 0,
               index_dtype=None) -> LatentCache:
         """Rows of `dim` = C + R values in `dtype`; dtype FP8 packs them, and needs C (`latent_dim`). With
-        `index_dim` > 0, also the indexer's keys, in `index_dtype` (a jnp dtype)."""
-        index = jnp.zeros((batch * index_dim, slots), index_dtype) if index_dim else None
+        `index_dim` > 0, also the indexer's keys, in `index_dtype` (a jnp dtype; `stored_index`)."""
+        index = stored_index(jnp.zeros((batch * index_dim, slots), index_dtype)) if index_dim else None
         if not is_fp8(dtype):
             return cls(jnp.zeros((batch * slots, dim), dtype), slots, index_keys=index)
         if latent_dim is None or not 0 < latent_dim <= dim:
@@ -95,8 +90,9 @@ class LatentCache:
         return self.rows.reshape(self.batch, self.slots, self.rows.shape[-1])
 
     def index_view(self) -> jax.Array:
-        """The indexer's keys, transposed: [B, I, S] (a reshape: no copy)."""
-        return self.index_keys.reshape(self.batch, -1, self.slots)
+        """The indexer's keys, transposed: [B, I, S] in their dtype (a reshape and a bitcast: no copy)."""
+        keys = self.index_keys.reshape(self.batch, -1, self.slots)
+        return jax.lax.bitcast_convert_type(keys, jnp.bfloat16) if keys.dtype == jnp.uint16 else keys
 
     def _targets(self, start: jax.Array, t: int) -> jax.Array:
         """The flat row of each of T new entries per batch row written from slot start[b] -> [B*T]; an entry
@@ -113,7 +109,8 @@ class LatentCache:
         col = jnp.where(slot < self.slots, slot, self.slots)  # past the slots: out of range, dropped
         row = jnp.arange(b)[:, None, None] * i + jnp.arange(i)  # [B, 1, I]
         row, col = jnp.broadcast_arrays(row, col)
-        index = _set(self.index_keys, (row.reshape(-1), col.reshape(-1)), keys.reshape(-1))
+        values = stored_index(keys.reshape(-1).astype(self.index_view().dtype))
+        index = self.index_keys.at[row.reshape(-1), col.reshape(-1)].set(values, mode="drop")
         return self.replace(index_keys=index)
 
     def write(self, new: jax.Array, start: jax.Array) -> LatentCache:
@@ -124,4 +121,5 @@ class LatentCache:
         if self.fp8_dims is not None:  # each token's row quantised on its own: its scales are its own
             new = fp8_cache.quantize_rows(new, self.fp8_dims[0])
         b, t, k = new.shape
-        return self.replace(rows=_set(self.rows, self._targets(start, t), new.reshape(b * t, k)))
+        rows = self.rows.at[self._targets(start, t)].set(new.reshape(b * t, k).astype(self.rows.dtype), mode="drop")
+        return self.replace(rows=rows)
