@@ -43,7 +43,7 @@ from pathlib import Path
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.costmodel import train_flops_per_token
-from dsv3_jax.plan import GIB, PlanError, chip_of, oom_bytes
+from dsv3_jax.plan import GIB, PlanError, chip_of, oom_bytes, refused_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
@@ -141,10 +141,9 @@ def parse_maxtext(text: str, hbm_bytes: int) -> dict:
         found = oom_bytes(text)
         if found is None:
             raise ValueError("MaxText printed neither its memory analysis nor an out-of-memory refusal")
-        need, have = found
+        need, have, part = found
         return {"refused_by_compiler": True, "fits": False, "hbm_bytes": have, "compiled_flops_per_device": None,
-                "per_device_bytes": {"arguments": None, "temporaries": need, "outputs": None, "alias": None,
-                                     "total": None}}
+                "per_device_bytes": refused_bytes(need, part)}
     stats = dict((k, int(v)) for k, v in re.findall(r"(\w+)=(\d+)", memory.group(1)))
     names = {"arguments": "argument_size_in_bytes", "temporaries": "temp_size_in_bytes",
              "outputs": "output_size_in_bytes", "alias": "alias_size_in_bytes"}

@@ -34,7 +34,7 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.engine import cache_bytes_per_token, resolve_index_dtype, use_decode_xla_flags
-from dsv3_jax.layers.cache import LatentCache, stored_index
+from dsv3_jax.layers.cache import LatentCache, stored
 from dsv3_jax.layers.indexer import index_scores, select
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.ops.attention import KvWeights
@@ -68,7 +68,7 @@ def _random(cfg: ModelConfig, slots: int, seed: int, dtypes=(jnp.float32, jnp.fl
     about unit entries."""
     keys = jax.random.split(jax.random.PRNGKey(seed), 2 * cfg.num_layers)
     return tuple(LatentCache(jax.random.normal(keys[2 * i], (slots, cfg.kv_cache_dim)).astype(dtypes[0]), slots,
-                             index_keys=stored_index(jax.random.normal(keys[2 * i + 1], (cfg.index_head_dim, slots))
+                             index_keys=stored(jax.random.normal(keys[2 * i + 1], (cfg.index_head_dim, slots))
                                                      .astype(dtypes[1])))
                  for i in range(cfg.num_layers))
 

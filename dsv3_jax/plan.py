@@ -353,14 +353,23 @@ _SIZE = r"([\d.]+)([KMGT])"
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def oom_bytes(message: str) -> tuple[int, int] | None:
-    """(bytes needed, bytes available) from the TPU compiler's out-of-memory message, or None.
-    ("... required for HLO temporaries (235.17G) exceeds available HBM (15.75G)"; G = GiB.)"""
-    m = re.search(rf"\({_SIZE}\) exceeds available HBM \({_SIZE}\)", message)
-    if m is None:
-        return None
-    need, need_unit, have, have_unit = m.groups()
-    return round(float(need) * _UNITS[need_unit]), round(float(have) * _UNITS[have_unit])
+def oom_bytes(message: str) -> tuple[int, int, str] | None:
+    """(bytes needed, bytes available, what needed them) from the TPU compiler's out-of-memory message, or None.
+    libtpu words it two ways (G = GiB): before it lays buffers out, "... required for HLO temporaries (235.17G)
+    exceeds available HBM (15.75G)" ("temporaries"); while it does, "Ran out of memory in memory space hbm.
+    Used 94.98G of 94.75G hbm" ("total": arguments, outputs and temporaries placed so far)."""
+    for pattern, part in ((rf"\({_SIZE}\) exceeds available HBM \({_SIZE}\)", "temporaries"),
+                          (rf"Used {_SIZE} of {_SIZE} hbm", "total")):
+        m = re.search(pattern, message)
+        if m is not None:
+            need, need_unit, have, have_unit = m.groups()
+            return round(float(need) * _UNITS[need_unit]), round(float(have) * _UNITS[have_unit]), part
+    return None
+
+
+def refused_bytes(need: int, part: str) -> dict:
+    """`per_device_bytes` of a step the compiler refused: only the figure its message gives (`oom_bytes`)."""
+    return {"arguments": None, "temporaries": None, "outputs": None, "alias": None, "total": None, part: need}
 
 
 def model_flops_per_device(setup: Setup, num_devices: int) -> float:
@@ -486,9 +495,9 @@ def _refused(report: dict, error: Exception) -> dict:
     found = oom_bytes(str(error))
     if found is None:
         raise error
-    need, have = found
+    need, have, part = found
     report.update(fits=False, refused_by_compiler=True, hbm_bytes=have, compile_s=None,
-                  per_device_bytes={"arguments": None, "temporaries": need, "outputs": None, "total": None},
+                  per_device_bytes=refused_bytes(need, part),
                   compiled_flops_per_device=None, estimated_step_s=None, estimated_mfu=None)
     if report["mode"] == "decode":
         report["estimated_tokens_per_s"] = None
@@ -547,7 +556,7 @@ def largest_batch(setup: Setup, devices: Sequence, report: dict) -> dict:
     reported."""
     unit, hbm = batch_unit(setup, devices), report.get("hbm_bytes")
 
-    def probe(batch: int, r: dict) -> dict:  # a refused step has only its temporaries' figure
+    def probe(batch: int, r: dict) -> dict:  # a refused step has only its temporaries' or its total's figure
         b = r["per_device_bytes"]
         return {"batch": batch, "fits": r["fits"], "bytes": b["temporaries"] if b["total"] is None else b["total"],
                 "refused_by_compiler": bool(r.get("refused_by_compiler"))}
@@ -633,6 +642,9 @@ def refusal_line(r: dict) -> str:
     elif r["mode"] == "prefill":
         shape = f"prefill, {r['batch']} prompts x {r['seq']} tokens into context {r['context']}"
     where = f"{r['config']} on {r['target']} ({r['devices']} devices), {shape}"
+    if r.get("refused_by_compiler") and b["total"] is not None:
+        return (f"does not fit: {where}: the compiler ran out of HBM placing its buffers, {_size(b['total'])} "
+                f"per device placed, {_size(r['hbm_bytes'])} of HBM available")
     if r.get("refused_by_compiler"):
         return (f"does not fit: {where}: the compiler refused it, its temporaries alone need "
                 f"{_size(b['temporaries'])} per device, {_size(r['hbm_bytes'])} of HBM available")
@@ -643,7 +655,7 @@ def refusal_line(r: dict) -> str:
 
 def search_line(r: dict) -> str:
     """The outcome of --largest_batch, with every probe."""
-    probes = ", ".join(f"{p['batch']} " + ("refused, temporaries alone " if p["refused_by_compiler"] else
+    probes = ", ".join(f"{p['batch']} " + ("refused by the compiler, " if p["refused_by_compiler"] else
                                            "fits, " if p["fits"] else "does not fit, ") + _size(p["bytes"])
                        for p in sorted(r["batch_probes"], key=lambda p: p["batch"]))
     return (f"largest batch that fits: {r['largest_batch'] or 'none'} (multiples of {r['batch_unit']}; "

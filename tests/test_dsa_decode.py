@@ -14,7 +14,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.hf import save_hf_checkpoint
 from dsv3_jax.infer import cli
 from dsv3_jax.infer.engine import GenerateConfig, GenerationError, Generator, cache_bytes_per_token, generate
-from dsv3_jax.layers.cache import FP8, LatentCache, stored_index
+from dsv3_jax.layers.cache import FP8, LatentCache, stored
 from dsv3_jax.layers.indexer import index_scores, select, select_cached
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.ops import dispatch
@@ -100,7 +100,7 @@ def test_caches_hold_latent_rows_and_indexer_keys(variables, tokens):
     packed = Generator(CFG, GenerateConfig(), FP8)._empty_cache(2, SLOTS, 1)[0]
     assert packed.rows.dtype == jnp.uint8 and packed.index_view().dtype == jnp.bfloat16  # FP8 rows: bf16 keys
     narrow = Generator(CFG, GenerateConfig(), jnp.bfloat16)._empty_cache(2, SLOTS, 1)[0]
-    assert narrow.rows.dtype == narrow.index_view().dtype == jnp.bfloat16
+    assert narrow.dtype == narrow.index_view().dtype == jnp.bfloat16 and narrow.rows.dtype == jnp.uint16
     assert narrow.index_keys.dtype == jnp.uint16  # held as their bits: XLA:CPU scatters them in place
     assert cache_bytes_per_token(CFG, FP8) - cache_bytes_per_token(CFG, jnp.bfloat16) == \
         CFG.num_layers * (fp8_cache.row_bytes(CFG.kv_lora_rank, CFG.qk_rope_head_dim) - CFG.kv_cache_dim * 2)
@@ -115,7 +115,7 @@ def test_write_index_puts_each_key_in_its_slots_column(dtype):
     other slots untouched; `index_view` gives [B, I, S] in the keys' dtype (bf16 held as its bits)."""
     b, s, i, t = 3, 6, 4, 2
     cache = LatentCache.empty(b, s, 8, jnp.float32, index_dim=i, index_dtype=dtype)
-    cache = cache.replace(index_keys=stored_index(jnp.full((b * i, s), -1.0, dtype)))
+    cache = cache.replace(index_keys=stored(jnp.full((b * i, s), -1.0, dtype)))
     keys = jnp.arange(b * t * i, dtype=jnp.float32).reshape(b, t, i)
     written = cache.write_index(keys, jnp.array([0, 4, 5], jnp.int32))
     assert written.index_keys.dtype == cache.index_keys.dtype and written.index_view().dtype == dtype
@@ -234,7 +234,7 @@ def test_infer_refuses_an_unknown_index_cache_in_one_line(tmp_path):
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(tmp_path), "--index_cache=fp8"],
-                       capture_output=True, text=True, timeout=120,
+                       capture_output=True, text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [

@@ -231,7 +231,11 @@ def test_decode_speculative_mtp_compiles(devices, decode_reports):
 def test_oom_message_parsed():
     message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                "(235.17G) exceeds available HBM (15.75G).")
-    assert plan.oom_bytes(message) == (round(235.17 * 2**30), round(15.75 * 2**30))
+    assert plan.oom_bytes(message) == (round(235.17 * 2**30), round(15.75 * 2**30), "temporaries")
+    # libtpu's other wording, when it runs out while placing buffers (the tpu7x decode search at 1,536 rows)
+    placing = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory "
+               "in memory space hbm. Used 94.98G of 94.75G hbm. Exceeded hbm capacity by 235.18M.")
+    assert plan.oom_bytes(placing) == (round(94.98 * 2**30), round(94.75 * 2**30), "total")
     assert plan.oom_bytes("INTERNAL: something else") is None
 
 

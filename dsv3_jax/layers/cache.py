@@ -17,12 +17,17 @@ def is_fp8(cache_dtype) -> bool:
     return isinstance(cache_dtype, str) and cache_dtype == FP8
 
 
-def stored_index(keys: jax.Array) -> jax.Array:
-    """Indexer keys as the cache holds them: bfloat16 as the uint16 of its bits, any other dtype as it is.
+def stored(x: jax.Array) -> jax.Array:
+    """Cached values as the cache holds them: bfloat16 as the uint16 of its bits, any other dtype as it is.
     XLA:CPU widens a bfloat16 array to float32 around every scatter into it and narrows it back (the whole
-    cache, twice a write: 0.43 against 0.006 ms for a 32K-slot cache); an integer scatter is done in place,
-    and the reader's bitcast is free."""
-    return jax.lax.bitcast_convert_type(keys, jnp.uint16) if keys.dtype == jnp.bfloat16 else keys
+    cache, twice a write: 0.43 against 0.006 ms for 32K slots of indexer keys); an integer scatter is done in
+    place, and the readers' bitcast (`held`) costs nothing."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def held(x: jax.Array) -> jax.Array:
+    """The values `stored` holds, in their dtype (uint16 bits: bfloat16)."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
 def index_dtype(cache_dtype):
@@ -44,7 +49,8 @@ class LatentCache:
     """`rows` [B*S, C+R]: slot s of batch row b at row b*S + s holds [normalised c_kv; rotated k_pe]
     of the token at position s (576 values per token for V3); packed FP8 rows instead (uint8
     [B*S, fp8_cache.row_bytes(C, R)]) when `fp8_dims` is (C, R): quantised as they are written, read
-    by the attention ops (`dsv3_jax.ops.attention`) through `fp8_cache`.
+    by the attention ops (`dsv3_jax.ops.attention`) through `fp8_cache`. Rows in bfloat16 are held as
+    their bits (`stored`); `view` gives them in their dtype.
 
     Stored flat, one row per (batch row, slot): XLA:CPU then updates it in place with one row scatter;
     as [B, S, C+R] with B = 1 it duplicates the update into each reader and copies the whole cache
@@ -55,7 +61,7 @@ class LatentCache:
     transposed: row b*I + i holds dim i of batch row b's keys, one column per slot, written at the slots `rows`
     are. Kept apart from the latent rows because the indexer scores every visible slot with its own dot
     products, while the attention reads only the selected latent rows; in `index_dtype` (bfloat16 held as its
-    bits, `stored_index`). Transposed because each step multiplies the queries [T*H, I] by every cached key:
+    bits, `stored`). Transposed because each step multiplies the queries [T*H, I] by every cached key:
     against [I, S] that is one plain matmul, where [S, I] rows make XLA:CPU either transpose the keys every step
     or run a slower keys-major product (32K slots: 0.08 against 0.12-0.19 ms a layer,
     `benchmarks/sparse_attention.py --indexer_layouts`). Still batch-major, so the batch shards split it."""
@@ -71,10 +77,10 @@ class LatentCache:
     def empty(cls, batch: int, slots: int, dim: int, dtype, latent_dim: int | None = None, index_dim: int = 0,
               index_dtype=None) -> LatentCache:
         """Rows of `dim` = C + R values in `dtype`; dtype FP8 packs them, and needs C (`latent_dim`). With
-        `index_dim` > 0, also the indexer's keys, in `index_dtype` (a jnp dtype; `stored_index`)."""
-        index = stored_index(jnp.zeros((batch * index_dim, slots), index_dtype)) if index_dim else None
+        `index_dim` > 0, also the indexer's keys, in `index_dtype` (a jnp dtype). Held as `stored` holds them."""
+        index = stored(jnp.zeros((batch * index_dim, slots), index_dtype)) if index_dim else None
         if not is_fp8(dtype):
-            return cls(jnp.zeros((batch * slots, dim), dtype), slots, index_keys=index)
+            return cls(stored(jnp.zeros((batch * slots, dim), dtype)), slots, index_keys=index)
         if latent_dim is None or not 0 < latent_dim <= dim:
             raise ValueError(f"an FP8 latent cache needs latent_dim in [1, {dim}], got {latent_dim!r}")
         dims = (latent_dim, dim - latent_dim)
@@ -85,14 +91,18 @@ class LatentCache:
     def batch(self) -> int:
         return self.rows.shape[0] // self.slots
 
+    @property
+    def dtype(self):
+        """The dtype of the rows `view` gives (uint8 where packed FP8)."""
+        return held(self.rows).dtype
+
     def view(self) -> jax.Array:
-        """[B, S, C+R], or [B, S, row bytes] packed (a reshape: no copy)."""
-        return self.rows.reshape(self.batch, self.slots, self.rows.shape[-1])
+        """[B, S, C+R] in the cache's dtype, or [B, S, row bytes] packed (a reshape and a bitcast: no copy)."""
+        return held(self.rows.reshape(self.batch, self.slots, self.rows.shape[-1]))
 
     def index_view(self) -> jax.Array:
         """The indexer's keys, transposed: [B, I, S] in their dtype (a reshape and a bitcast: no copy)."""
-        keys = self.index_keys.reshape(self.batch, -1, self.slots)
-        return jax.lax.bitcast_convert_type(keys, jnp.bfloat16) if keys.dtype == jnp.uint16 else keys
+        return held(self.index_keys.reshape(self.batch, -1, self.slots))
 
     def _targets(self, start: jax.Array, t: int) -> jax.Array:
         """The flat row of each of T new entries per batch row written from slot start[b] -> [B*T]; an entry
@@ -109,7 +119,7 @@ class LatentCache:
         col = jnp.where(slot < self.slots, slot, self.slots)  # past the slots: out of range, dropped
         row = jnp.arange(b)[:, None, None] * i + jnp.arange(i)  # [B, 1, I]
         row, col = jnp.broadcast_arrays(row, col)
-        values = stored_index(keys.reshape(-1).astype(self.index_view().dtype))
+        values = stored(keys.reshape(-1).astype(held(self.index_keys).dtype))
         index = self.index_keys.at[row.reshape(-1), col.reshape(-1)].set(values, mode="drop")
         return self.replace(index_keys=index)
 
@@ -121,5 +131,5 @@ class LatentCache:
         if self.fp8_dims is not None:  # each token's row quantised on its own: its scales are its own
             new = fp8_cache.quantize_rows(new, self.fp8_dims[0])
         b, t, k = new.shape
-        rows = self.rows.at[self._targets(start, t)].set(new.reshape(b * t, k).astype(self.rows.dtype), mode="drop")
+        rows = self.rows.at[self._targets(start, t)].set(stored(new.reshape(b * t, k).astype(self.dtype)), mode="drop")
         return self.replace(rows=rows)
