@@ -62,9 +62,9 @@ class LatentCache:
     are. Kept apart from the latent rows because the indexer scores every visible slot with its own dot
     products, while the attention reads only the selected latent rows; in `index_dtype` (bfloat16 held as its
     bits, `stored`). Transposed because each step multiplies the queries [T*H, I] by every cached key:
-    against [I, S] that is one plain matmul, where [S, I] rows make XLA:CPU either transpose the keys every step
-    or run a slower keys-major product (32K slots: 0.08 against 0.12-0.19 ms a layer,
-    `benchmarks/sparse_attention.py --indexer_layouts`). Still batch-major, so the batch shards split it."""
+    against [I, S] that is one plain matmul, where [S, I] rows make XLA:CPU transpose the keys every step (32K
+    slots, one query: 0.18 against 0.38 ms; docs/PERFORMANCE.md, "DeepSeek Sparse Attention"). Still batch-major,
+    so the batch shards split it."""
 
     rows: jax.Array
     slots: int = flax.struct.field(pytree_node=False)
