@@ -3,7 +3,8 @@
 Kernels, at DeepSeek-V3 shapes (`--small`: tiny ones that compile in seconds):
   - `mla_decode`, BF16 and packed FP8 latent cache: 128 heads, C=512, R=64, batch 64, 4096 cached tokens, T=1 and 2;
   - `fp8_gemm` M=256 K=7168 N=2048; `fp8_grouped_gemm` the same rows over 8 experts;
-  - `fp8_weight_gemm` (bf16 x, E4M3 weight) at decode rows M=8..64; `fp8_grouped_weight_gemm` 64 rows, 8 experts.
+  - `fp8_weight_gemm` (bf16 x, E4M3 weight held [K, N] as the model holds it: w_layout "kn") at decode rows
+    M=8..64; `fp8_grouped_weight_gemm` 64 rows, 8 experts.
 
 On a TPU (jax.devices() are TPUs) each kernel is timed (`--iters` calls dispatched back to back, then one wait;
 the median of `--repeats` such runs, divided by the calls), reported as GB/s and TFLOPS against this chip's peaks,
@@ -205,15 +206,17 @@ def _even_sizes(m: int, g: int) -> jax.Array:
 
 
 def gemm_case(m: int, n: int, k: int, experts: int, weight_only: bool, interpret) -> Case:
-    """Dense (experts 0) or grouped FP8 GEMM; weight_only: bf16 x and E4M3 weight (the decode GEMM)."""
+    """Dense (experts 0) or grouped FP8 GEMM; weight_only: bf16 x and E4M3 weight (the decode GEMM), the weight
+    [(G,) K, N] as the model's `Fp8Weight` holds it (w_layout "kn")."""
     config = fg.Fp8GemmConfig(interpret=interpret)
     a_scale, b_scale = _scale_shapes(m, n, k)
     lead = (experts,) if experts else ()
-    w_specs = (S((*lead, n, k), E4M3), S((*lead, *b_scale), F32))
+    w_specs = (S((*lead, *((k, n) if weight_only else (n, k))), E4M3), S((*lead, *b_scale), F32))
     x_specs = (S((m, k), BF16),) if weight_only else (S((m, k), E4M3), S(a_scale, F32))
     specs = x_specs + w_specs + ((S((experts,), jnp.int32),) if experts else ())
     name = f"fp8{'_grouped' if experts else ''}{'_weight' if weight_only else ''}_gemm"
-    fn = functools.partial(getattr(fg, name), backend="mosaic_tpu", config=config)
+    layout = {"w_layout": "kn"} if weight_only else {}
+    fn = functools.partial(getattr(fg, name), backend="mosaic_tpu", config=config, **layout)
     traffic = {"x": sum(_bytes(s.shape, s.dtype) for s in x_specs),
                "weight": sum(_bytes(s.shape, s.dtype) for s in w_specs), "out": _bytes((m, n), BF16)}
 
@@ -222,6 +225,7 @@ def gemm_case(m: int, n: int, k: int, experts: int, weight_only: bool, interpret
         kx, kw = jax.random.split(key)
         x = jax.random.normal(kx, (m, k), F32)
         w, ws = jax.vmap(quantize_weight)(jax.random.normal(kw, (experts or 1, n, k), F32))
+        w = jnp.swapaxes(w, 1, 2) if weight_only else w
         w, ws = (w, ws) if experts else (w[0], ws[0])
         xs = (x.astype(BF16),) if weight_only else quantize_act(x)
         return (*xs, w, ws, *((_even_sizes(m, experts),) if experts else ()))
@@ -229,7 +233,8 @@ def gemm_case(m: int, n: int, k: int, experts: int, weight_only: bool, interpret
     refusal = fg.supports((m, k), (*lead, n, k), backend="mosaic_tpu", config=config, weight_only=weight_only)
     shape = dict(m=m, n=n, k=k, **({"experts": experts} if experts else {}))
     return Case(name, "weight_only" if weight_only else "e4m3_x_e4m3", shape, specs, fn, traffic, 2 * m * n * k,
-                "bf16" if weight_only else "fp8", make, functools.partial(getattr(fg, name), backend="xla"), refusal)
+                "bf16" if weight_only else "fp8", make, functools.partial(getattr(fg, name), backend="xla", **layout),
+                refusal)
 
 
 def kernel_cases(small: bool, interpret=False) -> list[Case]:
