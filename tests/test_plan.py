@@ -237,6 +237,14 @@ def test_oom_message_parsed():
                "in memory space hbm. Used 94.98G of 94.75G hbm. Exceeded hbm capacity by 235.18M.")
     assert plan.oom_bytes(placing) == (round(94.98 * 2**30), round(94.75 * 2**30), "total")
     assert plan.oom_bytes("INTERNAL: something else") is None
+    report = {"config": "deepseek_v3_671b", "target": "tpu7x:2x2x2", "devices": 16, "mode": "decode", "batch": 2256,
+              "seq": 256, "context": 4096, "weights": "fp8"}
+    refused = plan._refused(report, RuntimeError(placing))
+    assert refused["refused_by_compiler"] and not refused["fits"]
+    assert refused["per_device_bytes"]["total"] == round(94.98 * 2**30)
+    assert refused["per_device_bytes"]["temporaries"] is None
+    assert "ran out of HBM placing its buffers, 94.98 GiB per device placed, 94.75 GiB of HBM" in plan.refusal_line(
+        refused)
 
 
 def test_bad_inputs_are_plan_errors(devices, monkeypatch):
