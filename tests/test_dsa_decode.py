@@ -3,6 +3,8 @@ attention reads each query's top-k latent rows only. Teacher-forced logits throu
 uncached model's (its sparse path) at every position, with contexts shorter and longer than index_topk;
 greedy decoding, MTP speculative decoding and infer.py run on a DSA model."""
 import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -231,8 +233,6 @@ def test_infer_decodes_from_a_dsa_checkpoint(variables, tmp_path, capsys):
 
 
 def test_infer_refuses_an_unknown_index_cache_in_one_line(tmp_path):
-    import subprocess
-    import sys
     r = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(tmp_path), "--index_cache=fp8"],
                        capture_output=True, text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -365,12 +365,20 @@ def cache_length(cfg: ModelConfig, prompt_tokens: int, max_new_tokens: int, dept
     return _round_up(max(prompt_tokens, max(prompt_tokens, 1) + max_new_tokens) + depth + 1, CACHE_BUCKET)
 
 
-@functools.lru_cache(maxsize=8)
 def generator(cfg: ModelConfig, gen: GenerateConfig, cache_dtype=None, runtime: Runtime = Runtime(),
               index_dtype=None) -> Generator:
     """A Generator per (model config, generation config, cache dtypes, runtime), kept across calls, so
     that calling `generate` again with the same settings and shapes compiles nothing."""
+    # Every argument passed by position: lru_cache keys on the arguments as given, defaults left out.
+    return _generator(cfg, gen, cache_dtype, runtime, None if index_dtype is None else jnp.dtype(index_dtype))
+
+
+@functools.lru_cache(maxsize=8)
+def _generator(cfg, gen, cache_dtype, runtime, index_dtype) -> Generator:
     return Generator(cfg, gen, cache_dtype, runtime, index_dtype)
+
+
+generator.cache_clear = _generator.cache_clear  # forget every kept Generator (as lru_cache's own)
 
 
 def step_formats(state: State) -> State:
@@ -404,9 +412,7 @@ def generate(cfg: ModelConfig, variables: dict, prompts: list[list[int]], gen: G
     cached keys (`resolve_index_dtype`)."""
     validate_prompts(cfg, prompts, gen.max_new_tokens)
     cache_dtype = None if cache_dtype is None else resolve_cache_dtype(cache_dtype, runtime)
-    # The same arguments as a caller's `generator(cfg, gen, cache_dtype, runtime)`: lru_cache keys on them as given.
-    extra = () if index_dtype is None else (jnp.dtype(index_dtype),)
-    g = generator(cfg, gen, cache_dtype, runtime, *extra)
+    g = generator(cfg, gen, cache_dtype, runtime, index_dtype)
     variables = g.model.prepare_decode(variables)
     tokens, lengths = pad_prompts(prompts)
     s = cache_length(cfg, tokens.shape[1], gen.max_new_tokens, g.depth)
