@@ -1,8 +1,11 @@
 """Nothing lost, nobody stranded (issue 15): a run never deletes or overwrites what it did not write,
 metrics.jsonl reads as one run, and a damaged checkpoint is skipped and named, never a traceback.
 Driven through train.py, `python -m dsv3_jax.export` and infer.py."""
+import asyncio
+import gc
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -17,7 +20,7 @@ from dsv3_jax.export import main as export_main
 from dsv3_jax.infer.weights import CheckpointError, load_checkpoint
 from dsv3_jax.train.loop import TrainConfig, TrainingError, run
 from dsv3_jax.train.metrics import read_metrics
-from dsv3_jax.train.workdir import MARKER
+from dsv3_jax.train.workdir import MARKER, quiet_abandoned_reads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # train.py flags of a run of seconds (later flags override these).
@@ -322,3 +325,45 @@ def test_export_overwrite_replaces_only_an_earlier_export(trained, tmp_path, cap
     assert export_main(["--workdir", str(trained), "--out", str(tmp_path / "exp"), "--step", "2"]) == 0
     assert export_main(["--workdir", str(trained), "--out", str(tmp_path / "exp"), "--overwrite"]) == 0
     assert "exported step 4" in capsys.readouterr().out
+
+
+def _unretrieved(exception: Exception, as_task: bool) -> list[str]:
+    """What the asyncio logger lets through, after quiet_abandoned_reads, when a task or future that
+    failed with `exception` is collected with nobody having asked for its result."""
+    quiet_abandoned_reads()
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage().splitlines()[0])
+
+    async def fail():
+        raise exception
+
+    async def abandon():
+        if as_task:
+            task = asyncio.get_running_loop().create_task(fail())
+            await asyncio.sleep(0)  # it runs and fails
+            del task
+        else:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exception)
+        # the task or future goes out of scope here, failed and unretrieved
+
+    keep = Keep()
+    logging.getLogger("asyncio").addHandler(keep)
+    try:
+        asyncio.run(abandon())
+        gc.collect()
+    finally:
+        logging.getLogger("asyncio").removeHandler(keep)
+    return seen
+
+
+@pytest.mark.parametrize("as_task", [True, False], ids=["task", "future"])
+def test_abandoned_checkpoint_reads_are_not_logged_but_other_lost_errors_are(as_task):
+    read = ValueError('NOT_FOUND: Error opening "zarr" driver: Metadata at "step/.zarray" does not exist '
+                      '[tensorstore_spec=\'{"driver":"zarr"}\']')
+    assert _unretrieved(read, as_task) == []
+    kind = "Task" if as_task else "Future"
+    assert _unretrieved(ValueError("a bug of ours"), as_task) == [f"{kind} exception was never retrieved"]

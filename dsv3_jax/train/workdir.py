@@ -173,13 +173,22 @@ class _DropAbandonedReads:
 
 
 class _DropAbandonedTasks(logging.Filter):
-    """The same reads, wrapped in asyncio tasks whose error nobody retrieves once the restore has failed:
-    asyncio logs "Task exception was never retrieved" for each when it is collected. Only those of
-    awaitables wrapped by asyncio (tensorstore's futures), not of coroutines, are dropped."""
+    """The same reads, wrapped in asyncio tasks and futures whose error nobody retrieves once the
+    restore has failed: asyncio logs "Task exception was never retrieved" (or "Future ...") for each
+    when it is collected, whichever of orbax's coroutines (`async_deserialize`) or tensorstore's
+    futures (`_wrap_awaitable`) held it. Only those whose exception is a tensorstore read error are
+    dropped; any other unretrieved exception is still logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "coro=<_wrap_awaitable()" in message)
+        abandoned = message.startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+        return not (abandoned and _is_tensorstore_read(record, message))
+
+
+def _is_tensorstore_read(record: logging.LogRecord, message: str) -> bool:
+    e = record.exc_info[1] if record.exc_info else None
+    text = str(e) if e is not None else message
+    return "tensorstore_spec" in text or "coro=<_wrap_awaitable()" in message
 
 
 def quiet_abandoned_reads() -> None:
