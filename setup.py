@@ -9,7 +9,7 @@ setup(
     + ["dsv3_jax.configs"],
     # The presets live in the top-level configs/ and ship inside the package as dsv3_jax/configs.
     package_dir={"dsv3_jax.configs": "configs"},
-    package_data={"dsv3_jax.configs": ["*.json"]},
+    package_data={"dsv3_jax.configs": ["*.json"], "dsv3_jax.ops.cpu_kernels": ["*.cc"]},  # C++ built on first use
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

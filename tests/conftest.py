@@ -18,6 +18,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsv3_jax_test_xla_cache_")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# The C++ CPU kernels (dsv3_jax.ops.cpu_kernels) build once per session into a fresh directory, not the
+# user's cache.
+if "DSV3_JAX_KERNEL_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DSV3_JAX_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="dsv3_jax_test_kernels_")
+    atexit.register(shutil.rmtree, os.environ["DSV3_JAX_KERNEL_CACHE"], ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)

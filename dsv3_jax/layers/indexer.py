@@ -36,6 +36,7 @@ from dsv3_jax.layers.rope import rope_angles
 from dsv3_jax.ops.attention import visible
 from dsv3_jax.ops.linear import linear
 from dsv3_jax.ops.sparse_attention import NONE, selection_mask  # noqa: F401 (the mask is re-exported)
+from dsv3_jax.ops.top_k import TopKFn
 
 # DeepSeek's code and transformers fix the key LayerNorm's eps; the config has no field for it.
 KEY_NORM_EPS = 1e-6
@@ -92,13 +93,14 @@ def index_scores(q: jax.Array, w: jax.Array, k: jax.Array, q_positions: jax.Arra
     return jnp.where(visible(q_positions, kv_positions, k.shape[-1 if keys_t else 1]), scores, -jnp.inf)
 
 
-def select(scores: jax.Array, topk: int) -> jax.Array:
+def select(scores: jax.Array, topk: int, top_k: TopKFn = jax.lax.top_k) -> jax.Array:
     """scores [B,T,S] (-inf: not visible) -> int32 indices [B,T,topk] of each query's best keys, by
     descending score (equal scores: the lower index first). A query that sees fewer than `topk`
     keys has its slots past them set to NONE (-1), as FlashMLA's sparse kernels read them; so
-    does every slot past S when S < topk. The shape is [B,T,topk] whatever S."""
+    does every slot past S when S < topk. The shape is [B,T,topk] whatever S. `top_k`: a variant of
+    `ops.top_k` (`dispatch.top_k`), all the same function."""
     kept = min(topk, scores.shape[-1])
-    values, idx = jax.lax.top_k(scores, kept)
+    values, idx = top_k(scores, kept)
     idx = jnp.where(values > -jnp.inf, idx, NONE).astype(jnp.int32)
     if kept < topk:
         idx = jnp.pad(idx, ((0, 0), (0, 0), (0, topk - kept)), constant_values=NONE)
@@ -111,14 +113,15 @@ FROM_START_GROUPS = 8
 
 
 def select_cached(q: jax.Array, w: jax.Array, keys: jax.Array, q_positions: jax.Array, topk: int,
-                  query_chunks: int = 1, from_start: bool = False) -> jax.Array:
+                  query_chunks: int = 1, from_start: bool = False, top_k: TopKFn = jax.lax.top_k) -> jax.Array:
     """`select` over the scores of q [B,T,H,I], w [B,T,H] against a cache's keys [B,I,S] (transposed, as
     `LatentCache.index_view` gives them; slot s holds position s) -> [B,T,topk]. `query_chunks` > 1 (dividing
     T) scores the queries a chunk at a time, so a prefill holds [B, T/chunks, H, S] float32 logits, not
     [B,T,H,S]. `from_start`: the caller vouches that q_positions are 0..T-1 in every row, so the slots past a
     query block's last position are hidden from all of it: each block scores only the slots up to its end.
-    The same indices (those slots would score -inf, which `select` never ranks above a visible key)."""
-    score = lambda qc, wc, pc, kc: select(index_scores(qc, wc, kc, pc, None, keys_t=True), topk)
+    The same indices (those slots would score -inf, which `select` never ranks above a visible key). `top_k` as
+    `select`'s."""
+    score = lambda qc, wc, pc, kc: select(index_scores(qc, wc, kc, pc, None, keys_t=True), topk, top_k)
     b, t = q.shape[:2]
     s = keys.shape[-1]
     if query_chunks <= 1 or t % query_chunks:

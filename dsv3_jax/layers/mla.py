@@ -115,7 +115,7 @@ class MLA(nn.Module):
         scores = self.indexer(*jax.lax.stop_gradient((x, q_latent)), positions)
         if sow_scores:
             self.sow(INDEX_SCORES, "scores", scores)
-        indices = select(scores, c.index_topk) if sparse or training else None
+        indices = select(scores, c.index_topk, dispatch.top_k(rt)) if sparse or training else None
         target = None
         if sparse:
             chunks = dispatch.sparse_query_chunks(kv.shape[0], kv.shape[1], c.index_topk,
@@ -159,7 +159,8 @@ class MLA(nn.Module):
         # Prefill scores T queries against S slots: in query chunks, [B, T/chunks, H, S] float32 at a time.
         chunks = dispatch.sparse_query_chunks(b, t, cache.slots, 4 * c.index_n_heads)
         indices = select_cached(self.indexer.queries(q_latent, cos, sin), self.indexer.head_weights(x),
-                                cache.index_view(), positions, c.index_topk, chunks, from_start)
+                                cache.index_view(), positions, c.index_topk, chunks, from_start,
+                                dispatch.top_k(self.runtime))
         chunks = dispatch.sparse_query_chunks(b, t, c.index_topk, kv.shape[-1] * jnp.dtype(q_nope.dtype).itemsize)
         with jax.named_scope("mla_sparse"):
             attend = dispatch.cached_sparse_attention(self.runtime, c, t, kv.shape, kv.dtype)  # decode: a kernel

@@ -18,6 +18,7 @@ from dsv3_jax.ops import attention as attention_op
 from dsv3_jax.ops import cross_entropy as cross_entropy_op
 from dsv3_jax.ops import experts as experts_op
 from dsv3_jax.ops import sparse_attention as sparse_op
+from dsv3_jax.ops import top_k as top_k_op
 from dsv3_jax.ops.attention import AttentionOptions
 from dsv3_jax.ops.cross_entropy import CROSS_ENTROPY, CrossEntropyFn
 from dsv3_jax.ops.experts import EXPERTS, ExpertsFn
@@ -31,6 +32,7 @@ from dsv3_jax.ops.linear import (
 )
 from dsv3_jax.ops.registry import AUTO
 from dsv3_jax.ops.remat import OFFLOAD_ATTENTION, REMAT
+from dsv3_jax.ops.top_k import TOP_K, TopKFn
 from dsv3_jax.parallel.ep import data_parallel, expert_axis_size, expert_parallel
 from dsv3_jax.parallel.rules import batch_axes, local_rows
 from pallas_kernels import fp8_gemm as fp8_gemm_kernel
@@ -313,6 +315,14 @@ def _sparse_decode(backend: str, q_nope, q_pe, kv, q_positions, kv_positions, in
                                                                      softmax_scale=scale, backend=backend)
     o_lat = local_rows(decode, (q, kv, idx)).astype(q_nope.dtype)
     return jnp.einsum("bthc,hvc->bthv", o_lat, w_v)
+
+
+def top_k(rt: Runtime) -> TopKFn:
+    """DSA's selection (`layers.indexer.select`): on CPU the FFI kernel where it built (XLA:CPU's TopK is 3-4x
+    slower at the indexer's shapes, docs/PERFORMANCE.md); elsewhere XLA's TopK."""
+    if platform(rt) == "cpu" and top_k_op.cpu_kernels.available():
+        return TOP_K[top_k_op.CPU_KERNEL]
+    return TOP_K[top_k_op.XLA]
 
 
 # ---- rematerialisation --------------------------------------------------------------------------
