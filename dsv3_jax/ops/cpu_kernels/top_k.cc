@@ -43,11 +43,18 @@ inline int32_t KeyOf(uint64_t rank) { return static_cast<int32_t>(static_cast<ui
 
 inline int64_t IndexOf(uint64_t rank) { return 0xFFFFFFFFu - static_cast<uint32_t>(rank); }
 
-// Per row scratch, reused across rows by one thread.
+// Scratch of one thread, kept across rows and calls (thread_local): it only grows, so a decode step's
+// call allocates and touches nothing new.
 struct Scratch {
   std::vector<int32_t> maxima, order;
   std::vector<uint64_t> cand;
 };
+
+template <typename T>
+T* AtLeast(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
 
 // One row: the best k of x[0..n) into values[0..k), indices[0..k). 1 <= k <= n < 2^31.
 //
@@ -60,23 +67,25 @@ struct Scratch {
 void TopKRow(const float* x, int64_t n, int64_t k, float* values, int32_t* indices, Scratch& s) {
   const int64_t b = std::min<int64_t>(64, std::max<int64_t>(1, n / (4 * k)));
   const int64_t blocks = (n + b - 1) / b;
-  s.maxima.resize(blocks);
+  int32_t* maxima = AtLeast(s.maxima, blocks);
   for (int64_t j = 0; j < blocks; ++j) {
     int32_t most = INT32_MIN;
     for (int64_t i = j * b; i < std::min(n, (j + 1) * b); ++i) most = std::max(most, OrderKey(x[i]));
-    s.maxima[j] = most;
+    maxima[j] = most;
   }
   int32_t tau = INT32_MIN;
   if (blocks >= k) {
-    s.order.assign(s.maxima.begin(), s.maxima.end());
-    std::nth_element(s.order.begin(), s.order.begin() + (k - 1), s.order.end(), std::greater<int32_t>());
-    tau = s.order[k - 1];
+    int32_t* order = AtLeast(s.order, blocks);
+    std::copy(maxima, maxima + blocks, order);
+    std::nth_element(order, order + (k - 1), order + blocks, std::greater<int32_t>());
+    tau = order[k - 1];
   }
-  s.cand.resize(n + 1);
-  uint64_t* cand = s.cand.data();
+  // Fewer than k blocks have a maximum above tau (or, with fewer than k blocks, n < k b): at most k b keys
+  // above it, then at most k equal to it.
+  uint64_t* cand = AtLeast(s.cand, k * b + k + 1);
   int64_t size = 0;
   for (int64_t j = 0; j < blocks; ++j) {
-    if (s.maxima[j] <= tau) continue;
+    if (maxima[j] <= tau) continue;
     for (int64_t i = j * b; i < std::min(n, (j + 1) * b); ++i) {  // appends without a branch
       const int32_t key = OrderKey(x[i]);
       cand[size] = Rank(key, i);
@@ -128,7 +137,7 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBu
   auto chunks = std::make_shared<Chunks>();
   chunks->total = (rows + rows_per_chunk - 1) / rows_per_chunk;
   auto work = [=](Chunks& c) {
-    Scratch scratch;
+    thread_local Scratch scratch;
     int64_t finished = 0;
     for (int64_t i; (i = c.next.fetch_add(1)) < c.total; ++finished) {
       for (int64_t r = i * rows_per_chunk; r < std::min(rows, (i + 1) * rows_per_chunk); ++r) {
