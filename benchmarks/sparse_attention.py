@@ -19,6 +19,7 @@ For each context length, batch 1, float32 weights and activations, both models' 
 Usage: python benchmarks/sparse_attention.py [--prefill 4096,16384,32768] [--decode 4096,16384,32768]
        [--new 16] [--repeats 2] [--cache float32|bfloat16] [--index_cache float32|bfloat16] [--quick] [--json]
        python benchmarks/sparse_attention.py --indexer_layouts 1x32768,8x32768   # the indexer's score layouts
+       python benchmarks/sparse_attention.py --top_k 1x32768,64x32768           # ops.top_k's variants
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from dsv3_jax.layers.indexer import index_scores, select
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.ops.attention import KvWeights
 from dsv3_jax.ops.sparse_attention import masked_dense_attention, sparse_attention
+from dsv3_jax.ops.top_k import TOP_K
 
 TOPK = 256
 QUICK = dict(prefill=[512, 1024], decode=[512, 2048], new=4, repeats=1, check=4)
@@ -168,6 +170,32 @@ def indexer_layouts(cases: list[tuple[int, int]], cfg: ModelConfig, repeats: int
     return out
 
 
+def top_k_variants(cases: list[tuple[int, int]], k: int = TOPK, repeats: int = 20) -> dict:
+    """ms of each `ops.top_k` variant (`dispatch.top_k`'s choices) taking the best `k` of R rows of S indexer-like
+    scores (sum of ReLUs of 4 random heads, one in ~10 causally hidden: -inf), timed alternately, and whether
+    they agree. What `dispatch.top_k` rests on: a decode step asks for R = 1 per layer, a prefill chunk for many."""
+    out = {}
+    for r, s in cases:
+        g = np.random.RandomState(r * 7919 + s)
+        x = np.einsum("h,rhs->rs", g.randn(4), np.maximum(g.randn(r, 4, s), 0)).astype(np.float32)
+        x[:, s - s // 10:] = -np.inf
+        x = jax.block_until_ready(jnp.asarray(x))
+        fns = {name: jax.jit(functools.partial(TOP_K[name], k=k)) for name in TOP_K.names}
+        results = {name: jax.block_until_ready(fn(x)) for name, fn in fns.items()}
+        same = all(jnp.array_equal(results[n][1], results[TOP_K.reference][1]) for n in fns)
+        times = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(x))
+                times[name].append(time.perf_counter() - t0)
+        row = {f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()}
+        out[f"{r}x{s}"] = {**row, "same_indices": same}
+        print(f"top_k {k} of R={r:>4} x S={s:>6}: " + "  ".join(f"{n} {v:.3f} ms" for n, v in row.items())
+              + f"  same indices: {same}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prefill", default="4096,16384,32768", help="prompt lengths, comma-separated")
@@ -184,7 +212,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--indexer_layouts", default="",
                    help="only time the indexer's scores over keys [S, I] and [I, S] at TxS cases, e.g. "
                         "1x32768,8x32768,4096x4096")
+    p.add_argument("--top_k", default="", help="only time ops.top_k's variants on RxS cases, e.g. 1x32768,64x32768")
     a = p.parse_args(argv)
+    if a.top_k:
+        cases = [tuple(int(v) for v in c.split("x")) for c in a.top_k.split(",")]
+        out = {"k": TOPK, "top_k": top_k_variants(cases)}
+        if a.json:
+            print(json.dumps(out))
+        return out
     if a.indexer_layouts:
         cases = [tuple(int(v) for v in c.split("x")) for c in a.indexer_layouts.split(",")]
         out = {"config": "small_dsa", "indexer_layouts": indexer_layouts(cases, configs(max(s for _, s in cases))[0])}

@@ -34,3 +34,12 @@ def test_indexer_layouts_times_both(capsys):
     assert set(out) == {"1x512", "16x512"}
     assert all(row["rows_ms"] > 0 and row["transposed_ms"] > 0 for row in out.values())
     assert '"indexer_layouts"' in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_top_k_times_every_variant_and_they_agree(capsys):
+    out = bench.main(["--top_k", "1x2048,8x1024", "--json"])["top_k"]
+    assert set(out) == {"1x2048", "8x1024"}
+    for row in out.values():
+        assert row["same_indices"] is True
+        assert {"xla_ms", "cpu_kernel_ms"} <= set(row) and all(row[n] > 0 for n in ("xla_ms", "cpu_kernel_ms"))
+    assert '"top_k"' in capsys.readouterr().out.splitlines()[-1]
