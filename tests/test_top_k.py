@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.ops import cpu_kernels, dispatch
 from dsv3_jax.ops.top_k import CPU_KERNEL, TOP_K, XLA
@@ -65,6 +67,23 @@ def test_many_rows_over_the_threads_and_vmap():
     assert_same(x, 256)
     (v, i), (rv, ri) = jax.vmap(lambda a: kernel(a, 50))(x), jax.vmap(lambda a: reference(a, 50))(x)
     assert jnp.array_equal(i, ri) and jnp.array_equal(v, rv)
+    i1 = jax.jit(jax.vmap(lambda a: TOP_K[CPU_KERNEL](a, 50)[1], in_axes=1, out_axes=1))(x)
+    assert jnp.array_equal(i1, ri)
+
+
+@pytest.mark.parametrize("spec", [P("data"), P(None, "data"), P("data", "model")], ids=str)
+def test_under_a_mesh_each_device_ranks_its_own_rows(spec):
+    """Sharded rows stay sharded: no all-gather of the scores (XLA would gather them around an opaque call)."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    x = jnp.asarray(np.random.RandomState(5).randn(8, 4, 2048), jnp.float32)
+    xs = jax.device_put(x, NamedSharding(mesh, spec))
+    fn = jax.jit(lambda a: TOP_K[CPU_KERNEL](a, 64))
+    v, i = fn(xs)
+    rv, ri = TOP_K[XLA](x, 64)
+    assert jnp.array_equal(i, ri) and jnp.array_equal(v, rv)
+    assert i.sharding.spec == spec
+    hlo = fn.lower(xs).compile().as_text()
+    assert "dsv3_top_k_f32" in hlo and "all-gather" not in hlo
 
 
 def test_gradients_equal_xla():

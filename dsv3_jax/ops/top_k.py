@@ -14,6 +14,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.ops import cpu_kernels
 from dsv3_jax.ops.registry import Registry
@@ -39,10 +42,54 @@ def cpu_kernel_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return _ffi_top_k(x, k)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _ffi_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def _call(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     out = jax.ShapeDtypeStruct((*x.shape[:-1], k), jnp.float32), jax.ShapeDtypeStruct((*x.shape[:-1], k), jnp.int32)
     return jax.ffi.ffi_call("dsv3_top_k_f32", out, vmap_method="broadcast_all")(x)
+
+
+# Rows are independent: under a mesh each device ranks its own rows, sharded as x's leading axes are (the ranked
+# axis whole). Without this XLA treats the FFI call as opaque and gathers every row onto every device first.
+_partitioned = custom_partitioning(_call, static_argnums=(1,))
+
+
+def _row_shardings(mesh, x_sharding):
+    spec = tuple(x_sharding.spec) + (None,) * (len(x_sharding.spec) == 0)
+    rows = NamedSharding(mesh, P(*spec[:-1], None))
+    return rows, (rows, rows)
+
+
+def _infer(k, mesh, arg_shapes, result_shape):
+    return _row_shardings(mesh, arg_shapes[0].sharding)[1]
+
+
+def _partition(k, mesh, arg_shapes, result_shape):
+    rows, out = _row_shardings(mesh, arg_shapes[0].sharding)
+    return mesh, functools.partial(_call, k=k), out, (rows,)
+
+
+_partitioned.def_partition(infer_sharding_from_operands=_infer, partition=_partition,
+                           sharding_rule="... s -> ... k, ... k")
+
+
+@functools.cache
+def _rows_op(k: int):
+    """`_partitioned` for one k, batched by vmap as more leading rows (custom_partitioning has no batching rule;
+    the vmapped axis arrives first, and the kernel ranks the rows of every leading axis alike)."""
+
+    @jax.custom_batching.custom_vmap
+    def op(x):
+        return _partitioned(x, k)
+
+    @op.def_vmap
+    def _batched(axis_size, in_batched, x):
+        return op(x), (True, True)
+
+    return op
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _ffi_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    return _rows_op(k)(x)
 
 
 @_ffi_top_k.defjvp
