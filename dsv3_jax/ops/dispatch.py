@@ -318,7 +318,7 @@ def _sparse_decode(backend: str, q_nope, q_pe, kv, q_positions, kv_positions, in
 
 
 def top_k(rt: Runtime) -> TopKFn:
-    """DSA's selection (`layers.indexer.select`): on CPU the FFI kernel where it built (XLA:CPU's TopK is 3-4x
+    """DSA's selection (`layers.indexer.select`): on CPU the FFI kernel where it built (XLA:CPU's TopK is 2.5-7x
     slower at the indexer's shapes, docs/PERFORMANCE.md); elsewhere XLA's TopK."""
     if platform(rt) == "cpu" and top_k_op.cpu_kernels.available():
         return TOP_K[top_k_op.CPU_KERNEL]

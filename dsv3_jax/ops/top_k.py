@@ -52,18 +52,21 @@ def _call(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 _partitioned = custom_partitioning(_call, static_argnums=(1,))
 
 
-def _row_shardings(mesh, x_sharding):
-    spec = tuple(x_sharding.spec) + (None,) * (len(x_sharding.spec) == 0)
+def _row_shardings(mesh, x):
+    """x's sharding with the ranked (last) axis whole, for x and both outputs. A spec may name fewer axes
+    than x has: the rest are unsharded."""
+    spec = tuple(x.sharding.spec)
+    spec += (None,) * (len(x.shape) - len(spec))
     rows = NamedSharding(mesh, P(*spec[:-1], None))
     return rows, (rows, rows)
 
 
 def _infer(k, mesh, arg_shapes, result_shape):
-    return _row_shardings(mesh, arg_shapes[0].sharding)[1]
+    return _row_shardings(mesh, arg_shapes[0])[1]
 
 
 def _partition(k, mesh, arg_shapes, result_shape):
-    rows, out = _row_shardings(mesh, arg_shapes[0].sharding)
+    rows, out = _row_shardings(mesh, arg_shapes[0])
     return mesh, functools.partial(_call, k=k), out, (rows,)
 
 
