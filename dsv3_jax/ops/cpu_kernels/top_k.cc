@@ -1,13 +1,12 @@
-// Exact top-k of float32 rows for XLA:CPU, as an XLA FFI custom call (dsv3_jax.ops.top_k, "cpu" variant).
+// Exact top-k of float32 rows for XLA:CPU, as an XLA FFI custom call (dsv3_jax.ops.top_k, "cpu_kernel" variant).
 //
 // The same result as jax.lax.top_k: per row the k largest values in descending order, equal values by
 // ascending index, ranked in the float total order XLA's TopK uses (-NaN < -inf < ... < -0 < +0 < ... <
 // +inf < +NaN). XLA:CPU's own TopK partial-sorts an index array per row through an indirect comparator, one
 // row after another; DSA's indexer asks it for 256 of up to 32K keys for every query (docs/PERFORMANCE.md).
-// Here each row is one pass that keeps candidates above a floor: a block of keys whose largest is at or
-// below the floor is skipped with one vectorised maximum, the rest are appended, and when the buffer fills
-// it is cut to its best k, which raises the floor to the k-th best so far. Rows go to XLA's intra-op
-// threads in chunks, the calling thread taking chunks too (so a busy pool only makes it slower).
+// Here the k-th largest of a row's block maxima bounds its k-th best key from below, so only the blocks above
+// that bound are scanned (`TopKRow`). Rows go to XLA's intra-op threads in chunks, the calling thread taking
+// chunks too (so a busy pool only makes it slower).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -38,8 +37,6 @@ inline uint64_t Rank(int32_t key, int64_t index) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(key) ^ 0x80000000u) << 32) |
          (0xFFFFFFFFu - static_cast<uint32_t>(index));
 }
-
-inline int32_t KeyOf(uint64_t rank) { return static_cast<int32_t>(static_cast<uint32_t>(rank >> 32) ^ 0x80000000u); }
 
 inline int64_t IndexOf(uint64_t rank) { return 0xFFFFFFFFu - static_cast<uint32_t>(rank); }
 
@@ -126,7 +123,7 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBu
   if (k < 1 || k > n || n >= (int64_t{1} << 31)) {
     return ffi::Error::InvalidArgument("top_k: k must be in [1, n] and n below 2^31");
   }
-  const int64_t rows = n == 0 ? 0 : static_cast<int64_t>(x.element_count()) / n;
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / n;  // n >= 1, checked above
   const float* in = x.typed_data();
   float* out_values = values->typed_data();
   int32_t* out_indices = indices->typed_data();
